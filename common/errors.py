@@ -1,0 +1,175 @@
+"""The one error hierarchy of icefleet.
+
+Every error raised on purpose by icefleet derives from :class:`IcefleetError`. Errors that are safe
+to retry (:class:`RetryableError`) are kept apart from errors whose outcome is unknown
+(:class:`CommitStateUnknownError`), as pyiceberg does with ``CommitFailedException`` and
+``CommitStateUnknownException``: the first means "nothing happened, try again", the second means
+"something may have happened, look at the table before doing anything".
+
+Messages never contain credentials: where a URL is mentioned it goes through
+:func:`common.redaction.redact_url` first.
+"""
+
+from __future__ import annotations
+
+
+class IcefleetError(Exception):
+    """Root of every error icefleet raises on purpose."""
+
+
+# --- configuration -------------------------------------------------------------------------------
+
+
+class ConfigError(IcefleetError):
+    """Raised when a configuration value is missing or invalid.
+
+    Carries the environment variable's name, the offending value (already redacted when secret)
+    and a sentence saying what the variable accepts, so the message tells the operator the fix.
+    """
+
+    def __init__(self, variable: str, value: str | None, accepts: str) -> None:
+        self.variable = variable
+        self.value = value
+        self.accepts = accepts
+        shown = "<unset>" if value is None else repr(value)
+        super().__init__(f"{variable}={shown} is invalid: {variable} accepts {accepts}")
+
+
+class MissingDependencyError(IcefleetError):
+    """Raised when an optional component is used but not installed or not on PATH."""
+
+    def __init__(self, what: str, hint: str) -> None:
+        self.what = what
+        self.hint = hint
+        super().__init__(f"{what} is not available: {hint}")
+
+
+# --- input ---------------------------------------------------------------------------------------
+
+
+class InvalidEventError(IcefleetError):
+    """Raised when one event breaks the CloudEvents 1.0 rules or icefleet's limits.
+
+    ``attribute`` names the context attribute at fault (``"id"``, ``"time"``, ...), or ``None``
+    when the input is not an event at all (malformed JSON, bad UTF-8, too large).
+    """
+
+    def __init__(self, reason: str, attribute: str | None = None) -> None:
+        self.reason = reason
+        self.attribute = attribute
+        super().__init__(reason)
+
+
+class InvalidIdentifierError(IcefleetError, ValueError):
+    """Raised when a namespace or table name does not match icefleet's strict identifier pattern.
+
+    The pattern leaves no room for path separators, dots, ``..`` or non-ASCII characters, so an
+    identifier can never point outside the warehouse.
+    """
+
+    def __init__(self, name: str, reason: str) -> None:
+        self.name = name
+        self.reason = reason
+        super().__init__(f"invalid identifier {name[:80]!r}: {reason}")
+
+
+class SchemaConflictError(IcefleetError):
+    """Raised in ``strict`` mode when an event does not fit the table's schema."""
+
+    def __init__(self, table: str, field: str, reason: str) -> None:
+        self.table = table
+        self.field = field
+        self.reason = reason
+        super().__init__(f"{table}: field {field!r} {reason}")
+
+
+# --- storage and catalog -------------------------------------------------------------------------
+
+
+class RetryableError(IcefleetError):
+    """Raised when an operation failed in a way that is safe to try again (nothing was applied)."""
+
+
+class StorageError(IcefleetError):
+    """Raised when the warehouse cannot be read or written."""
+
+
+class TransientStorageError(StorageError, RetryableError):
+    """Raised when a storage call failed for a reason that may pass (connection, 5xx, throttling)."""
+
+
+class MissingDataFileError(StorageError):
+    """Raised when a data file about to be committed is absent or not the size its DataFile says."""
+
+    def __init__(self, path: str, expected_bytes: int, actual_bytes: int | None) -> None:
+        self.path = path
+        self.expected_bytes = expected_bytes
+        self.actual_bytes = actual_bytes
+        found = "missing" if actual_bytes is None else f"{actual_bytes} bytes"
+        super().__init__(f"data file {path} expected {expected_bytes} bytes, found {found}")
+
+
+class CatalogError(IcefleetError):
+    """Raised when the catalog cannot be reached or refuses an operation."""
+
+
+class CommitConflictError(RetryableError):
+    """Raised when a commit was based on stale table metadata; refresh and try again."""
+
+    def __init__(self, table: str, detail: str) -> None:
+        self.table = table
+        super().__init__(f"commit to {table} conflicted: {detail}")
+
+
+class CommitStateUnknownError(IcefleetError):
+    """Raised when a commit's outcome is unknown (timeout, 5xx): read the watermark to decide."""
+
+    def __init__(self, table: str, detail: str) -> None:
+        self.table = table
+        super().__init__(f"outcome of the commit to {table} is unknown: {detail}")
+
+
+class ConcurrentModificationError(IcefleetError):
+    """Raised when a file to remove or replace is no longer live in the table."""
+
+    def __init__(self, table: str, paths: list[str]) -> None:
+        self.table = table
+        self.paths = paths
+        super().__init__(f"{table}: {len(paths)} file(s) are no longer live, e.g. {paths[:1]}")
+
+
+class RetriesExhaustedError(IcefleetError):
+    """Raised after the last attempt of a retried operation failed; nothing was dropped."""
+
+    def __init__(self, operation: str, attempts: int, last_error: BaseException) -> None:
+        self.operation = operation
+        self.attempts = attempts
+        self.last_error = last_error
+        super().__init__(
+            f"{operation} failed after {attempts} attempts; last error: "
+            f"{type(last_error).__name__}: {last_error}"
+        )
+
+
+# --- coordination --------------------------------------------------------------------------------
+
+
+class LockError(IcefleetError):
+    """Base of the table-lock errors."""
+
+
+class LockNotAcquiredError(LockError, RetryableError):
+    """Raised when a table lock could not be had within the wait time."""
+
+    def __init__(self, name: str, waited_s: float) -> None:
+        self.name = name
+        self.waited_s = waited_s
+        super().__init__(f"lock {name} not acquired within {waited_s:.1f}s (held by another)")
+
+
+class LockLostError(LockError):
+    """Raised when a lock expired or was taken over while its owner still worked under it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        super().__init__(f"lock {name} was lost (expired or taken over) before it was released")
