@@ -1,0 +1,237 @@
+"""Typed settings, read once from ``ICEFLEET_*`` environment variables by :func:`load_settings`.
+
+Nothing is read at import: tests and workers build a :class:`Settings` explicitly (from
+``os.environ`` or a mapping of their own), so no global needs patching. Every invalid value raises
+:class:`~common.errors.ConfigError` naming the variable and what it accepts.
+
+The catalog is not configured here but the pyiceberg way (``.pyiceberg.yaml`` or
+``PYICEBERG_CATALOG__<NAME>__*``); ``ICEFLEET_CATALOG`` only names which catalog to use. With no
+name, the embedded default is a SQLite catalog and a local warehouse under ``ICEFLEET_HOME``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal
+
+from common.errors import ConfigError, InvalidIdentifierError
+from common.redaction import redact_url
+
+ENV_PREFIX = "ICEFLEET_"
+SchemaMode = Literal["evolve", "strict", "raw"]
+SCHEMA_MODES: tuple[SchemaMode, ...] = ("evolve", "strict", "raw")
+COMPRESSIONS = ("zstd", "snappy", "gzip", "lz4", "none")
+_IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Events whose ``type`` matches ``pattern`` (fnmatch syntax) go to ``table`` (``ns.name``)."""
+
+    pattern: str
+    table: str
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything icefleet reads from its environment. Units are in the names."""
+
+    home: Path = Path(".icefleet")
+    redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
+    catalog_name: str | None = None
+    namespace: str = "events"
+    routes: tuple[Route, ...] = ()
+    max_event_bytes: int = 1_048_576
+    batch_max_events: int = 10_000
+    batch_max_bytes: int = 8_388_608
+    row_group_rows: int = 100_000
+    compression: str = "zstd"
+    commit_interval_ms: int = 1_000
+    commit_max_files: int = 1_000
+    commit_max_bytes: int = 1_073_741_824
+    commit_attempts: int = 8
+    retry_base_ms: int = 100
+    lock_ttl_ms: int = 30_000
+    lock_wait_s: float = 120.0
+    dedup_window_s: int = 7 * 24 * 3600
+    schema_mode: SchemaMode = "evolve"
+    schema_modes: tuple[tuple[str, SchemaMode], ...] = ()
+    max_columns: int = 1_000
+    max_depth: int = 8
+    write_timeout_s: int = 300
+    log_level: str = "INFO"
+
+    def __repr__(self) -> str:
+        shown = ", ".join(
+            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name != "redis_url"
+        )
+        return f"Settings(redis_url={redact_url(self.redis_url)!r}, {shown})"
+
+    @property
+    def warehouse_dir(self) -> Path:
+        """Where the embedded default keeps data files."""
+        return self.home / "warehouse"
+
+    def mode_for(self, table: str) -> SchemaMode:
+        """The schema mode of a table: its own override, else the default."""
+        for name, mode in self.schema_modes:
+            if name == table:
+                return mode
+        return self.schema_mode
+
+
+# --- value parsers: each raises ValueError with what the variable accepts ------------------------
+
+
+def _positive_int(raw: str) -> int:
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        raise ValueError("a positive whole number, e.g. 1000") from None
+    if value <= 0:
+        raise ValueError("a positive whole number, e.g. 1000")
+    return value
+
+
+def _positive_float(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("a positive number of seconds, e.g. 30 or 0.5") from None
+    if not value > 0:
+        raise ValueError("a positive number of seconds, e.g. 30 or 0.5")
+    return value
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(raw: str) -> str:
+        value = raw.strip().lower()
+        if value not in options:
+            raise ValueError("one of " + ", ".join(options))
+        return value
+
+    return parse
+
+
+def _identifier_part(raw: str) -> str:
+    if not _IDENT.match(raw):
+        raise ValueError(
+            "a lowercase name of letters, digits and _ (at most 63, not starting with a digit)"
+        )
+    return raw
+
+
+def _table_name(raw: str) -> str:
+    parts = raw.strip().split(".")
+    if len(parts) != 2 or not all(_IDENT.match(p) for p in parts):
+        raise ValueError("table names as namespace.table, each part lowercase [a-z0-9_]")
+    return raw.strip()
+
+
+def _routes(raw: str) -> tuple[Route, ...]:
+    routes = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        pattern, sep, table = item.partition("=")
+        if not sep or not pattern.strip():
+            raise ValueError(
+                "comma-separated PATTERN=namespace.table rules, e.g. 'com.github.*=github.events'"
+            )
+        routes.append(Route(pattern.strip(), _table_name(table)))
+    return tuple(routes)
+
+
+def _schema_modes(raw: str) -> tuple[tuple[str, SchemaMode], ...]:
+    out: list[tuple[str, SchemaMode]] = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        table, sep, mode = item.partition("=")
+        if not sep or mode.strip().lower() not in SCHEMA_MODES:
+            raise ValueError(
+                "comma-separated namespace.table=MODE pairs, MODE one of evolve, strict, raw"
+            )
+        out.append((_table_name(table), mode.strip().lower()))  # type: ignore[arg-type]
+    return tuple(out)
+
+
+def _redis_url(raw: str) -> str:
+    if not re.match(r"^(redis|rediss|unix)://", raw):
+        raise ValueError("a Redis URL such as redis://127.0.0.1:6379/0 (or rediss://, unix://)")
+    return raw
+
+
+def _nonempty(raw: str) -> str:
+    if not raw.strip():
+        raise ValueError("a non-empty value")
+    return raw.strip()
+
+
+def _log_level(raw: str) -> str:
+    return _choice(("debug", "info", "warning", "error"))(raw).upper()
+
+
+# variable suffix -> (settings field, parser, secret?)
+_VARIABLES: dict[str, tuple[str, Callable[[str], Any], bool]] = {
+    "HOME": ("home", lambda raw: Path(_nonempty(raw)), False),
+    "REDIS_URL": ("redis_url", _redis_url, True),
+    "CATALOG": ("catalog_name", _nonempty, False),
+    "NAMESPACE": ("namespace", _identifier_part, False),
+    "ROUTES": ("routes", _routes, False),
+    "MAX_EVENT_BYTES": ("max_event_bytes", _positive_int, False),
+    "BATCH_MAX_EVENTS": ("batch_max_events", _positive_int, False),
+    "BATCH_MAX_BYTES": ("batch_max_bytes", _positive_int, False),
+    "ROW_GROUP_ROWS": ("row_group_rows", _positive_int, False),
+    "COMPRESSION": ("compression", _choice(COMPRESSIONS), False),
+    "COMMIT_INTERVAL_MS": ("commit_interval_ms", _positive_int, False),
+    "COMMIT_MAX_FILES": ("commit_max_files", _positive_int, False),
+    "COMMIT_MAX_BYTES": ("commit_max_bytes", _positive_int, False),
+    "COMMIT_ATTEMPTS": ("commit_attempts", _positive_int, False),
+    "RETRY_BASE_MS": ("retry_base_ms", _positive_int, False),
+    "LOCK_TTL_MS": ("lock_ttl_ms", _positive_int, False),
+    "LOCK_WAIT_S": ("lock_wait_s", _positive_float, False),
+    "DEDUP_WINDOW_S": ("dedup_window_s", _positive_int, False),
+    "SCHEMA_MODE": ("schema_mode", _choice(SCHEMA_MODES), False),
+    "SCHEMA_MODES": ("schema_modes", _schema_modes, False),
+    "MAX_COLUMNS": ("max_columns", _positive_int, False),
+    "MAX_DEPTH": ("max_depth", _positive_int, False),
+    "WRITE_TIMEOUT_S": ("write_timeout_s", _positive_int, False),
+    "LOG_LEVEL": ("log_level", _log_level, False),
+}
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build :class:`Settings` from ``ICEFLEET_*`` variables (``os.environ`` by default).
+
+    ``overrides`` replace fields after parsing (for tests and the CLI's flags). Unknown
+    ``ICEFLEET_*`` variables are logged as a warning with the known names: a typo silently
+    ignored is a setting not applied, but refusing to start over a stray variable is worse.
+    """
+    source = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    for name, raw in source.items():
+        if not name.startswith(ENV_PREFIX) or name.startswith(ENV_PREFIX + "TEST_"):
+            continue
+        suffix = name[len(ENV_PREFIX) :]
+        if suffix not in _VARIABLES:
+            known = ", ".join(ENV_PREFIX + key for key in sorted(_VARIABLES))
+            logger.warning("ignoring %s: not an icefleet setting (known: %s)", name, known)
+            continue
+        attr, parse, secret = _VARIABLES[suffix]
+        try:
+            values[attr] = parse(raw)
+        except (ValueError, InvalidIdentifierError) as exc:
+            raise ConfigError(name, redact_url(raw) if secret else raw, str(exc)) from None
+    values.update(overrides)
+    settings = Settings(**values)
+    if settings.commit_max_bytes < settings.batch_max_bytes:
+        raise ConfigError(
+            ENV_PREFIX + "COMMIT_MAX_BYTES",
+            str(settings.commit_max_bytes),
+            f"a size at least ICEFLEET_BATCH_MAX_BYTES ({settings.batch_max_bytes})",
+        )
+    return settings
