@@ -1,0 +1,269 @@
+"""The table layout of an event table, and the projection of events onto it.
+
+Every table has the CloudEvents envelope (typed context attributes, extensions as a string map),
+``raw_event`` (the event exactly as received, so nothing is ever lost), ``_ingested_at`` and
+``_batch_id``, ``_rescued_data`` (a JSON object of the ``data`` fields that have no typed column,
+or whose value conflicts with the column's type), and ``data``: a struct of typed columns projected
+from the event's ``data`` object.
+
+Why a ``data`` struct instead of top-level columns: payloads routinely carry keys named ``id``,
+``type``, ``time`` or ``source``, which would collide with the envelope. Inside a struct they are
+``data.id`` and never clash, and Iceberg evolves nested fields (add, rename, promote) by field id
+just like top-level ones.
+
+A value is never silently cast: an ``int`` fits a ``long`` column, a ``long`` fits ``double`` only
+when exactly representable, everything else that does not fit goes to ``_rescued_data``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+import pyarrow as pa
+from pyiceberg.partitioning import PartitionField, PartitionSpec
+from pyiceberg.schema import Schema
+from pyiceberg.transforms import DayTransform
+from pyiceberg.types import (
+    BooleanType,
+    DoubleType,
+    FloatType,
+    IcebergType,
+    IntegerType,
+    LongType,
+    MapType,
+    NestedField,
+    StringType,
+    StructType,
+    TimestamptzType,
+)
+
+from common.events import Event
+from common.settings import SchemaMode
+
+DATA = "data"
+RESCUED = "_rescued_data"
+CONTEXT_ATTRIBUTES = (
+    "id",
+    "source",
+    "type",
+    "specversion",
+    "time",
+    "subject",
+    "datacontenttype",
+    "dataschema",
+)
+NOT_DATA_SENTINEL = "$data"  # key in _rescued_data for a `data` value that is not an object
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+FLOAT_EXACT_INT = 2**53
+
+
+def base_schema() -> Schema:
+    """The envelope every event table starts with; ``data`` fields are added as they appear."""
+    return Schema(
+        NestedField(1, "id", StringType(), required=True),
+        NestedField(2, "source", StringType(), required=True),
+        NestedField(3, "type", StringType(), required=True),
+        NestedField(4, "specversion", StringType(), required=True),
+        NestedField(5, "time", TimestamptzType(), required=False),
+        NestedField(6, "subject", StringType(), required=False),
+        NestedField(7, "datacontenttype", StringType(), required=False),
+        NestedField(8, "dataschema", StringType(), required=False),
+        NestedField(
+            9,
+            "extensions",
+            MapType(10, StringType(), 11, StringType(), value_required=False),
+            required=False,
+        ),
+        NestedField(12, "raw_event", StringType(), required=True),
+        NestedField(13, "_ingested_at", TimestamptzType(), required=True),
+        NestedField(14, "_batch_id", StringType(), required=False),
+        NestedField(15, RESCUED, StringType(), required=False),
+    )
+
+
+def day_partition_spec(schema: Schema) -> PartitionSpec:
+    """``day(time)``: events of one day share files; time-range scans prune by partition."""
+    time_field = schema.find_field("time")
+    return PartitionSpec(
+        PartitionField(
+            source_id=time_field.field_id, field_id=1000, transform=DayTransform(), name="time_day"
+        )
+    )
+
+
+# --- inference -----------------------------------------------------------------------------------
+
+
+def scalar_type(value: Any) -> IcebergType | None:
+    """The Iceberg type a JSON scalar gets as a new column, or None if it needs no column."""
+    if isinstance(value, bool):
+        return BooleanType()
+    if isinstance(value, int):
+        return LongType() if INT64_MIN <= value <= INT64_MAX else None
+    if isinstance(value, float):
+        return DoubleType() if math.isfinite(value) else None
+    if isinstance(value, str):
+        return StringType()
+    return None
+
+
+def fits(value: Any, column_type: IcebergType) -> bool:
+    """True when ``value`` is stored in a column of ``column_type`` without changing it."""
+    if value is None:
+        return True
+    if isinstance(column_type, BooleanType):
+        return isinstance(value, bool)
+    if isinstance(column_type, LongType | IntegerType):
+        limit = 2**31 if isinstance(column_type, IntegerType) else 2**63
+        return isinstance(value, int) and not isinstance(value, bool) and -limit <= value < limit
+    if isinstance(column_type, DoubleType | FloatType):
+        if isinstance(value, float):
+            return math.isfinite(value)
+        return (
+            isinstance(value, int) and not isinstance(value, bool) and abs(value) <= FLOAT_EXACT_INT
+        )
+    if isinstance(column_type, StringType):
+        return isinstance(value, str)
+    return False
+
+
+def usable_key(key: str) -> bool:
+    """Keys that make safe column names: non-empty, no dots (pyiceberg paths use them)."""
+    return bool(key) and "." not in key and len(key) <= 255
+
+
+def data_struct(schema: Schema) -> StructType | None:
+    try:
+        field = schema.find_field(DATA)
+    except ValueError:
+        return None
+    return field.field_type if isinstance(field.field_type, StructType) else None
+
+
+def infer_new_data_fields(
+    events: Iterable[Event], schema: Schema, max_columns: int
+) -> dict[str, IcebergType]:
+    """Top-level ``data`` keys seen in ``events`` that deserve a new typed column.
+
+    A key gets a column when its first non-null value has a scalar type and the name neither
+    exists already nor differs only in case from an existing one (many engines fold case).
+    The first type seen wins; later values that don't fit are rescued, never cast.
+    """
+    struct = data_struct(schema)
+    existing = {f.name for f in struct.fields} if struct else set()
+    folded = {name.lower() for name in existing}
+    new: dict[str, IcebergType] = {}
+    for event in events:
+        data = event.attributes.get(DATA)
+        if not isinstance(data, dict):
+            continue
+        for key, value in data.items():
+            if key in existing or key in new or value is None or not usable_key(key):
+                continue
+            if key.lower() in folded:
+                continue
+            column_type = scalar_type(value)
+            if column_type is None:
+                continue
+            if len(existing) + len(new) >= max_columns:
+                return new
+            new[key] = column_type
+            folded.add(key.lower())
+    return new
+
+
+# --- projection ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Projection:
+    """Events projected onto a table schema, ready to write."""
+
+    table: pa.Table
+    rejected: list[tuple[Event, str]]  # strict mode: events that don't fit, with the reason
+
+
+def _json_text(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+def _extension_text(value: Any) -> str:
+    return value if isinstance(value, str) else _json_text(value)
+
+
+def project(
+    events: Sequence[Event],
+    schema: Schema,
+    arrow_schema: pa.Schema,
+    *,
+    batch_id: str,
+    ingested_at: datetime,
+    mode: SchemaMode,
+) -> Projection:
+    """Build the Arrow table of ``events`` for ``schema`` (whose Arrow form is ``arrow_schema``).
+
+    In ``evolve`` mode what has no column, or does not fit it, goes to ``_rescued_data``; in
+    ``strict`` mode such an event is rejected with the reason; in ``raw`` mode ``data`` is left
+    to ``raw_event``.
+    """
+    struct = data_struct(schema) if mode != "raw" else None
+    data_fields = [(f.name, f.field_type) for f in struct.fields] if struct else []
+    field_types = dict(data_fields)
+    columns: dict[str, list[Any]] = {name: [] for name in CONTEXT_ATTRIBUTES}
+    extensions: list[dict[str, str] | None] = []
+    raw_events: list[str] = []
+    rescued: list[str | None] = []
+    data_rows: list[dict[str, Any] | None] = []
+    rejected: list[tuple[Event, str]] = []
+
+    for event in events:
+        attrs = event.attributes
+        data = attrs.get(DATA)
+        row: dict[str, Any] | None = None
+        spill: dict[str, Any] = {}
+        if mode != "raw" and DATA in attrs:
+            if isinstance(data, dict):
+                row = {}
+                for key, value in data.items():
+                    column_type = field_types.get(key)
+                    if column_type is not None and fits(value, column_type):
+                        row[key] = value
+                    else:
+                        spill[key] = value
+            elif data is not None:
+                spill[NOT_DATA_SENTINEL] = data
+        if spill and mode == "strict":
+            key = next(iter(spill))
+            why = "has no column" if key not in field_types else "does not fit its column's type"
+            rejected.append((event, f"data.{key}: {why} in strict mode"))
+            continue
+        for name in CONTEXT_ATTRIBUTES:
+            columns[name].append(event.time if name == "time" else attrs.get(name))
+        ext = {k: _extension_text(v) for k, v in attrs.items() if k not in _NOT_EXTENSIONS}
+        extensions.append(ext or None)
+        raw_events.append(event.raw)
+        rescued.append(_json_text(spill) if spill else None)
+        data_rows.append(row if row else None)
+
+    n = len(raw_events)
+    arrays: dict[str, Any] = {name: columns[name] for name in CONTEXT_ATTRIBUTES}
+    arrays["extensions"] = [list(e.items()) if e is not None else None for e in extensions]
+    arrays["raw_event"] = raw_events
+    arrays["_ingested_at"] = [ingested_at] * n
+    arrays["_batch_id"] = [batch_id] * n
+    arrays[RESCUED] = rescued
+    if struct is not None:
+        arrays[DATA] = data_rows
+    table = pa.Table.from_pydict(
+        {field.name: arrays.get(field.name, [None] * n) for field in arrow_schema},
+        schema=arrow_schema,
+    )
+    return Projection(table=table, rejected=rejected)
+
+
+_NOT_EXTENSIONS = frozenset((*CONTEXT_ATTRIBUTES, DATA, "data_base64"))
