@@ -112,3 +112,25 @@ def test_s3_env_points_default_boto3_at_moto(s3_env: S3Endpoint, s3_bucket: str)
     # Then the call reached moto, which holds this test's bucket
     assert s3_bucket.removeprefix("s3://") in names
     client.close()
+
+
+def test_pyiceberg_table_on_postgres_catalog_and_s3_warehouse(
+    postgres_catalog_url: str, s3_endpoint: S3Endpoint, s3_bucket: str
+) -> None:
+    from pyiceberg.catalog.sql import SqlCatalog
+
+    # Given the production shape: a PostgreSQL SQL catalog with its warehouse on S3
+    catalog = SqlCatalog(
+        "pg_s3",
+        uri=postgres_catalog_url,
+        warehouse=f"{s3_bucket}/warehouse",
+        **s3_endpoint.fileio_properties(),
+    )
+    catalog.create_namespace("events")
+    rows = pa.table({"id": pa.array(["a", "b"], pa.string()), "n": pa.array([1, 2], pa.int64())})
+    table = catalog.create_table("events.smoke", schema=rows.schema)
+    # When rows are appended
+    table.append(rows)
+    # Then a fresh load of the table reads them back from S3
+    assert catalog.load_table("events.smoke").scan().to_arrow().sort_by("id").equals(rows)
+    catalog.engine.dispose()
