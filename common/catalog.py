@@ -22,7 +22,7 @@ from pyiceberg.types import IcebergType, NestedField, StructType
 from pyiceberg.utils.config import Config
 
 from common.errors import ConfigError
-from common.redaction import redact_mapping
+from common.redaction import REDACTED, is_secret_name, redact_mapping, redact_text
 from common.routing import TableName
 from common.schema import DATA, base_schema, data_struct, day_partition_spec
 from common.settings import Settings
@@ -61,13 +61,19 @@ def open_catalog(settings: Settings) -> Catalog:
             f"PYICEBERG_CATALOG__{settings.catalog_name.upper()}__TYPE (and __URI, __WAREHOUSE...)",
         )
     try:
-        return load_catalog(settings.catalog_name)
+        # Pass the configuration read just now: pyiceberg's own copy was read at its import.
+        return load_catalog(settings.catalog_name, **{str(k): v for k, v in conf.items()})
     except Exception as exc:  # pyiceberg raises ValueError, KeyError, driver errors...
         shown = redact_mapping({str(k): v for k, v in conf.items()})
+        detail = redact_text(str(exc))
+        for key, value in conf.items():
+            if is_secret_name(str(key)) and isinstance(value, str) and value:
+                detail = detail.replace(value, REDACTED)
         raise ConfigError(
             "ICEFLEET_CATALOG",
             settings.catalog_name,
-            f"a loadable catalog; loading it with {shown} failed: {type(exc).__name__}",
+            f"a loadable catalog; loading it with {shown} failed: "
+            f"{type(exc).__name__}: {detail[:300]}",
         ) from None
 
 
