@@ -62,7 +62,8 @@ def open_catalog(settings: Settings) -> Catalog:
         )
     try:
         # Pass the configuration read just now: pyiceberg's own copy was read at its import.
-        return load_catalog(settings.catalog_name, **{str(k): v for k, v in conf.items()})
+        properties = {str(k): v for k, v in conf.items() if isinstance(v, str)}
+        return load_catalog(settings.catalog_name, **properties)
     except Exception as exc:  # pyiceberg raises ValueError, KeyError, driver errors...
         shown = redact_mapping({str(k): v for k, v in conf.items()})
         detail = redact_text(str(exc))
