@@ -1,0 +1,52 @@
+"""Every Redis key icefleet uses, in one place, under one prefix.
+
+Per-table keys take the table identifier as the caller spells it (``"events.push"``) and append it
+verbatim. Redis keys are binary-safe and no hash tags (``{...}``) are used, so no character in a
+table name can change which key is meant or break a key; each kind of key has its own fixed infix
+(``lock:``, ``pending:``, ...), none a prefix of another, so two kinds never collide.
+
+Per-table keys and the global ``pending-tables`` set are touched together by single Lua scripts,
+which Redis Cluster would refuse (different hash slots): icefleet targets a single Redis primary.
+"""
+
+from __future__ import annotations
+
+from common.errors import InvalidIdentifierError
+
+PREFIX = "icefleet:"
+
+
+def _table_key(kind: str, table: str) -> str:
+    if not table:
+        raise InvalidIdentifierError(table, "a table identifier cannot be empty")
+    return f"{PREFIX}{kind}:{table}"
+
+
+def lock(table: str) -> str:
+    """The table's commit lock (string: the owner's random token, with a TTL)."""
+    return _table_key("lock", table)
+
+
+def pending(table: str) -> str:
+    """Batches written but not committed yet (hash: batch id → entry JSON)."""
+    return _table_key("pending", table)
+
+
+def pending_tables() -> str:
+    """Tables that have at least one pending batch (set of table identifiers)."""
+    return f"{PREFIX}pending-tables"
+
+
+def committed(table: str) -> str:
+    """Dedup memory of committed batches (sorted set: batch id → commit time in ms)."""
+    return _table_key("committed", table)
+
+
+def prepared(table: str) -> str:
+    """The prepared-commit record of the commit in progress (string: JSON)."""
+    return _table_key("prepared", table)
+
+
+def dead_letters() -> str:
+    """Events that could not be landed, with the reason (stream)."""
+    return f"{PREFIX}dead-letters"
