@@ -17,6 +17,7 @@ when exactly representable, everything else that does not fit goes to ``_rescued
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -189,7 +190,12 @@ class Projection:
 
 
 def _json_text(value: Any) -> str:
-    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    try:
+        return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        # orjson refuses integers beyond 64 bits, which valid events may carry; the stdlib
+        # writes them exactly.
+        return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 def _extension_text(value: Any) -> str:

@@ -132,6 +132,20 @@ def test_typed_columns_and_rescue_of_conflicting_values(tmp_path: Path) -> None:
     assert json.loads(rows[0]["raw_event"]) == odd
 
 
+def test_integers_beyond_64_bits_are_rescued_exactly(tmp_path: Path) -> None:
+    # Given an event whose data holds an integer no long column can hold
+    writer, _ = make_writer(tmp_path)
+    big = 2**70 + 1
+    payload = json.dumps(event(1)).replace('"n": 1', f'"n": {big}')
+    # When written
+    result = writer.write("big", payload)
+    (files,) = result.files.values()
+    row = pq.read_table(files[0].file_path.removeprefix("file://")).to_pylist()[0]
+    # Then it is in _rescued_data with every digit, and raw_event is the input
+    assert json.loads(row["_rescued_data"]) == {"n": big}
+    assert row["raw_event"] == payload
+
+
 def test_strict_mode_dead_letters_what_does_not_fit(tmp_path: Path) -> None:
     writer, _ = make_writer(tmp_path, schema_mode="strict")
     writer.write("a", encode_ndjson([event(1)]))
