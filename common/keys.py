@@ -50,3 +50,18 @@ def prepared(table: str) -> str:
 def dead_letters() -> str:
     """Events that could not be landed, with the reason (stream)."""
     return f"{PREFIX}dead-letters"
+
+
+def nudge(table: str) -> str:
+    """The id of the commit task on its way for the table (string with a TTL): dedupes nudges."""
+    return _table_key("nudge", table)
+
+
+def outstanding() -> str:
+    """Batches enqueued but not written yet (sorted set: batch id → first enqueue time in ms)."""
+    return f"{PREFIX}outstanding"
+
+
+def deliveries() -> str:
+    """How often each outstanding batch's write task has started (hash: batch id → count)."""
+    return f"{PREFIX}deliveries"

@@ -1,0 +1,308 @@
+"""The producer: batch splitting, ids, the outstanding bookkeeping, the message, the backlog.
+
+Redis is fakeredis (the producer runs no Lua); messages go to a recording publisher, or through
+kombu's in-memory transport to check that a Celery worker would accept them.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import fakeredis
+import orjson
+import pytest
+
+from common import keys
+from common.errors import InvalidEventError, InvalidIdentifierError
+from common.producer import (
+    INGEST_QUEUE,
+    WRITE_TASK,
+    Backlog,
+    KombuPublisher,
+    Outstanding,
+    Producer,
+    child_ids,
+    read_backlog,
+    split_lines,
+    task_message,
+)
+from common.settings import load_settings
+
+pytestmark = pytest.mark.unit
+
+
+def event(n: int, size: int = 0) -> dict[str, Any]:
+    return {
+        "specversion": "1.0",
+        "id": f"e{n}",
+        "source": "/test",
+        "type": "com.example.page_view",
+        "data": {"pad": "x" * size},
+    }
+
+
+class Recorder:
+    def __init__(self, fail: bool = False) -> None:
+        self.sent: list[tuple[str, dict[str, Any], str]] = []
+        self.fail = fail
+
+    def __call__(self, task: str, kwargs: dict[str, Any], queue: str) -> str:
+        if self.fail:
+            raise ConnectionError("broker down")
+        self.sent.append((task, kwargs, queue))
+        return f"task-{len(self.sent)}"
+
+
+@pytest.fixture
+def client() -> fakeredis.FakeRedis:
+    return fakeredis.FakeRedis()
+
+
+def make_producer(client: Any, publish: Any, now_s: float = 1000.0, **limits: int) -> Producer:
+    settings = load_settings({}, redis_url="redis://127.0.0.1:1/0", **limits)
+    return Producer(settings, client=client, publish=publish, clock=lambda: now_s)
+
+
+# --- splitting -------------------------------------------------------------------------------------
+
+
+def test_split_lines_caps_events_per_batch_and_keeps_order() -> None:
+    lines = [f"line{n}" for n in range(7)]
+    assert split_lines(lines, max_events=3, max_bytes=10_000) == [
+        ["line0", "line1", "line2"],
+        ["line3", "line4", "line5"],
+        ["line6"],
+    ]
+
+
+def test_split_lines_caps_bytes_counting_the_newline() -> None:
+    lines = ["a" * 9, "b" * 9, "c" * 9]  # 10 bytes each with "\n"
+    assert split_lines(lines, max_events=100, max_bytes=20) == [["a" * 9, "b" * 9], ["c" * 9]]
+    assert split_lines(lines, max_events=100, max_bytes=19) == [["a" * 9], ["b" * 9], ["c" * 9]]
+
+
+def test_split_lines_sends_an_oversized_line_alone_instead_of_dropping_it() -> None:
+    lines = ["small", "x" * 100, "tail"]
+    assert split_lines(lines, max_events=10, max_bytes=20) == [["small"], ["x" * 100], ["tail"]]
+
+
+def test_split_lines_counts_utf8_bytes_not_characters() -> None:
+    lines = ["é" * 5, "é" * 5]  # 10 bytes + newline each
+    assert split_lines(lines, max_events=10, max_bytes=21) == [["é" * 5], ["é" * 5]]
+
+
+def test_child_ids_keep_the_id_when_not_split() -> None:
+    assert child_ids("k", 1) == ["k"]
+    assert child_ids("k", 3) == ["k:0", "k:1", "k:2"]
+
+
+# --- enqueue ---------------------------------------------------------------------------------------
+
+
+def test_enqueue_splits_into_children_with_derived_ids(client: fakeredis.FakeRedis) -> None:
+    # Given a producer whose batches hold at most 4 events
+    recorder = Recorder()
+    producer = make_producer(client, recorder, batch_max_events=4)
+
+    # When 10 events are enqueued under an idempotency key
+    batch_id = producer.enqueue([event(n) for n in range(10)], batch_id="order-42")
+
+    # Then the key is returned, three children are sent in order, and no event is lost
+    assert batch_id == "order-42"
+    assert producer.last_batch_ids == ["order-42:0", "order-42:1", "order-42:2"]
+    assert [kwargs["batch_id"] for _, kwargs, _ in recorder.sent] == producer.last_batch_ids
+    assert {(task, queue) for task, _, queue in recorder.sent} == {(WRITE_TASK, INGEST_QUEUE)}
+    ids = [
+        orjson.loads(line)["id"]
+        for _, kwargs, _ in recorder.sent
+        for line in kwargs["payload"].splitlines()
+    ]
+    assert ids == [f"e{n}" for n in range(10)]
+    assert [len(kwargs["payload"].splitlines()) for _, kwargs, _ in recorder.sent] == [4, 4, 2]
+
+
+def test_enqueue_splits_by_bytes(client: fakeredis.FakeRedis) -> None:
+    recorder = Recorder()
+    producer = make_producer(client, recorder, batch_max_bytes=3_000, commit_max_bytes=10**9)
+    producer.enqueue_many([event(n, size=1_000) for n in range(5)])
+    assert [len(k["payload"].splitlines()) for _, k, _ in recorder.sent] == [2, 2, 1]
+    assert all(len(k["payload"].encode()) <= 3_000 for _, k, _ in recorder.sent)
+
+
+def test_enqueue_without_key_uses_a_fresh_uuid(client: fakeredis.FakeRedis) -> None:
+    recorder = Recorder()
+    producer = make_producer(client, recorder)
+    first = producer.enqueue([event(1)])
+    second = producer.enqueue([event(1)])
+    assert first != second and len(first) == 36
+    assert producer.last_batch_ids == [second]
+
+
+def test_enqueue_keeps_json_text_verbatim(client: fakeredis.FakeRedis) -> None:
+    recorder = Recorder()
+    producer = make_producer(client, recorder)
+    raw = '{"specversion":"1.0", "id":"x1","source":"/s","type":"t",  "big":123456789012345678901}'
+    producer.enqueue([raw, raw.encode()], table="events.raw")
+    _, kwargs, _ = recorder.sent[0]
+    assert kwargs["payload"] == f"{raw}\n{raw}\n"
+    assert kwargs["table"] == "events.raw"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        '{"id":"a"}\n{"id":"b"}\n',
+        b'[{"id":"a"},{"id":"b"}]',
+    ],
+)
+def test_enqueue_takes_a_whole_payload(client: fakeredis.FakeRedis, payload: str | bytes) -> None:
+    recorder = Recorder()
+    make_producer(client, recorder).enqueue(payload)
+    lines = recorder.sent[0][1]["payload"].splitlines()
+    assert [json.loads(line)["id"] for line in lines] == ["a", "b"]
+
+
+def test_enqueue_refuses_a_bad_table_before_sending(client: fakeredis.FakeRedis) -> None:
+    recorder = Recorder()
+    producer = make_producer(client, recorder)
+    with pytest.raises(InvalidIdentifierError, match="Events"):
+        producer.enqueue([event(1)], table="Events.page")
+    with pytest.raises(InvalidIdentifierError, match=r"namespace\.table"):
+        producer.enqueue([event(1)], table="page")
+    assert recorder.sent == []
+    assert client.zcard(keys.outstanding()) == 0
+
+
+def test_enqueue_refuses_nothing_and_unencodable_events(client: fakeredis.FakeRedis) -> None:
+    producer = make_producer(client, Recorder())
+    with pytest.raises(ValueError, match="no events"):
+        producer.enqueue([])
+    with pytest.raises(InvalidEventError, match="event 1"):
+        producer.enqueue([event(0), b"\xff\xfe"])
+    with pytest.raises(ValueError, match="batch_id"):
+        producer.enqueue([event(0)], batch_id="")
+
+
+def test_enqueue_records_outstanding_batches_with_their_first_enqueue_time(
+    client: fakeredis.FakeRedis,
+) -> None:
+    # Given a batch enqueued at t=1000s
+    recorder = Recorder()
+    make_producer(client, recorder, now_s=1000.0).enqueue([event(1)], batch_id="b")
+
+    # When it is enqueued again at t=1005s while still outstanding
+    make_producer(client, recorder, now_s=1005.0).enqueue([event(1)], batch_id="b")
+
+    # Then both messages carry the first enqueue time, so both deliveries write the same bytes
+    assert [k["enqueued_at_ms"] for _, k, _ in recorder.sent] == [1_000_000, 1_000_000]
+    assert client.zscore(keys.outstanding(), "b") == 1_000_000
+
+
+def test_a_failed_send_forgets_only_what_it_added(client: fakeredis.FakeRedis) -> None:
+    make_producer(client, Recorder()).enqueue([event(1)], batch_id="old")
+    failing = make_producer(client, Recorder(fail=True))
+    with pytest.raises(ConnectionError):
+        failing.enqueue([event(2)], batch_id="new")
+    with pytest.raises(ConnectionError):
+        failing.enqueue([event(1)], batch_id="old")
+    assert [m.decode() for m in client.zrange(keys.outstanding(), 0, -1)] == ["old"]
+
+
+def test_producer_accepts_a_redis_url(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ICEFLEET_BATCH_MAX_EVENTS", "7")
+    producer = Producer("redis://127.0.0.1:1/0", publish=Recorder())
+    assert producer.settings.redis_url == "redis://127.0.0.1:1/0"
+    assert producer.settings.batch_max_events == 7
+    producer.close()
+
+
+# --- the message -----------------------------------------------------------------------------------
+
+
+def test_task_message_has_celery_protocol_2_shape() -> None:
+    from celery import Celery
+
+    app = Celery("check", set_as_current=False)
+    kwargs = {"batch_id": "b", "payload": "{}\n", "table": None, "enqueued_at_ms": 1}
+    reference = app.amqp.as_task_v2("id-1", WRITE_TASK, args=(), kwargs=kwargs)
+    body, headers = task_message(WRITE_TASK, "id-1", kwargs)
+    assert set(headers) == set(reference.headers)
+    assert {k: headers[k] for k in ("task", "id", "root_id", "retries", "eta")} == {
+        k: reference.headers[k] for k in ("task", "id", "root_id", "retries", "eta")
+    }
+    assert body == reference.body
+    assert "payload" in headers["kwargsrepr"] and "{}" not in headers["kwargsrepr"]
+
+
+def test_kombu_publisher_puts_the_message_on_the_queue() -> None:
+    from kombu import Connection
+
+    publisher = KombuPublisher("memory://")
+    task_id = publisher(WRITE_TASK, {"batch_id": "b", "payload": "x"}, INGEST_QUEUE)
+    with Connection("memory://") as conn:
+        queue = conn.SimpleQueue(INGEST_QUEUE)
+        message = queue.get(timeout=2)
+        args, kwargs, embed = message.decode()
+        message.ack()
+        queue.close()
+    publisher.close()
+    assert message.headers["task"] == WRITE_TASK
+    assert message.headers["id"] == task_id == message.properties["correlation_id"]
+    assert message.content_type == "application/json"
+    assert (args, kwargs["batch_id"], embed["chain"]) == ([], "b", None)
+
+
+# --- backlog and the writer's side -----------------------------------------------------------------
+
+
+def test_backlog_is_done_only_when_nothing_is_outstanding_pending_or_prepared(
+    client: fakeredis.FakeRedis,
+) -> None:
+    assert read_backlog(client).done
+    client.zadd(keys.outstanding(), {"b1": 5})
+    client.sadd(keys.pending_tables(), "events.a")
+    client.hset(keys.pending("events.a"), "b0", "{}")
+    client.set(keys.prepared("events.c"), "{}")
+    client.lpush(INGEST_QUEUE, "m1", "m2")
+    client.lpush(INGEST_QUEUE + "\x06\x163", "m3")
+
+    backlog = read_backlog(client)
+
+    assert not backlog.done
+    assert backlog.outstanding == 1 and backlog.oldest_outstanding_ms == 5
+    assert backlog.pending == {"events.a": 1}
+    assert backlog.prepared == ("events.c",)
+    assert backlog.queued == {"ingest": 3, "commit": 0}
+    text = backlog.describe(now_ms=2005)
+    assert "1 batch(es) not written yet (oldest 2.0s)" in text
+    assert "events.a: 1 batch(es) written, not committed" in text
+    assert "events.c: a prepared commit" in text
+    assert backlog.to_dict()["done"] is False
+
+
+def test_backlog_with_only_a_queued_message_is_not_done() -> None:
+    assert not Backlog(queued={INGEST_QUEUE: 1}).done
+    assert Backlog(queued={"commit": 4}).done
+
+
+def test_outstanding_counts_deliveries_and_forgets_done_batches(
+    client: fakeredis.FakeRedis,
+) -> None:
+    make_producer(client, Recorder()).enqueue([event(1)], batch_id="b")
+    outstanding = Outstanding(client)
+    assert [outstanding.started("b"), outstanding.started("b")] == [1, 2]
+    outstanding.done("b")
+    assert client.zcard(keys.outstanding()) == 0
+    assert client.hget(keys.deliveries(), "b") is None
+    assert outstanding.started("b") == 1
+
+
+def test_wait_returns_the_backlog_when_done_or_timed_out(client: fakeredis.FakeRedis) -> None:
+    with make_producer(client, Recorder()) as producer:
+        seen: list[Backlog] = []
+        assert producer.wait(timeout_s=1, on_poll=seen.append).done
+        producer.enqueue([event(1)], batch_id="b")
+        backlog = producer.wait(timeout_s=0.05, poll_s=0.01, on_poll=seen.append)
+    assert not backlog.done and backlog.outstanding == 1
+    assert len(seen) >= 2

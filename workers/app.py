@@ -1,0 +1,128 @@
+"""The Celery app: queues, delivery guarantees and routes for the writers and the committer.
+
+``celery -A workers.app worker -Q ingest`` finds the module attribute ``app``. It is built on first
+access (PEP 562 ``__getattr__``) from :func:`common.settings.load_settings`, so importing this
+module reads no environment and opens no connection; tests and the CLI call :func:`create_app`
+with settings of their own.
+
+Delivery is at least once and every step is idempotent (design.md §3): ``acks_late`` with
+``reject_on_worker_lost`` puts a task back on the queue when its process dies, prefetch 1 keeps a
+worker from sitting on messages another could run, and Redis' visibility timeout (after which an
+unacknowledged message is delivered again) is set above the longest task so a slow task is never
+run twice at once.
+
+No result backend: correctness never reads task results. Batches are tracked in Redis keys of our
+own (``icefleet:outstanding``, the pending registry, prepared records: see
+:mod:`common.producer`), producers never block on a result, and a backend would write one key per
+task. Flower still sees every task, its result and its failure through task events.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+from kombu import Exchange, Queue
+
+from common.producer import COMMIT_QUEUE, INGEST_QUEUE, WRITE_TASK
+from common.settings import Settings, load_settings
+
+COMMIT_TASK = "icefleet.commit_table"
+SWEEP_TASK = "icefleet.commit_all"
+SWEEP_INTERVAL_S = 5.0
+# A task may run this long past its soft limit (cleaning up, dead-lettering) before it is killed.
+HARD_LIMIT_GRACE_S = 30
+
+
+class IcefleetCelery(Celery):
+    """A Celery app that carries the :class:`Settings` it was built from."""
+
+    icefleet_settings: Settings
+
+
+def visibility_timeout_s(settings: Settings) -> int:
+    """Longer than any task may run (soft + hard limit), so no running task is redelivered."""
+    return 2 * settings.write_timeout_s + 60
+
+
+def _queue(name: str) -> Queue:
+    # A direct exchange of the queue's own name, as Celery creates for a routed queue: without
+    # one, a Queue takes the default exchange and routing key (those of "ingest").
+    return Queue(name, Exchange(name, type="direct"), routing_key=name)
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    """Celery settings derived from icefleet's settings."""
+    soft_s = settings.write_timeout_s
+    return {
+        "broker_url": settings.redis_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_transport_options": {"visibility_timeout": visibility_timeout_s(settings)},
+        "result_backend": None,
+        "task_ignore_result": True,
+        "result_expires": 3600,
+        "task_serializer": "json",
+        "result_serializer": "json",
+        "accept_content": ["json"],
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        # A hard time limit puts the message back instead of dropping it: the writer dead-letters
+        # a batch that keeps failing (common/producer.py counts deliveries), nothing is lost.
+        "task_acks_on_timeout": False,
+        "worker_prefetch_multiplier": 1,
+        "worker_cancel_long_running_tasks_on_connection_loss": True,
+        "task_soft_time_limit": soft_s,
+        "task_time_limit": soft_s + HARD_LIMIT_GRACE_S,
+        "task_queues": [_queue(INGEST_QUEUE), _queue(COMMIT_QUEUE)],
+        "task_default_queue": INGEST_QUEUE,
+        "task_routes": {
+            WRITE_TASK: {"queue": INGEST_QUEUE},
+            COMMIT_TASK: {"queue": COMMIT_QUEUE},
+            SWEEP_TASK: {"queue": COMMIT_QUEUE},
+            "icefleet.maintenance.*": {"queue": COMMIT_QUEUE},
+        },
+        "worker_send_task_events": True,
+        "task_send_sent_event": True,
+        "beat_schedule": {
+            "commit-sweep": {
+                "task": SWEEP_TASK,
+                "schedule": SWEEP_INTERVAL_S,
+                # a sweep not started within its interval is superseded by the next one
+                "options": {"queue": COMMIT_QUEUE, "expires": SWEEP_INTERVAL_S},
+            }
+        },
+        "beat_schedule_filename": str(settings.home.resolve() / "celerybeat-schedule"),
+        "worker_hijack_root_logger": True,
+        "worker_redirect_stdouts_level": "INFO",
+        "timezone": "UTC",
+        "enable_utc": True,
+    }
+
+
+def create_app(settings: Settings | None = None) -> IcefleetCelery:
+    """A configured Celery app with icefleet's tasks registered. Connects to nothing yet."""
+    settings = settings if settings is not None else load_settings()
+    app = IcefleetCelery("icefleet", set_as_current=True)
+    app.icefleet_settings = settings
+    app.conf.update(celery_config(settings))
+    import workers.tasks  # noqa: F401  (registers the shared tasks with every app)
+
+    return app
+
+
+_app: IcefleetCelery | None = None
+
+
+def get_app() -> IcefleetCelery:
+    """The process' default app, built from the environment on first use."""
+    global _app
+    if _app is None:
+        _app = create_app()
+    return _app
+
+
+def __getattr__(name: str) -> Any:
+    # `celery -A workers.app` looks up `app`, then `celery`.
+    if name in ("app", "celery"):
+        return get_app()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
