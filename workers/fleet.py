@@ -50,6 +50,17 @@ def port_in_use(port: int) -> bool:
         return sock.connect_ex((LOOPBACK, port)) == 0
 
 
+def group_exists(pgid: int) -> bool:
+    """Whether any process (a zombie included) is left in the process group."""
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def redis_server_binary() -> str:
     """The path of ``redis-server``, or :class:`MissingDependencyError` saying how to install it."""
     binary = shutil.which("redis-server")
@@ -117,13 +128,17 @@ class ManagedProcess:
             return False
         return True
 
-    def kill_group(self) -> None:
-        """SIGKILL whatever is left in the process group (prefork children, embedded beat)."""
+    def kill_group(self, timeout_s: float = 5.0) -> None:
+        """SIGKILL whatever is left in the process group (prefork children, embedded beat) and
+        wait until the group is gone."""
         if self.popen is None:
             return
         with suppress(ProcessLookupError, PermissionError):
             os.killpg(self.popen.pid, signal.SIGKILL)
         self.popen.wait()
+        deadline = time.monotonic() + timeout_s
+        while group_exists(self.popen.pid) and time.monotonic() < deadline:
+            time.sleep(0.02)  # orphaned children are reaped by init
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
         self.signal(signal.SIGTERM)

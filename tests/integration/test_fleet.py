@@ -1,0 +1,357 @@
+"""The fleet end to end: real redis-server, real Celery worker processes, real catalogs.
+
+Two writers and a committer (``icefleet worker ...`` subprocesses, each in a process group of its
+own, killed at teardown) land 50,000 events of three types sent in 50 batches. Each table must
+then hold exactly its events, read back with pyiceberg and with the independent iceberg-rust
+reader (pyiceberg-core's DataFusion provider), and a batch enqueued twice, and again after it was
+committed, lands once. The same test runs on the embedded SQLite catalog, a PostgreSQL catalog,
+and a SQLite catalog whose warehouse is S3 on moto's server.
+
+The CLI is exercised as a user runs it: ``demo`` (and Ctrl-C during it), ``up`` with Flower and
+a worker killed under it, ``send``, ``wait``, ``status --json``; after each, no process it
+started may be left.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from common.catalog import open_catalog
+from common.deadletters import DeadLetterStore
+from common.producer import Producer
+from common.routing import Router
+from common.settings import Settings, load_settings
+from tests.services import S3Endpoint, free_port
+from workers.app import create_app
+from workers.demo import synthetic_events
+from workers.fleet import Fleet
+
+pytestmark = pytest.mark.integration
+
+BATCHES = 50
+PER_BATCH = 1_000
+DUPLICATE = 7
+WAIT_S = 120.0
+CLI = [sys.executable, "-m", "workers.cli"]
+
+
+@dataclass
+class Backend:
+    """Where the catalog and the warehouse live, as environment variables for every process."""
+
+    name: str
+    env: dict[str, str] = field(default_factory=dict)
+    file_io: dict[str, str] = field(default_factory=dict)
+
+
+def catalog_env(name: str, **properties: str) -> dict[str, str]:
+    prefix = f"PYICEBERG_CATALOG__{name.upper()}__"
+    env = {"ICEFLEET_CATALOG": name}
+    for key, value in properties.items():
+        env[prefix + key.upper()] = value
+    return env
+
+
+@pytest.fixture(params=["sqlite", "postgres", "s3"])
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+    if request.param == "sqlite":
+        return Backend("sqlite")  # the embedded default: nothing configured
+    if request.param == "postgres":
+        url = request.getfixturevalue("postgres_catalog_url")
+        warehouse = (tmp_path / "warehouse").as_uri()
+        return Backend("postgres", catalog_env("fleetpg", type="sql", uri=url, warehouse=warehouse))
+    endpoint: S3Endpoint = request.getfixturevalue("s3_endpoint")
+    bucket: str = request.getfixturevalue("s3_bucket")
+    s3 = endpoint.fileio_properties()
+    env = catalog_env(
+        "fleets3",
+        type="sql",
+        uri=f"sqlite:///{tmp_path / 'catalog.db'}",
+        warehouse=bucket,
+        s3__endpoint=s3["s3.endpoint"],
+        s3__access_key_id=s3["s3.access-key-id"],
+        s3__secret_access_key=s3["s3.secret-access-key"],
+        s3__region=s3["s3.region"],
+    )
+    # moto answers on 127.0.0.1 only: iceberg-rust must address buckets by path, not subdomain
+    return Backend("s3", env, {**s3, "s3.path-style-access": "true"})
+
+
+@pytest.fixture
+def fleet_settings(
+    backend: Backend,
+    redis_client: redis.Redis,
+    redis_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Settings:
+    monkeypatch.delenv("ICEFLEET_CATALOG", raising=False)
+    monkeypatch.setenv("ICEFLEET_REDIS_URL", redis_url)
+    monkeypatch.setenv("ICEFLEET_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ICEFLEET_COMMIT_INTERVAL_MS", "500")
+    for key, value in backend.env.items():
+        monkeypatch.setenv(key, value)
+    return load_settings()
+
+
+@pytest.fixture
+def fleet(fleet_settings: Settings) -> Iterator[Fleet]:
+    fleet = Fleet(fleet_settings, writers=2, spawn_redis=False)
+    try:
+        fleet.start()
+        fleet.wait_ready(timeout_s=90)
+        yield fleet
+    finally:
+        fleet.stop()
+        for proc in fleet.processes:
+            print(f"--- {proc.name} (exit {proc.returncode}) ---\n{proc.tail(40)}")
+        assert all(proc.returncode is not None for proc in fleet.processes)
+        assert all(not group_alive(proc.pid) for proc in fleet.processes if proc.pid)
+
+
+def group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def processes_with(marker: str) -> list[int]:
+    """Live processes (not this one) whose environment mentions ``marker``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker.encode() in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def ids_by_table(settings: Settings, events: list[dict[str, Any]]) -> dict[str, set[str]]:
+    router = Router(settings.routes, settings.namespace)
+    expected: dict[str, set[str]] = {}
+    for event in events:
+        expected.setdefault(str(router.table_for(event["type"])), set()).add(event["id"])
+    return expected
+
+
+def read_ids_with_iceberg_rust(table: Any, file_io: dict[str, str]) -> list[str]:
+    """The ids iceberg-rust reads, in a process of its own: the Rust reader keeps the GIL while
+    it waits on S3, and moto's server answers from a thread of this process."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_rust_ids, (list(table.name()), table.metadata_location, file_io))
+
+
+def _rust_ids(identifier: list[str], metadata_location: str, file_io: dict[str, str]) -> list[str]:
+    from datafusion import SessionContext
+    from pyiceberg_core.datafusion import IcebergDataFusionTable
+
+    ctx = SessionContext()
+    provider = IcebergDataFusionTable(
+        identifier=identifier, metadata_location=metadata_location, file_io_properties=file_io
+    )
+    ctx.register_table("t", provider)
+    result = ctx.sql("SELECT id FROM t").to_arrow_table()
+    return [str(value) for value in result.column("id").to_pylist()]
+
+
+def run_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*CLI, *args], env=dict(os.environ), capture_output=True, text=True, timeout=timeout_s
+    )
+
+
+# --- the fleet lands every event exactly once -------------------------------------------------------
+
+
+def test_fleet_lands_every_event_exactly_once(
+    fleet: Fleet, backend: Backend, redis_client: redis.Redis, tmp_path: Path
+) -> None:
+    # Given 50,000 events of three types, and a running fleet of 2 writers and a committer
+    settings = fleet.settings
+    events = list(synthetic_events(BATCHES * PER_BATCH, seed=11, run_id=backend.name))
+    expected = ids_by_table(settings, events)
+    assert len(expected) == 3
+    batches = [events[n * PER_BATCH : (n + 1) * PER_BATCH] for n in range(BATCHES)]
+    started = time.monotonic()
+
+    # When they are enqueued in 50 batches, one of them twice in a row
+    with Producer(settings) as producer:
+        for n, batch in enumerate(batches):
+            assert producer.enqueue(batch, batch_id=f"batch-{n}") == f"batch-{n}"
+        producer.enqueue(batches[DUPLICATE], batch_id=f"batch-{DUPLICATE}")
+        backlog = producer.wait(timeout_s=WAIT_S)
+        assert backlog.done, backlog.describe()
+        landed_s = time.monotonic() - started
+
+        # ... and once more through the CLI after it was committed
+        duplicate = tmp_path / "duplicate.ndjson"
+        duplicate.write_text("".join(json.dumps(e) + "\n" for e in batches[DUPLICATE]))
+        sent = run_cli("send", str(duplicate), "--batch-id", f"batch-{DUPLICATE}")
+        assert sent.returncode == 0, sent.stderr
+        assert sent.stdout.split() == [f"batch-{DUPLICATE}"]
+        waited = run_cli("wait", "--timeout", "60")
+        assert waited.returncode == 0, waited.stdout + waited.stderr
+
+    # Then each table holds exactly its events, as pyiceberg and iceberg-rust both read them
+    catalog = open_catalog(settings)
+    for name, ids in sorted(expected.items()):
+        table = catalog.load_table(tuple(name.split(".")))
+        with_pyiceberg = table.scan(selected_fields=("id",)).to_arrow().column("id").to_pylist()
+        assert len(with_pyiceberg) == len(ids), name
+        assert set(with_pyiceberg) == ids, name
+        with_rust = read_ids_with_iceberg_rust(table, backend.file_io)
+        assert sorted(with_rust) == sorted(ids), name
+    assert DeadLetterStore(redis_client).count() == 0
+
+    # ... and status reports the same tables, nothing pending, the workers alive
+    status = run_cli("status", "--json")
+    assert status.returncode == 0, status.stderr
+    report = json.loads(status.stdout)
+    assert report["backlog"]["done"] is True
+    assert {row["table"]: row["rows"] for row in report["tables"]} == {
+        name: len(ids) for name, ids in expected.items()
+    }
+    assert {w.split("@")[0] for w in report["workers"]} == {"writer1", "writer2", "committer"}
+    print(f"{backend.name}: {len(events):,} events committed in {landed_s:.1f}s")
+
+
+# --- the CLI as a user runs it -----------------------------------------------------------------------
+
+
+def cli_env(home: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ICEFLEET_", "PYICEBERG_"))}
+    env.update({"ICEFLEET_HOME": str(home), **extra})
+    return env
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
+        time.sleep(0.2)
+
+
+def test_demo_runs_end_to_end_and_leaves_no_process(tmp_path: Path) -> None:
+    # Given nothing configured but a home of its own (the demo spawns its own redis-server)
+    home = tmp_path / "home"
+
+    # When the demo runs
+    result = subprocess.run(
+        [*CLI, "demo", "--events", "3000", "--writers", "2", "--batch-size", "500"],
+        env=cli_env(home),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+
+    # Then it reports every event committed, and nothing it started is still running
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "3,000 events committed" in result.stdout
+    for table in ("events.page_view", "events.order_placed", "events.user_signed_up"):
+        assert table in result.stdout
+    assert (home / "redis" / "appendonlydir").is_dir()  # Redis ran with AOF under ICEFLEET_HOME
+    assert processes_with(str(home)) == []
+
+
+def test_demo_interrupted_stops_everything(tmp_path: Path) -> None:
+    # Given a demo that is busy sending a lot of events
+    home = tmp_path / "home"
+    stderr = tmp_path / "stderr.txt"
+    with stderr.open("w") as err:
+        proc = subprocess.Popen(
+            [*CLI, "demo", "--events", "500000", "--batch-size", "500"],
+            env=cli_env(home),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        wait_for(lambda: "fleet up" in stderr.read_text(), 90, "the fleet to start")
+        time.sleep(1.0)
+        assert len(processes_with(str(home))) >= 4  # redis, 2 writers, committer (+ children)
+
+        # When it gets Ctrl-C
+        proc.send_signal(signal.SIGINT)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+    # Then it exits 130 and nothing it started is left
+    assert code == 130, stderr.read_text()
+    assert processes_with(str(home)) == []
+
+
+def test_up_restarts_a_dead_worker_and_serves_flower(
+    tmp_path: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    pytest.importorskip("flower")
+    # Given `icefleet up` with one writer and Flower, on the test Redis
+    home = tmp_path / "home"
+    port = free_port()
+    stderr = tmp_path / "stderr.txt"
+    settings = load_settings({}, redis_url=redis_url, home=home)
+    with stderr.open("w") as err:
+        proc = subprocess.Popen(
+            [*CLI, "up", "--writers", "1", "--flower", "--flower-port", str(port)],
+            env=cli_env(home, ICEFLEET_REDIS_URL=redis_url),
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    app = create_app(settings)
+    try:
+        wait_for(lambda: "Ctrl-C stops everything" in stderr.read_text(), 90, "the fleet")
+        first = writer_pid(app)
+
+        # When the writer process is killed
+        os.kill(first, signal.SIGKILL)
+
+        # Then `up` starts a new one, and Flower lists the workers
+        wait_for(lambda: writer_pid(app) not in (None, first), 60, "a new writer1")
+        assert "restarted writer1" in stderr.read_text()
+        wait_for(lambda: flower_lists(port, ("writer1@", "committer@")), 60, "Flower")
+
+        # And Ctrl-C stops all of it
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, stderr.read_text()
+    finally:
+        app.close()
+        if proc.poll() is None:
+            proc.kill()
+    assert processes_with(str(home)) == []
+
+
+def writer_pid(app: Any) -> int | None:
+    stats = app.control.inspect(timeout=1.0).stats() or {}
+    for name, info in stats.items():
+        if name.startswith("writer1@"):
+            return int(info["pid"])
+    return None
+
+
+def flower_lists(port: int, names: tuple[str, ...]) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/workers", timeout=2) as reply:
+            page = reply.read().decode()
+    except OSError:
+        return False
+    return all(name in page for name in names)
