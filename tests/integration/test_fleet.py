@@ -355,3 +355,174 @@ def flower_lists(port: int, names: tuple[str, ...]) -> bool:
     except OSError:
         return False
     return all(name in page for name in names)
+
+
+# --- the tasks in this process (eager), on the real Redis -------------------------------------------
+
+
+@dataclass
+class FakeFile:
+    record_count: int
+
+
+class ScriptedWriter:
+    """A BatchWriter stand-in: raises ``errors`` in turn, then ``always`` (if given) on every
+    call, else writes ``rows`` rows to ``events.t``."""
+
+    def __init__(self, *errors: BaseException, always: BaseException | None = None) -> None:
+        self.errors = list(errors)
+        self.always = always
+        self.table = "events.t"
+        self.rows = 5
+        self.calls = 0
+
+    def write(self, batch_id: str, payload: str, **_: Any) -> Any:
+        from common.writer import BatchResult
+
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        if self.always is not None:
+            raise self.always
+        return BatchResult(batch_id, events=self.rows, files={self.table: [FakeFile(self.rows)]})
+
+
+@pytest.fixture
+def eager(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Any]:
+    """The tasks run in this process against the test Redis; commit tasks they send stay queued."""
+    import workers.runtime
+    import workers.writer
+    from workers.runtime import Runtime
+
+    settings = load_settings(
+        {}, redis_url=redis_url, home=tmp_path / "home", commit_interval_ms=60_000
+    )
+    app = create_app(settings)
+    rt = Runtime(settings, redis_client)
+    monkeypatch.setattr(workers.runtime, "_runtime", rt)
+    monkeypatch.setattr(workers.writer, "backoff_s", lambda attempt: 0.0)
+    yield rt
+    app.close()
+
+
+def enqueue_outstanding(client: redis.Redis, batch_id: str) -> None:
+    from common import keys
+
+    client.zadd(keys.outstanding(), {batch_id: 1})
+
+
+def commit_messages(client: redis.Redis) -> list[dict[str, Any]]:
+    return [json.loads(raw)["headers"] for raw in client.lrange("commit", 0, -1)]
+
+
+def test_write_task_retries_transient_errors_then_nudges_once(
+    eager: Any, redis_client: redis.Redis
+) -> None:
+    from common import keys
+    from workers.writer import write_batch
+
+    # Given a writer whose storage fails twice before it works
+    eager._writer = ScriptedWriter(OSError("S3 503"), OSError("S3 503"))
+    enqueue_outstanding(redis_client, "b1")
+
+    # When the batch is written, then 20 more batches for the same table
+    result = write_batch.apply(kwargs={"batch_id": "b1", "payload": "{}\n"}).get()
+    for n in range(20):
+        write_batch.apply(kwargs={"batch_id": f"more-{n}", "payload": "{}\n"}).get()
+
+    # Then it took three attempts, nothing is outstanding, and one commit task was sent
+    assert result["records"] == 5 and result["files"] == {"events.t": 1}
+    assert eager._writer.calls == 3 + 20
+    assert redis_client.zcard(keys.outstanding()) == 0
+    assert redis_client.hlen(keys.deliveries()) == 0
+    messages = commit_messages(redis_client)
+    assert len(messages) == 1
+    assert messages[0]["task"] == "icefleet.commit_table"
+    assert redis_client.get(keys.nudge("events.t")).decode() == messages[0]["id"]
+
+
+def test_write_task_dead_letters_a_batch_that_keeps_failing(
+    eager: Any, redis_client: redis.Redis
+) -> None:
+    from common import keys
+    from workers.writer import MAX_ATTEMPTS_UNEXPECTED, write_batch
+
+    eager._writer = ScriptedWriter(always=ValueError("a bug"))
+    enqueue_outstanding(redis_client, "poison")
+
+    result = write_batch.apply(
+        kwargs={"batch_id": "poison", "payload": '{"id":"x"}\n', "table": "events.t"}
+    ).get()
+
+    assert eager._writer.calls == MAX_ATTEMPTS_UNEXPECTED
+    assert "ValueError: a bug" in result["dead_lettered"]
+    [letter] = DeadLetterStore(redis_client).list()
+    assert (letter.batch_id, letter.raw, letter.table) == ("poison", b'{"id":"x"}\n', "events.t")
+    assert redis_client.zcard(keys.outstanding()) == 0
+    assert commit_messages(redis_client) == []
+
+
+def test_write_task_dead_letters_a_batch_delivered_too_often(
+    eager: Any, redis_client: redis.Redis
+) -> None:
+    from common import keys
+    from workers.writer import MAX_ATTEMPTS, write_batch
+
+    # Given a batch whose worker was killed under it MAX_ATTEMPTS times
+    eager._writer = ScriptedWriter()
+    redis_client.hset(keys.deliveries(), "oom", MAX_ATTEMPTS)
+
+    result = write_batch.apply(kwargs={"batch_id": "oom", "payload": "{}\n"}).get()
+
+    assert "without finishing" in result["dead_lettered"]
+    assert eager._writer.calls == 0
+    assert DeadLetterStore(redis_client).count() == 1
+
+
+def test_write_task_requeues_when_redis_fails_outside_the_write(
+    eager: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery.exceptions import Reject
+    from redis.backoff import NoBackoff
+    from redis.retry import Retry
+
+    from workers.writer import write_batch
+
+    eager.client = redis.Redis(port=free_port(), retry=Retry(NoBackoff(), 0))
+    with pytest.raises(Reject) as raised:
+        write_batch.run(batch_id="b", payload="{}\n")
+    assert raised.value.requeue
+
+
+def test_commit_task_reschedules_itself_until_the_batches_are_due(
+    eager: Any, redis_client: redis.Redis
+) -> None:
+    from common import keys
+    from common.commit import Committer
+    from common.pending import PendingRegistry
+    from common.writer import pending_entry
+    from workers.committer import commit_all, commit_table
+
+    # Given a pending batch that is far from due (interval 60 s) and the nudge its writer sent
+    table = "events.t"
+    PendingRegistry(redis_client).register(table, "b1", pending_entry("b1", []))
+    eager._committer = Committer(eager.settings, open_catalog(eager.settings), redis_client)
+    first = commit_table.apply_async([table], task_id="commit-first")  # what a writer sends
+    redis_client.set(keys.nudge(table), "commit-first")
+
+    # When that commit task runs
+    assert commit_table.apply(args=[table], task_id=first.id).get() == []
+
+    # Then it committed nothing and claimed a follow-up, scheduled for when the batch is due
+    messages = commit_messages(redis_client)
+    assert len(messages) == 2
+    follow_up = messages[0]  # LPUSH: newest first
+    assert follow_up["eta"] is not None
+    assert redis_client.get(keys.nudge(table)).decode() == follow_up["id"] != "commit-first"
+    assert 60_000 < redis_client.pttl(keys.nudge(table)) <= 120_000
+
+    # ... and a sweep does not add a third while that one is on its way
+    assert commit_all.apply().get() == []
+    assert len(commit_messages(redis_client)) == 2
