@@ -1,18 +1,11 @@
 """The producer client: events in, write tasks on the ``ingest`` queue, and a way to wait for them.
 
 :meth:`Producer.enqueue` cuts the events into batches of at most ``batch_max_events`` events and
-``batch_max_bytes`` bytes of NDJSON, records each batch as *outstanding* in Redis and sends one
+``batch_max_bytes`` bytes of NDJSON, records each batch as *outstanding* in Redis and then sends one
 ``icefleet.write_batch`` task per batch, by name, in Celery's message protocol 2, through kombu:
 a producer needs neither Celery nor the workers' code, and ``common`` stays free of Celery.
-
-What :meth:`Producer.wait` waits for (:class:`Backlog`): a batch is *outstanding* from enqueue until
-a writer has registered its files as pending (or dead-lettered it), then *pending* until the
-committer's snapshot holds it; the pending registry keeps a *prepared* record while a commit is
-being made. Everything enqueued so far is committed when, read in one Redis transaction, no batch
-is outstanding, no table has pending batches and the ingest queue is empty, and no prepared record
-is left. The writer registers a batch before it drops it from *outstanding*, so a batch is always
-visible in one of the two. A batch whose message is lost (a Redis restart without AOF) stays
-outstanding, and ``wait`` reports it instead of pretending it landed.
+:meth:`Producer.wait` blocks until every batch enqueued (by anyone) before it was called is
+committed; :mod:`common.backlog` says how that is decided.
 """
 
 from __future__ import annotations
@@ -22,23 +15,30 @@ import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import redis
 
 from common import keys
+from common.backlog import COMMIT_QUEUE, INGEST_QUEUE, Backlog, Waiter, WaitResult, read_backlog
 from common.events import encode_ndjson, split_events
 from common.routing import TableName
 from common.settings import Settings, load_settings
 
 WRITE_TASK = "icefleet.write_batch"
-INGEST_QUEUE = "ingest"
-COMMIT_QUEUE = "commit"
 MAX_BATCH_ID_CHARS = 200
-# kombu's Redis transport keeps messages of priority p > 0 in "<queue>\x06\x16<p>".
-_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
-_UNACKED = "unacked"  # kombu's hash of delivered, unacknowledged messages
+__all__ = [
+    "COMMIT_QUEUE",
+    "INGEST_QUEUE",
+    "WRITE_TASK",
+    "Backlog",
+    "KombuPublisher",
+    "Producer",
+    "WaitResult",
+    "child_ids",
+    "split_lines",
+    "task_message",
+]
 
 EventLike = Mapping[str, Any] | str | bytes
 
@@ -112,105 +112,6 @@ class KombuPublisher:
 
     def close(self) -> None:
         self._connection.release()
-
-
-# --- the backlog --------------------------------------------------------------------------------
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-@dataclass(frozen=True)
-class Backlog:
-    """What is not committed yet, as one consistent reading of Redis."""
-
-    outstanding: int = 0
-    oldest_outstanding_ms: int | None = None
-    pending: dict[str, int] = field(default_factory=dict)  # table → pending batches
-    prepared: tuple[str, ...] = ()  # tables with a prepared commit record
-    queued: dict[str, int] = field(default_factory=dict)  # queue → messages waiting
-    unacked: int = 0  # messages delivered to a worker, not acknowledged (running or scheduled)
-
-    @property
-    def done(self) -> bool:
-        """Everything enqueued so far is committed (or dead-lettered)."""
-        return (
-            self.outstanding == 0
-            and not self.pending
-            and not self.prepared
-            and self.queued.get(INGEST_QUEUE, 0) == 0
-        )
-
-    def describe(self, now_ms: int | None = None) -> str:
-        """One line for a human: what is still in the way."""
-        if self.done:
-            return "nothing pending: everything enqueued is committed"
-        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        parts = []
-        if self.outstanding:
-            age = (now_ms - (self.oldest_outstanding_ms or now_ms)) / 1000
-            parts.append(f"{self.outstanding} batch(es) not written yet (oldest {age:.1f}s)")
-        if self.queued.get(INGEST_QUEUE):
-            parts.append(f"{self.queued[INGEST_QUEUE]} message(s) in the ingest queue")
-        for table, count in sorted(self.pending.items()):
-            parts.append(f"{table}: {count} batch(es) written, not committed")
-        for table in self.prepared:
-            parts.append(f"{table}: a prepared commit not finished")
-        return "; ".join(parts)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "done": self.done,
-            "outstanding": self.outstanding,
-            "oldest_outstanding_ms": self.oldest_outstanding_ms,
-            "pending": dict(self.pending),
-            "prepared": list(self.prepared),
-            "queued": dict(self.queued),
-            "unacked": self.unacked,
-        }
-
-
-def queue_length(pipe: Any, queue: str) -> None:
-    """Queue the LLENs of a kombu Redis queue and its priority lists on ``pipe``."""
-    for suffix in _PRIORITY_SUFFIXES:
-        pipe.llen(queue + suffix)
-
-
-def read_backlog(client: redis.Redis) -> Backlog:
-    """Read the backlog: the counts that decide ``done`` come from one MULTI/EXEC."""
-    queues = (INGEST_QUEUE, COMMIT_QUEUE)
-    pipe = client.pipeline(transaction=True)
-    pipe.zcard(keys.outstanding())
-    pipe.zrange(keys.outstanding(), 0, 0, withscores=True)
-    pipe.smembers(keys.pending_tables())
-    for queue in queues:
-        queue_length(pipe, queue)
-    pipe.hlen(_UNACKED)
-    replies = pipe.execute()
-    outstanding, oldest, tables = int(replies[0]), replies[1], replies[2]
-    lengths = replies[3 : 3 + len(queues) * len(_PRIORITY_SUFFIXES)]
-    n = len(_PRIORITY_SUFFIXES)
-    queued = {
-        queue: sum(int(x) for x in lengths[i * n : (i + 1) * n]) for i, queue in enumerate(queues)
-    }
-    names = sorted(_text(t) for t in tables)
-    pipe = client.pipeline(transaction=False)
-    for name in names:
-        pipe.hlen(keys.pending(name))
-    pending = {name: int(count) for name, count in zip(names, pipe.execute(), strict=True)}
-    pattern = keys.prepared("*")
-    prepared = tuple(
-        sorted(_text(k)[len(pattern) - 1 :] for k in client.scan_iter(match=pattern, count=1000))
-    )
-    return Backlog(
-        outstanding=outstanding,
-        oldest_outstanding_ms=int(oldest[0][1]) if oldest else None,
-        pending={t: c for t, c in pending.items() if c},
-        prepared=prepared,
-        queued=queued,
-        unacked=int(replies[-1]),
-    )
 
 
 # --- batches ------------------------------------------------------------------------------------
@@ -341,25 +242,25 @@ class Producer:
             raise
 
     def backlog(self) -> Backlog:
+        """The global picture: queues, outstanding and pending batches, prepared commits."""
         return read_backlog(self.client)
 
     def wait(
         self,
         timeout_s: float | None = None,
         poll_s: float = 0.2,
-        on_poll: Callable[[Backlog], None] | None = None,
-    ) -> Backlog:
-        """Block until everything enqueued so far (by anyone) is committed, or the timeout.
-
-        Returns the last :class:`Backlog` read: check :attr:`Backlog.done`.
-        """
+        on_poll: Callable[[WaitResult], None] | None = None,
+    ) -> WaitResult:
+        """Block until every batch enqueued so far (by any producer) is committed or
+        dead-lettered, or until the timeout; check :attr:`WaitResult.done`."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        waiter = Waiter(self.client)
         while True:
-            backlog = read_backlog(self.client)
+            result = waiter.poll()
             if on_poll is not None:
-                on_poll(backlog)
-            if backlog.done or (deadline is not None and time.monotonic() >= deadline):
-                return backlog
+                on_poll(result)
+            if result.done or (deadline is not None and time.monotonic() >= deadline):
+                return result
             time.sleep(poll_s)
 
     def close(self) -> None:
@@ -374,24 +275,3 @@ class Producer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-# --- the writer's side of the bookkeeping --------------------------------------------------------
-
-
-class Outstanding:
-    """The writer's view of ``icefleet:outstanding`` and the delivery counts of batches."""
-
-    def __init__(self, client: redis.Redis) -> None:
-        self._client = client
-
-    def started(self, batch_id: str) -> int:
-        """Count one more delivery of the batch's write task; return the count (1 = first)."""
-        return int(self._client.hincrby(keys.deliveries(), batch_id, 1))
-
-    def done(self, batch_id: str) -> None:
-        """The batch is registered as pending (or dead-lettered): it no longer holds up ``wait``."""
-        pipe = self._client.pipeline(transaction=True)
-        pipe.zrem(keys.outstanding(), batch_id)
-        pipe.hdel(keys.deliveries(), batch_id)
-        pipe.execute()

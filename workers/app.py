@@ -24,7 +24,8 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
-from common.producer import COMMIT_QUEUE, INGEST_QUEUE, WRITE_TASK
+from common.backlog import COMMIT_QUEUE, INGEST_QUEUE
+from common.producer import WRITE_TASK
 from common.settings import Settings, load_settings
 
 COMMIT_TASK = "icefleet.commit_table"
@@ -41,8 +42,9 @@ class IcefleetCelery(Celery):
 
 
 def visibility_timeout_s(settings: Settings) -> int:
-    """Longer than any task may run (soft + hard limit), so no running task is redelivered."""
-    return 2 * settings.write_timeout_s + 60
+    """Longer than any task may run (soft + hard limit) and than a commit task's countdown, so
+    neither a running task nor a scheduled one is delivered a second time."""
+    return max(2 * settings.write_timeout_s, settings.commit_interval_ms // 1000) + 60
 
 
 def _queue(name: str) -> Queue:

@@ -20,7 +20,7 @@ from common.settings import Settings, load_settings
 
 console = Console(stderr=True)
 out = Console()
-POOLS = ("prefork", "solo", "threads")
+POOLS = ("prefork", "solo")  # one BatchWriter per process: no thread pools
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
@@ -246,14 +246,18 @@ def send(file: Any, table: str | None, batch_id: str | None) -> None:
 @main.command()
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0), help="Give up after S seconds.")
 def wait(timeout_s: float | None) -> None:
-    """Block until everything enqueued so far is committed; exit 1 with what is still pending."""
+    """Block until everything enqueued so far is committed; exit 1 with what is still pending.
+
+    "So far" is the moment `wait` starts: batches enqueued later (producers keep sending) are
+    not waited for. Batches that were dead-lettered count as done (see `icefleet status`).
+    """
     from common.producer import Producer
 
     with _errors(), Producer(_settings()) as producer:
-        backlog = producer.wait(timeout_s)
-    if not backlog.done:
-        _fail("still pending: " + backlog.describe())
-    out.print(backlog.describe())
+        result = producer.wait(timeout_s)
+    if not result.done:
+        _fail(f"not committed after {timeout_s}s: " + result.describe())
+    out.print(result.describe())
 
 
 @main.command()
@@ -324,6 +328,7 @@ def worker(
             "the committer runs one task at a time", param_hint="--concurrency"
         )
     settings = _settings()
+    settings.home.mkdir(parents=True, exist_ok=True)  # beat keeps its schedule file there
     queue = COMMIT_QUEUE if role == "committer" else INGEST_QUEUE
     argv = [
         "worker",

@@ -28,6 +28,7 @@ from celery import Task, shared_task
 from celery.signals import worker_ready
 
 from common import keys
+from common.backlog import COMMIT_QUEUE
 from common.commit import CommitResult
 from common.errors import (
     CommitStateUnknownError,
@@ -35,7 +36,6 @@ from common.errors import (
     RetriesExhaustedError,
     RetryableError,
 )
-from common.producer import COMMIT_QUEUE
 from workers.app import COMMIT_TASK, SWEEP_TASK
 from workers.runtime import Runtime, runtime
 

@@ -18,6 +18,7 @@ from typing import Any
 
 from pyiceberg.catalog import Catalog
 
+from common.backlog import Waiter
 from common.producer import Producer
 from common.routing import Router
 from common.settings import Settings
@@ -206,16 +207,15 @@ def run_demo(
     if batch:
         flush()
     deadline = started + timeout_s
+    waiter = Waiter(producer.client)
     while True:
         on_progress(enqueued, committed)
-        backlog = producer.backlog()
+        result = waiter.poll()
         committed = max(committed, committed_rows(catalog, tables, before))
-        if backlog.done and committed >= 0:
+        if result.done:
             break
         if time.monotonic() > deadline:
-            raise TimeoutError(
-                f"not everything committed after {timeout_s:.0f}s: " + backlog.describe()
-            )
+            raise TimeoutError(f"not committed after {timeout_s:.0f}s: " + result.describe())
         time.sleep(0.25)
     seconds = time.monotonic() - started
     after = table_stats(catalog, tables)

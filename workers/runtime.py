@@ -15,13 +15,13 @@ from typing import Any, cast
 import redis
 from pyiceberg.catalog import Catalog
 
+from common.backlog import Outstanding
 from common.catalog import TableStore, open_catalog
 from common.commit import Committer
 from common.deadletters import DeadLetterStore
 from common.events import DeadLetter
 from common.locks import TableLock
 from common.pending import PendingRegistry
-from common.producer import Outstanding
 from common.routing import Router
 from common.settings import Settings, load_settings
 from common.writer import BatchWriter, Registry
@@ -39,10 +39,6 @@ class Runtime:
     _catalog: Catalog | None = None
     _writer: BatchWriter | None = None
     _committer: Committer | None = None
-
-    @property
-    def registry(self) -> PendingRegistry:
-        return self.committer.registry if self._committer else PendingRegistry(self.client)
 
     @property
     def dead_letters(self) -> DeadLetterStore:

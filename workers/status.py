@@ -13,9 +13,9 @@ from pyiceberg.table import Table
 from rich.console import Console
 from rich.table import Table as RichTable
 
+from common.backlog import Backlog, read_backlog
 from common.commit import committed_seq
 from common.deadletters import DeadLetterStore
-from common.producer import Backlog, read_backlog
 from common.redaction import redact_url
 from common.settings import Settings
 

@@ -198,8 +198,8 @@ def test_fleet_lands_every_event_exactly_once(
         for n, batch in enumerate(batches):
             assert producer.enqueue(batch, batch_id=f"batch-{n}") == f"batch-{n}"
         producer.enqueue(batches[DUPLICATE], batch_id=f"batch-{DUPLICATE}")
-        backlog = producer.wait(timeout_s=WAIT_S)
-        assert backlog.done, backlog.describe()
+        result = producer.wait(timeout_s=WAIT_S)
+        assert result.done, result.describe()
         landed_s = time.monotonic() - started
 
         # ... and once more through the CLI after it was committed
@@ -226,7 +226,7 @@ def test_fleet_lands_every_event_exactly_once(
     status = run_cli("status", "--json")
     assert status.returncode == 0, status.stderr
     report = json.loads(status.stdout)
-    assert report["backlog"]["done"] is True
+    assert report["backlog"]["idle"] is True
     assert {row["table"]: row["rows"] for row in report["tables"]} == {
         name: len(ids) for name, ids in expected.items()
     }

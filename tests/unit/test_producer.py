@@ -13,17 +13,15 @@ import fakeredis
 import orjson
 import pytest
 
+import common.backlog
 from common import keys
+from common.backlog import INGEST_QUEUE, Backlog, Outstanding, Waiter, read_backlog
 from common.errors import InvalidEventError, InvalidIdentifierError
 from common.producer import (
-    INGEST_QUEUE,
     WRITE_TASK,
-    Backlog,
     KombuPublisher,
-    Outstanding,
     Producer,
     child_ids,
-    read_backlog,
     split_lines,
     task_message,
 )
@@ -256,10 +254,10 @@ def test_kombu_publisher_puts_the_message_on_the_queue() -> None:
 # --- backlog and the writer's side -----------------------------------------------------------------
 
 
-def test_backlog_is_done_only_when_nothing_is_outstanding_pending_or_prepared(
+def test_backlog_is_idle_only_when_nothing_is_outstanding_pending_or_prepared(
     client: fakeredis.FakeRedis,
 ) -> None:
-    assert read_backlog(client).done
+    assert read_backlog(client).idle
     client.zadd(keys.outstanding(), {"b1": 5})
     client.sadd(keys.pending_tables(), "events.a")
     client.hset(keys.pending("events.a"), "b0", "{}")
@@ -269,7 +267,7 @@ def test_backlog_is_done_only_when_nothing_is_outstanding_pending_or_prepared(
 
     backlog = read_backlog(client)
 
-    assert not backlog.done
+    assert not backlog.idle
     assert backlog.outstanding == 1 and backlog.oldest_outstanding_ms == 5
     assert backlog.pending == {"events.a": 1}
     assert backlog.prepared == ("events.c",)
@@ -278,12 +276,12 @@ def test_backlog_is_done_only_when_nothing_is_outstanding_pending_or_prepared(
     assert "1 batch(es) not written yet (oldest 2.0s)" in text
     assert "events.a: 1 batch(es) written, not committed" in text
     assert "events.c: a prepared commit" in text
-    assert backlog.to_dict()["done"] is False
+    assert backlog.to_dict()["idle"] is False
 
 
-def test_backlog_with_only_a_queued_message_is_not_done() -> None:
-    assert not Backlog(queued={INGEST_QUEUE: 1}).done
-    assert Backlog(queued={"commit": 4}).done
+def test_backlog_with_only_a_queued_message_is_not_idle() -> None:
+    assert not Backlog(queued={INGEST_QUEUE: 1}).idle
+    assert Backlog(queued={"commit": 4}).idle
 
 
 def test_outstanding_counts_deliveries_and_forgets_done_batches(
@@ -298,11 +296,61 @@ def test_outstanding_counts_deliveries_and_forgets_done_batches(
     assert outstanding.started("b") == 1
 
 
-def test_wait_returns_the_backlog_when_done_or_timed_out(client: fakeredis.FakeRedis) -> None:
+def register(client: fakeredis.FakeRedis, table: str, batch_id: str) -> None:
+    """What a writer does: pending first, then out of outstanding."""
+    client.hset(keys.pending(table), batch_id, "{}")
+    client.sadd(keys.pending_tables(), table)
+    Outstanding(client).done(batch_id)
+
+
+def commit(client: fakeredis.FakeRedis, table: str, *batch_ids: str) -> None:
+    client.hdel(keys.pending(table), *batch_ids)
+    if not client.hlen(keys.pending(table)):
+        client.srem(keys.pending_tables(), table)
+
+
+@pytest.mark.parametrize("chunk", [10_000, 2])
+def test_waiter_waits_for_what_was_there_when_it_began(
+    client: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch, chunk: int
+) -> None:
+    monkeypatch.setattr(common.backlog, "_CHUNK", chunk)
+    # Given a batch not written yet and two written to events.a but not committed
+    producer = make_producer(client, Recorder())
+    producer.enqueue([event(1)], batch_id="b1")
+    for batch_id in ("b0", "b9"):
+        producer.enqueue([event(0)], batch_id=batch_id)
+        register(client, "events.a", batch_id)
+
+    # When a wait begins, and then another batch is enqueued
+    waiter = Waiter(client)
+    producer.enqueue([event(2)], batch_id="later")
+    first = waiter.poll()
+
+    # Then it waits for the three batches only, and says where each one is
+    assert waiter.waited_for == 3
+    assert not first.done
+    assert first.not_written == ("b1",)
+    assert first.not_committed == {"events.a": ("b0", "b9")}
+    assert first.remaining == 3
+    assert "3 of 3 batch(es) not committed" in first.describe()
+
+    # ... as b1 is written to a new table and the rest committed, it is done
+    register(client, "events.b", "b1")
+    assert waiter.poll().not_committed == {"events.a": ("b0", "b9"), "events.b": ("b1",)}
+    commit(client, "events.a", "b0", "b9")
+    commit(client, "events.b", "b1")
+    last = waiter.poll()
+    assert last.done and last.remaining == 0
+    assert "all 3 batch(es)" in last.describe()
+    assert read_backlog(client).outstanding == 1  # "later" was not waited for
+
+
+def test_wait_returns_when_done_or_timed_out(client: fakeredis.FakeRedis) -> None:
     with make_producer(client, Recorder()) as producer:
-        seen: list[Backlog] = []
+        seen: list[Any] = []
         assert producer.wait(timeout_s=1, on_poll=seen.append).done
         producer.enqueue([event(1)], batch_id="b")
-        backlog = producer.wait(timeout_s=0.05, poll_s=0.01, on_poll=seen.append)
-    assert not backlog.done and backlog.outstanding == 1
+        result = producer.wait(timeout_s=0.05, poll_s=0.01, on_poll=seen.append)
+    assert not result.done and result.not_written == ("b",)
+    assert "not written yet (b)" in result.describe()
     assert len(seen) >= 2

@@ -1,0 +1,246 @@
+"""What is not committed yet, and waiting until what was enqueued so far is.
+
+A batch moves through three Redis structures:
+
+1. **outstanding** (``icefleet:outstanding``, sorted set: batch id → first enqueue time), from the
+   producer's enqueue (written *before* the message is sent) until a writer has registered its
+   files as pending or dead-lettered it;
+2. **pending** (``icefleet:pending:<table>``, per table), from registration (done *before* the
+   batch leaves *outstanding*) until the committer's snapshot holds it: the pending entry and the
+   commit's *prepared* record are dropped in one atomic step after the catalog commit;
+3. then committed (or dead-lettered).
+
+So at every instant a batch that is not committed is visible in *outstanding* or in a *pending*
+hash, and one MULTI/EXEC reading both sees every such batch. :class:`Waiter` takes that reading
+when a wait begins and waits for exactly those batches: "everything enqueued so far is
+committed" while producers keep sending. A batch whose message was lost (Redis restarted without
+its AOF) stays outstanding; the wait then times out naming it instead of pretending it landed.
+
+:func:`read_backlog` is the global picture ``icefleet status`` shows (queues, counts, prepared
+records); its :attr:`Backlog.idle` means nothing at all is in flight.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from common import keys
+
+INGEST_QUEUE = "ingest"
+COMMIT_QUEUE = "commit"
+# kombu's Redis transport keeps messages of priority p > 0 in "<queue>\x06\x16<p>".
+_PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
+_UNACKED = "unacked"  # kombu's hash of delivered, unacknowledged messages
+_CHUNK = 10_000  # batch ids per ZMSCORE/HMGET
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+# --- the global picture --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """Everything not committed yet, as one reading of Redis."""
+
+    outstanding: int = 0
+    oldest_outstanding_ms: int | None = None
+    pending: dict[str, int] = field(default_factory=dict)  # table → pending batches
+    prepared: tuple[str, ...] = ()  # tables with a prepared commit record
+    queued: dict[str, int] = field(default_factory=dict)  # queue → messages waiting
+    unacked: int = 0  # messages delivered to a worker, not acknowledged (running or scheduled)
+
+    @property
+    def idle(self) -> bool:
+        """Nothing is outstanding, pending, prepared or waiting in the ingest queue."""
+        return (
+            self.outstanding == 0
+            and not self.pending
+            and not self.prepared
+            and self.queued.get(INGEST_QUEUE, 0) == 0
+        )
+
+    def describe(self, now_ms: int | None = None) -> str:
+        """One line for a human: what is still in the way."""
+        if self.idle:
+            return "nothing in flight: everything enqueued is committed"
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        parts = []
+        if self.outstanding:
+            age = (now_ms - (self.oldest_outstanding_ms or now_ms)) / 1000
+            parts.append(f"{self.outstanding} batch(es) not written yet (oldest {age:.1f}s)")
+        if self.queued.get(INGEST_QUEUE):
+            parts.append(f"{self.queued[INGEST_QUEUE]} message(s) in the ingest queue")
+        for table, count in sorted(self.pending.items()):
+            parts.append(f"{table}: {count} batch(es) written, not committed")
+        for table in self.prepared:
+            parts.append(f"{table}: a prepared commit not finished")
+        return "; ".join(parts)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "idle": self.idle,
+            "outstanding": self.outstanding,
+            "oldest_outstanding_ms": self.oldest_outstanding_ms,
+            "pending": dict(self.pending),
+            "prepared": list(self.prepared),
+            "queued": dict(self.queued),
+            "unacked": self.unacked,
+        }
+
+
+def read_backlog(client: redis.Redis) -> Backlog:
+    """Read the global backlog; outstanding, pending tables and queues in one MULTI/EXEC."""
+    queues = (INGEST_QUEUE, COMMIT_QUEUE)
+    n = len(_PRIORITY_SUFFIXES)
+    pipe = client.pipeline(transaction=True)
+    pipe.zcard(keys.outstanding())
+    pipe.zrange(keys.outstanding(), 0, 0, withscores=True)
+    pipe.smembers(keys.pending_tables())
+    for queue in queues:
+        for suffix in _PRIORITY_SUFFIXES:
+            pipe.llen(queue + suffix)
+    pipe.hlen(_UNACKED)
+    replies = pipe.execute()
+    outstanding, oldest, tables = int(replies[0]), replies[1], replies[2]
+    lengths = [int(x) for x in replies[3 : 3 + len(queues) * n]]
+    queued = {queue: sum(lengths[i * n : (i + 1) * n]) for i, queue in enumerate(queues)}
+    names = sorted(_text(t) for t in tables)
+    pipe = client.pipeline(transaction=False)
+    for name in names:
+        pipe.hlen(keys.pending(name))
+    counts = [int(c) for c in pipe.execute()]
+    pattern = keys.prepared("*")
+    prepared = sorted(_text(k)[len(pattern) - 1 :] for k in client.scan_iter(match=pattern))
+    return Backlog(
+        outstanding=outstanding,
+        oldest_outstanding_ms=int(oldest[0][1]) if oldest else None,
+        pending={name: count for name, count in zip(names, counts, strict=True) if count},
+        prepared=tuple(prepared),
+        queued=queued,
+        unacked=int(replies[-1]),
+    )
+
+
+# --- waiting for what was enqueued so far ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class WaitResult:
+    """How far the batches a :class:`Waiter` waits for have come."""
+
+    waited_for: int
+    not_written: tuple[str, ...] = ()
+    not_committed: dict[str, tuple[str, ...]] = field(default_factory=dict)  # table → batch ids
+
+    @property
+    def done(self) -> bool:
+        return not self.not_written and not self.not_committed
+
+    @property
+    def remaining(self) -> int:
+        return len(set(self.not_written) | {b for ids in self.not_committed.values() for b in ids})
+
+    def describe(self) -> str:
+        if self.done:
+            return f"all {self.waited_for} batch(es) enqueued before the wait are committed"
+        parts = [f"{self.remaining} of {self.waited_for} batch(es) not committed"]
+        if self.not_written:
+            shown = ", ".join(self.not_written[:3]) + (", ..." if len(self.not_written) > 3 else "")
+            parts.append(f"{len(self.not_written)} not written yet ({shown})")
+        for table, ids in sorted(self.not_committed.items()):
+            parts.append(f"{table}: {len(ids)} written, not committed")
+        return "; ".join(parts)
+
+
+def _chunks(items: list[str]) -> Iterable[list[str]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+class Waiter:
+    """Waits for the batches that are outstanding or pending when it is created."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        outstanding, pending = self._read(None)
+        self._ids = sorted(set(outstanding) | {b for ids in pending.values() for b in ids})
+        self.waited_for = len(self._ids)
+
+    def poll(self) -> WaitResult:
+        """One consistent reading; batches seen committed are not asked about again."""
+        if not self._ids:
+            return WaitResult(self.waited_for)
+        outstanding, pending = self._read(self._ids)
+        self._ids = sorted(set(outstanding) | {b for ids in pending.values() for b in ids})
+        return WaitResult(
+            self.waited_for,
+            tuple(outstanding),
+            {table: tuple(ids) for table, ids in pending.items()},
+        )
+
+    def _read(self, ids: list[str] | None) -> tuple[list[str], dict[str, list[str]]]:
+        """Which of ``ids`` (None: all) are outstanding, and which pending where, read together."""
+        tables = {_text(t) for t in self._client.smembers(keys.pending_tables())}
+        while True:
+            order = sorted(tables)
+            pipe = self._client.pipeline(transaction=True)
+            pipe.smembers(keys.pending_tables())
+            if ids is None:
+                pipe.zrange(keys.outstanding(), 0, -1)
+                for table in order:
+                    pipe.hkeys(keys.pending(table))
+            else:
+                for chunk in _chunks(ids):
+                    pipe.zmscore(keys.outstanding(), chunk)
+                for table in order:
+                    for chunk in _chunks(ids):
+                        pipe.hmget(keys.pending(table), chunk)
+            replies = pipe.execute()
+            now_tables = {_text(t) for t in replies[0]}
+            if now_tables <= tables:
+                break
+            tables |= now_tables  # a table got its first pending batch meanwhile: read again
+        if ids is None:
+            outstanding = [_text(b) for b in replies[1]]
+            pending = {t: [_text(b) for b in r] for t, r in zip(order, replies[2:], strict=True)}
+            return outstanding, {t: b for t, b in pending.items() if b}
+        chunks = list(_chunks(ids))
+        scores = [s for reply in replies[1 : 1 + len(chunks)] for s in reply]
+        outstanding = [b for b, score in zip(ids, scores, strict=True) if score is not None]
+        rest = replies[1 + len(chunks) :]
+        pending = {}
+        for i, table in enumerate(order):
+            values = [v for reply in rest[i * len(chunks) : (i + 1) * len(chunks)] for v in reply]
+            found = [b for b, v in zip(ids, values, strict=True) if v is not None]
+            if found:
+                pending[table] = found
+        return outstanding, pending
+
+
+# --- the writer's side of the bookkeeping ----------------------------------------------------------
+
+
+class Outstanding:
+    """The writer's view of ``icefleet:outstanding`` and the delivery counts of batches."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+
+    def started(self, batch_id: str) -> int:
+        """Count one more delivery of the batch's write task; return the count (1 = first)."""
+        return int(self._client.hincrby(keys.deliveries(), batch_id, 1))
+
+    def done(self, batch_id: str) -> None:
+        """The batch is registered as pending (or dead-lettered): it no longer holds up a wait."""
+        pipe = self._client.pipeline(transaction=True)
+        pipe.zrem(keys.outstanding(), batch_id)
+        pipe.hdel(keys.deliveries(), batch_id)
+        pipe.execute()
