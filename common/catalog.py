@@ -18,13 +18,13 @@ from pyiceberg.catalog import Catalog, load_catalog
 from pyiceberg.exceptions import NamespaceAlreadyExistsError, TableAlreadyExistsError
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
-from pyiceberg.types import IcebergType, NestedField, StructType
 from pyiceberg.utils.config import Config
 
 from common.errors import ConfigError
+from common.evolution import EvolutionReport, SchemaChange, apply_compatible, compare_schemas
 from common.redaction import REDACTED, is_secret_name, redact_mapping, redact_text
 from common.routing import TableName
-from common.schema import DATA, base_schema, data_struct, day_partition_spec
+from common.schema import base_schema, day_partition_spec
 from common.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -119,78 +119,53 @@ class TableStore:
     def ensure(
         self,
         name: TableName,
-        new_fields: Callable[[Schema], dict[str, IcebergType]],
+        desired: Callable[[Table | None, Schema], Schema],
         *,
         evolve: bool = True,
     ) -> Table:
-        """Load or create ``name`` so that it has every ``data`` field ``new_fields`` asks for.
+        """Load or create ``name`` so that it has the columns ``desired`` asks for.
 
-        ``new_fields(schema)`` returns the fields missing from a schema; it is called again on the
-        fresh table under the lock, so concurrent writers evolving the same table add each field
-        once and never lose one. With ``evolve=False`` an existing table is used as it is.
+        ``desired(table, schema)`` returns the schema the table should have (placeholder ids for
+        what is new); it is called again on the fresh table under the lock, so concurrent writers
+        evolving one table apply each change once, serialised, and never lose one. Only the
+        compatible changes are applied (see :mod:`common.evolution`). With ``evolve=False`` an
+        existing table is used as it is.
         """
         table = self.load(name)
-        if table is not None and (not evolve or not new_fields(table.schema())):
+        if table is not None and (not evolve or not _pending_changes(table, desired)):
             return table
         with self._lock_for(str(name)):
             table = self.load(name, fresh=True)
             if table is None:
-                table = self._create(name, new_fields(base_schema()))
-            elif evolve:
-                missing = new_fields(table.schema())
-                if missing:
-                    table = self._add_data_fields(table, missing)
+                table = self._create(name, desired(None, base_schema()))
+            elif evolve and (changes := _pending_changes(table, desired)):
+                apply_compatible(table, EvolutionReport(changes), desired(table, table.schema()))
+                logger.info("%s: schema evolved: %s", name, "; ".join(map(str, changes)))
+                table = self.catalog.load_table(name.parts)
             self._cache[name] = _Cached(table, time.monotonic())
             return table
 
-    def _create(self, name: TableName, fields: dict[str, IcebergType]) -> Table:
+    def _create(self, name: TableName, schema: Schema) -> Table:
         with suppress(NamespaceAlreadyExistsError):
             self.catalog.create_namespace(name.namespace)
-        schema = base_schema()
-        if fields:
-            schema = _with_data_struct(schema, fields)
         try:
+            # pyiceberg assigns fresh field ids; the placeholders of `schema` don't matter.
             table = self.catalog.create_table(
                 name.parts,
                 schema=schema,
                 partition_spec=day_partition_spec(schema),
                 properties=TABLE_PROPERTIES,
             )
-            logger.info("created table %s with %d data columns", name, len(fields))
+            logger.info("created table %s", name)
             return table
         except TableAlreadyExistsError:
             # Created by a process that does not take our lock (another tool): use it.
             return self.catalog.load_table(name.parts)
 
-    def _add_data_fields(self, table: Table, fields: dict[str, IcebergType]) -> Table:
-        with table.update_schema() as update:
-            if data_struct(table.schema()) is None:
-                update.add_column(DATA, _struct_of(fields))
-            else:
-                for key, field_type in fields.items():
-                    update.add_column((DATA, key), field_type)
-        logger.info("added %d data column(s) to %s: %s", len(fields), table.name(), list(fields))
-        return table
 
-
-def _struct_of(fields: dict[str, IcebergType]) -> StructType:
-    # Field ids here are placeholders: pyiceberg assigns fresh ones when the struct is added.
-    return StructType(
-        *(
-            NestedField(i, key, field_type, required=False)
-            for i, (key, field_type) in enumerate(fields.items(), start=1)
-        )
-    )
-
-
-def _with_data_struct(schema: Schema, fields: dict[str, IcebergType]) -> Schema:
-    next_id = schema.highest_field_id + 2
-    struct = StructType(
-        *(
-            NestedField(next_id + i, key, field_type, required=False)
-            for i, (key, field_type) in enumerate(fields.items())
-        )
-    )
-    return Schema(
-        *schema.fields, NestedField(schema.highest_field_id + 1, DATA, struct, required=False)
-    )
+def _pending_changes(
+    table: Table, desired: Callable[[Table | None, Schema], Schema]
+) -> list[SchemaChange]:
+    """The compatible changes that would bring ``table`` to what ``desired`` asks for."""
+    report = compare_schemas(table.schema(), desired(table, table.schema()), match_by="name")
+    return [c for c in report.changes if c.compatible]

@@ -18,8 +18,7 @@ when exactly representable, everything else that does not fit goes to ``_rescued
 from __future__ import annotations
 
 import json
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -30,12 +29,6 @@ from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.schema import Schema
 from pyiceberg.transforms import DayTransform
 from pyiceberg.types import (
-    BooleanType,
-    DoubleType,
-    FloatType,
-    IcebergType,
-    IntegerType,
-    LongType,
     MapType,
     NestedField,
     StringType,
@@ -44,6 +37,7 @@ from pyiceberg.types import (
 )
 
 from common.events import Event
+from common.inference import desired_data_struct, fits
 from common.settings import SchemaMode
 
 DATA = "data"
@@ -59,8 +53,7 @@ CONTEXT_ATTRIBUTES = (
     "dataschema",
 )
 NOT_DATA_SENTINEL = "$data"  # key in _rescued_data for a `data` value that is not an object
-INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
-FLOAT_EXACT_INT = 2**53
+ALIASES_PROPERTY = "icefleet.data-aliases"
 
 
 def base_schema() -> Schema:
@@ -97,45 +90,7 @@ def day_partition_spec(schema: Schema) -> PartitionSpec:
     )
 
 
-# --- inference -----------------------------------------------------------------------------------
-
-
-def scalar_type(value: Any) -> IcebergType | None:
-    """The Iceberg type a JSON scalar gets as a new column, or None if it needs no column."""
-    if isinstance(value, bool):
-        return BooleanType()
-    if isinstance(value, int):
-        return LongType() if INT64_MIN <= value <= INT64_MAX else None
-    if isinstance(value, float):
-        return DoubleType() if math.isfinite(value) else None
-    if isinstance(value, str):
-        return StringType()
-    return None
-
-
-def fits(value: Any, column_type: IcebergType) -> bool:
-    """True when ``value`` is stored in a column of ``column_type`` without changing it."""
-    if value is None:
-        return True
-    if isinstance(column_type, BooleanType):
-        return isinstance(value, bool)
-    if isinstance(column_type, LongType | IntegerType):
-        limit = 2**31 if isinstance(column_type, IntegerType) else 2**63
-        return isinstance(value, int) and not isinstance(value, bool) and -limit <= value < limit
-    if isinstance(column_type, DoubleType | FloatType):
-        if isinstance(value, float):
-            return math.isfinite(value)
-        return (
-            isinstance(value, int) and not isinstance(value, bool) and abs(value) <= FLOAT_EXACT_INT
-        )
-    if isinstance(column_type, StringType):
-        return isinstance(value, str)
-    return False
-
-
-def usable_key(key: str) -> bool:
-    """Keys that make safe column names: non-empty, no dots (pyiceberg paths use them)."""
-    return bool(key) and "." not in key and len(key) <= 255
+# --- the data struct ------------------------------------------------------------------------------
 
 
 def data_struct(schema: Schema) -> StructType | None:
@@ -146,36 +101,44 @@ def data_struct(schema: Schema) -> StructType | None:
     return field.field_type if isinstance(field.field_type, StructType) else None
 
 
-def infer_new_data_fields(
-    events: Iterable[Event], schema: Schema, max_columns: int
-) -> dict[str, IcebergType]:
-    """Top-level ``data`` keys seen in ``events`` that deserve a new typed column.
+def aliases(properties: Mapping[str, str]) -> dict[str, str]:
+    """Renamed ``data`` keys: old key → current column name (kept in a table property)."""
+    text = properties.get(ALIASES_PROPERTY)
+    if not text:
+        return {}
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    return {str(k): str(v) for k, v in value.items()} if isinstance(value, dict) else {}
 
-    A key gets a column when its first non-null value has a scalar type and the name neither
-    exists already nor differs only in case from an existing one (many engines fold case).
-    The first type seen wins; later values that don't fit are rescued, never cast.
+
+def desired_schema(
+    schema: Schema,
+    events: Iterable[Event],
+    *,
+    max_columns: int,
+    max_depth: int,
+    renamed: Mapping[str, str] | None = None,
+) -> Schema:
+    """``schema`` with the ``data`` struct grown to type what ``events`` carry.
+
+    Field ids of what is new are placeholders: compare with ``compare_schemas(match_by="name")``.
     """
-    struct = data_struct(schema)
-    existing = {f.name for f in struct.fields} if struct else set()
-    folded = {name.lower() for name in existing}
-    new: dict[str, IcebergType] = {}
-    for event in events:
-        data = event.attributes.get(DATA)
-        if not isinstance(data, dict):
-            continue
-        for key, value in data.items():
-            if key in existing or key in new or value is None or not usable_key(key):
-                continue
-            if key.lower() in folded:
-                continue
-            column_type = scalar_type(value)
-            if column_type is None:
-                continue
-            if len(existing) + len(new) >= max_columns:
-                return new
-            new[key] = column_type
-            folded.add(key.lower())
-    return new
+    renamed = renamed or {}
+    values = (
+        {renamed.get(k, k): v for k, v in data.items()} if renamed else data
+        for e in events
+        if isinstance(data := e.attributes.get(DATA), dict)
+    )
+    struct = desired_data_struct(
+        data_struct(schema), values, max_columns=max_columns, max_depth=max_depth
+    )
+    if struct is None:
+        return schema
+    others = [f for f in schema.fields if f.name != DATA]
+    top = max(schema.highest_field_id, 0) + 1
+    return Schema(*others, NestedField(top, DATA, struct, required=False))
 
 
 # --- projection ----------------------------------------------------------------------------------
@@ -210,6 +173,7 @@ def project(
     batch_id: str,
     ingested_at: datetime,
     mode: SchemaMode,
+    renamed: Mapping[str, str] | None = None,
 ) -> Projection:
     """Build the Arrow table of ``events`` for ``schema`` (whose Arrow form is ``arrow_schema``).
 
@@ -236,10 +200,11 @@ def project(
             if isinstance(data, dict):
                 row = {}
                 for key, value in data.items():
-                    column_type = field_types.get(key)
-                    if column_type is not None and fits(value, column_type):
-                        row[key] = value
-                    else:
+                    column = renamed.get(key, key) if renamed else key
+                    column_type = field_types.get(column)
+                    if column_type is not None and column not in row and fits(value, column_type):
+                        row[column] = value
+                    elif value is not None or column_type is None:
                         spill[key] = value
             elif data is not None:
                 spill[NOT_DATA_SENTINEL] = data

@@ -35,13 +35,12 @@ from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
 from pyiceberg.typedef import Record
-from pyiceberg.types import IcebergType
 
 from common.catalog import TableStore
 from common.datafiles import data_file_to_dict
 from common.events import DeadLetter, Event, parse_batch
 from common.routing import Router, TableName
-from common.schema import infer_new_data_fields, project
+from common.schema import aliases, desired_schema, project
 from common.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -215,15 +214,22 @@ class BatchWriter:
         result: BatchResult,
     ) -> list[DataFile]:
         mode = self.settings.mode_for(str(name))
-        max_columns = self.settings.max_columns
 
-        def missing(schema: Schema) -> dict[str, IcebergType]:
+        def desired(table: Table | None, schema: Schema) -> Schema:
             if mode == "raw":
-                return {}
-            return infer_new_data_fields(events, schema, max_columns)
+                return schema
+            renamed = aliases(table.metadata.properties) if table is not None else {}
+            return desired_schema(
+                schema,
+                events,
+                max_columns=self.settings.max_columns,
+                max_depth=self.settings.max_depth,
+                renamed=renamed,
+            )
 
         # A strict table keeps the schema it was created with; only creation infers columns.
-        table = self.store.ensure(name, missing, evolve=mode == "evolve")
+        table = self.store.ensure(name, desired, evolve=mode == "evolve")
+        renamed = aliases(table.metadata.properties)
         schema = table.schema()
         arrow_schema = schema_to_pyarrow(schema)
         by_day: dict[int | None, list[Event]] = defaultdict(list)
@@ -238,6 +244,7 @@ class BatchWriter:
                 batch_id=batch_id,
                 ingested_at=ingested_at,
                 mode=mode,
+                renamed=renamed,
             )
             for event, reason in projection.rejected:
                 result.dead_letters.append(

@@ -126,9 +126,11 @@ def test_typed_columns_and_rescue_of_conflicting_values(tmp_path: Path) -> None:
     result = writer.write("b", encode_ndjson([odd]))
     (files,) = result.files.values()
     rows = pq.read_table(files[0].file_path.removeprefix("file://")).to_pylist()
-    # Then the value is not cast: it is rescued with the nested one, raw_event is intact
+    # Then the value is not cast but rescued, the nested object is a new struct column,
+    # and raw_event is intact
     assert rows[0]["data"]["n"] is None
-    assert json.loads(rows[0]["_rescued_data"]) == {"n": "two", "nested": {"x": 1}}
+    assert rows[0]["data"]["nested"] == {"x": 1}
+    assert json.loads(rows[0]["_rescued_data"]) == {"n": "two"}
     assert json.loads(rows[0]["raw_event"]) == odd
 
 
