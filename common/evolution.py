@@ -12,6 +12,7 @@ and dropping a field (readers and writers of the old schema would break).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -30,6 +31,8 @@ from pyiceberg.types import (
     PrimitiveType,
     StructType,
 )
+
+from common.schema import ALIASES_PROPERTY, DATA, aliases
 
 
 @dataclass(frozen=True)
@@ -229,3 +232,21 @@ def apply_compatible(table: Table, report: EvolutionReport, new: Schema) -> list
             elif isinstance(change, RenameField) and change.old is not None:
                 update.rename_column((*change.path[:-1], change.old), change.path[-1])
     return skipped
+
+
+def rename_data_field(table: Table, old: str, new: str) -> Table:
+    """Rename ``data.<old>`` to ``data.<new>`` and remember the old key as an alias.
+
+    The column keeps its field id, so files written before read under the new name; the alias
+    (table property ``icefleet.data-aliases``) makes writers put events that still carry the old
+    key into the renamed column instead of growing a new one. One catalog transaction for both.
+    The caller holds the table lock.
+    """
+    current = aliases(table.metadata.properties)
+    updated = {k: (new if v == old else v) for k, v in current.items() if k != new}
+    updated[old] = new
+    with table.transaction() as tx:
+        with tx.update_schema() as update:
+            update.rename_column((DATA, old), new)
+        tx.set_properties({ALIASES_PROPERTY: json.dumps(updated, sort_keys=True)})
+    return table
