@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from common.errors import ConfigError, InvalidIdentifierError
-from common.redaction import redact_url
+from common.redaction import REDACTED, redact_url
 
 ENV_PREFIX = "ICEFLEET_"
 SchemaMode = Literal["evolve", "strict", "raw"]
@@ -67,12 +67,20 @@ class Settings:
     max_depth: int = 8
     write_timeout_s: int = 300
     log_level: str = "INFO"
+    # HTTP ingest, metrics, canary, log format (workers/gateway.py, canary.py, common/logs.py)
+    http_max_body_bytes: int = 10_485_760
+    http_token: str | None = None  # a secret: never shown by __repr__
+    metrics_port: int | None = None
+    canary_interval_s: float = 300.0  # 0: no canary
+    log_format: str = "text"
 
     def __repr__(self) -> str:
+        hidden = ("redis_url", "http_token")
         shown = ", ".join(
-            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name != "redis_url"
+            f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name not in hidden
         )
-        return f"Settings(redis_url={redact_url(self.redis_url)!r}, {shown})"
+        token = None if self.http_token is None else REDACTED
+        return f"Settings(redis_url={redact_url(self.redis_url)!r}, http_token={token!r}, {shown})"
 
     @property
     def warehouse_dir(self) -> Path:
@@ -175,6 +183,23 @@ def _log_level(raw: str) -> str:
     return _choice(("debug", "info", "warning", "error"))(raw).upper()
 
 
+def _port(raw: str) -> int:
+    value = _positive_int(raw)
+    if value > 65_535:
+        raise ValueError("a TCP port number, 1 to 65535")
+    return value
+
+
+def _seconds_or_off(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("a number of seconds, e.g. 300, or 0 to turn it off") from None
+    if not value >= 0:
+        raise ValueError("a number of seconds, e.g. 300, or 0 to turn it off")
+    return value
+
+
 # variable suffix -> (settings field, parser, secret?)
 _VARIABLES: dict[str, tuple[str, Callable[[str], Any], bool]] = {
     "HOME": ("home", lambda raw: Path(_nonempty(raw)), False),
@@ -201,6 +226,11 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], bool]] = {
     "MAX_DEPTH": ("max_depth", _positive_int, False),
     "WRITE_TIMEOUT_S": ("write_timeout_s", _positive_int, False),
     "LOG_LEVEL": ("log_level", _log_level, False),
+    "HTTP_MAX_BODY_BYTES": ("http_max_body_bytes", _positive_int, False),
+    "HTTP_TOKEN": ("http_token", _nonempty, True),
+    "METRICS_PORT": ("metrics_port", _port, False),
+    "CANARY_INTERVAL_S": ("canary_interval_s", _seconds_or_off, False),
+    "LOG_FORMAT": ("log_format", _choice(("json", "text")), False),
 }
 
 
