@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from pyiceberg.catalog import Catalog, load_catalog
 from pyiceberg.exceptions import NamespaceAlreadyExistsError, TableAlreadyExistsError
-from pyiceberg.schema import Schema
+from pyiceberg.schema import Schema, assign_fresh_schema_ids
 from pyiceberg.table import Table
 from pyiceberg.utils.config import Config
 
@@ -148,8 +148,11 @@ class TableStore:
     def _create(self, name: TableName, schema: Schema) -> Table:
         with suppress(NamespaceAlreadyExistsError):
             self.catalog.create_namespace(name.namespace)
+        # pyiceberg assigns fresh field ids and finds the spec's source column by its id in
+        # `schema`: placeholder ids must be unique first (nested ones repeat top-level ids, and
+        # `time` would then resolve to e.g. `data.viewport.width`).
+        schema = assign_fresh_schema_ids(schema)
         try:
-            # pyiceberg assigns fresh field ids; the placeholders of `schema` don't matter.
             table = self.catalog.create_table(
                 name.parts,
                 schema=schema,
