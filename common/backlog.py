@@ -78,10 +78,15 @@ class Backlog:
             parts.append(f"{self.outstanding} batch(es) not written yet (oldest {age:.1f}s)")
         if self.queued.get(INGEST_QUEUE):
             parts.append(f"{self.queued[INGEST_QUEUE]} message(s) in the ingest queue")
-        for table, count in sorted(self.pending.items()):
-            parts.append(f"{table}: {count} batch(es) written, not committed")
-        for table in self.prepared:
-            parts.append(f"{table}: a prepared commit not finished")
+        if self.pending:
+            tables = sorted(self.pending)
+            shown = ", ".join(tables[:3]) + (
+                f" and {len(tables) - 3} more" if len(tables) > 3 else ""
+            )
+            total = sum(self.pending.values())
+            parts.append(f"{total} batch(es) written, not committed, in {shown}")
+        if self.prepared:
+            parts.append(f"{len(self.prepared)} prepared commit(s) not finished")
         return "; ".join(parts)
 
     def to_dict(self) -> dict[str, Any]:
@@ -155,8 +160,11 @@ class WaitResult:
         if self.not_written:
             shown = ", ".join(self.not_written[:3]) + (", ..." if len(self.not_written) > 3 else "")
             parts.append(f"{len(self.not_written)} not written yet ({shown})")
-        for table, ids in sorted(self.not_committed.items()):
-            parts.append(f"{table}: {len(ids)} written, not committed")
+        tables = sorted(self.not_committed)
+        for table in tables[:3]:
+            parts.append(f"{table}: {len(self.not_committed[table])} written, not committed")
+        if len(tables) > 3:
+            parts.append(f"{len(tables) - 3} more table(s) with batches not committed")
         return "; ".join(parts)
 
 

@@ -338,12 +338,17 @@ class Fleet:
 
 @contextmanager
 def signals_raise_keyboard_interrupt() -> Iterator[None]:
-    """Treat SIGTERM (and SIGHUP) like Ctrl-C while the fleet runs, so cleanup always happens."""
+    """Treat SIGTERM and SIGHUP like Ctrl-C while the fleet runs, so cleanup always happens.
+
+    SIGINT is handled explicitly too: a shell without job control starts background commands
+    with SIGINT ignored, and Python then never raises KeyboardInterrupt.
+    """
 
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGHUP)}
+    handled = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    previous = {s: signal.signal(s, handler) for s in handled}
     try:
         yield
     finally:

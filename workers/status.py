@@ -88,7 +88,7 @@ def collect(
         row: dict[str, Any] = asdict(stats) if stats else {"table": name}
         row["pending_batches"] = backlog.pending.get(name, 0)
         # lag: how long the oldest batch written to this table has waited for its commit
-        row["lag_ms"] = now_ms - pending_since if pending_since else 0
+        row["lag_ms"] = max(0, now_ms - pending_since) if pending_since else 0
         last = stats.last_commit_ms if stats else None
         row["last_commit_age_ms"] = now_ms - last if last else None
         per_table.append(row)

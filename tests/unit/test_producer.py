@@ -274,8 +274,8 @@ def test_backlog_is_idle_only_when_nothing_is_outstanding_pending_or_prepared(
     assert backlog.queued == {"ingest": 3, "commit": 0}
     text = backlog.describe(now_ms=2005)
     assert "1 batch(es) not written yet (oldest 2.0s)" in text
-    assert "events.a: 1 batch(es) written, not committed" in text
-    assert "events.c: a prepared commit" in text
+    assert "1 batch(es) written, not committed, in events.a" in text
+    assert "1 prepared commit(s) not finished" in text
     assert backlog.to_dict()["idle"] is False
 
 
