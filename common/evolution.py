@@ -32,7 +32,8 @@ from pyiceberg.types import (
     StructType,
 )
 
-from common.schema import ALIASES_PROPERTY, DATA, aliases
+from common.errors import SchemaConflictError
+from common.schema import ALIASES_PROPERTY, ENVELOPE_COLUMNS, aliases
 
 
 @dataclass(frozen=True)
@@ -235,18 +236,23 @@ def apply_compatible(table: Table, report: EvolutionReport, new: Schema) -> list
 
 
 def rename_data_field(table: Table, old: str, new: str) -> Table:
-    """Rename ``data.<old>`` to ``data.<new>`` and remember the old key as an alias.
+    """Rename the ``data`` column ``old`` to ``new`` and remember the old key as an alias.
 
     The column keeps its field id, so files written before read under the new name; the alias
     (table property ``icefleet.data-aliases``) makes writers put events that still carry the old
     key into the renamed column instead of growing a new one. One catalog transaction for both.
     The caller holds the table lock.
     """
+    names = {f.name for f in table.schema().fields}
+    if old in ENVELOPE_COLUMNS or old not in names:
+        raise SchemaConflictError(str(table.name()), old, "is not a data column of the table")
+    if new in names or new.lower() in {n.lower() for n in names}:
+        raise SchemaConflictError(str(table.name()), new, "is already a column of the table")
     current = aliases(table.metadata.properties)
     updated = {k: (new if v == old else v) for k, v in current.items() if k != new}
     updated[old] = new
     with table.transaction() as tx:
         with tx.update_schema() as update:
-            update.rename_column((DATA, old), new)
+            update.rename_column(old, new)
         tx.set_properties({ALIASES_PROPERTY: json.dumps(updated, sort_keys=True)})
     return table

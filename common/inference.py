@@ -3,8 +3,10 @@
 Inference works on *shapes* (``"long"``, ``"string"``, :class:`StructShape`, :class:`ListShape`),
 which carry no field ids, and only the result becomes Iceberg types. Rules:
 
-- objects become structs, arrays become lists of the merged shape of their elements, nulls say
-  nothing (a key seen only with null gets no column until a value arrives);
+- objects become structs, arrays become lists of the merged shape of their elements (a list seen
+  only empty becomes ``list<string>``), nulls say nothing (a key seen only with null gets no column
+  until a value arrives), and inside a struct an empty object ``{}`` counts as no value, like null
+  (``raw_event`` keeps the difference);
 - ``long`` and ``double`` seen for one new key make a ``double`` column (every such long is exact
   in a double or it is rescued); any other conflict keeps the first shape, and the values that do
   not fit are rescued, never cast;
@@ -115,21 +117,19 @@ def merge_shapes(
     """One shape for values of both shapes; ``first`` wins a conflict.
 
     With ``existing=True``, ``first`` is a column the table has: its primitives only change by a
-    legal promotion, and structs only gain fields.
+    legal promotion, and its structs stay as they are.
     """
     if first is None:
         return second
     if second is None:
         return first
     if isinstance(first, str) and isinstance(second, str):
-        if first == second:
-            return first
-        if (first, second) in _PROMOTIONS:
-            return _PROMOTIONS[(first, second)]
-        if not existing and {first, second} == {"long", "double"}:
-            return "double"
-        return first
+        return _merge_primitives(first, second, existing=existing)
     if isinstance(first, StructShape) and isinstance(second, StructShape):
+        if existing:
+            # A struct column keeps its fields: readers such as iceberg-rust fail on files
+            # written before a field was added to a struct (see common/schema.py).
+            return first
         merged = StructShape(dict(first.fields))
         folded = {k.lower(): k for k in merged.fields}
         for key, shape in second.fields.items():
@@ -143,6 +143,16 @@ def merge_shapes(
         return merged
     if isinstance(first, ListShape) and isinstance(second, ListShape):
         return ListShape(merge_shapes(first.element, second.element, existing=existing))
+    return first
+
+
+def _merge_primitives(first: str, second: str, *, existing: bool) -> str:
+    if first == second:
+        return first
+    if (first, second) in _PROMOTIONS:
+        return _PROMOTIONS[(first, second)]
+    if not existing and {first, second} == {"long", "double"}:
+        return "double"
     return first
 
 
@@ -166,7 +176,7 @@ def leaf_count(shape: Shape | None) -> int:
     if isinstance(shape, StructShape):
         return sum(leaf_count(s) for s in shape.fields.values())
     if isinstance(shape, ListShape):
-        return leaf_count(shape.element)
+        return leaf_count(shape.element) if shape.element is not None else 1
     return 1
 
 
@@ -176,7 +186,8 @@ def _to_type(shape: Shape | None, ids: Iterator[int]) -> IcebergType | None:
     if isinstance(shape, str):
         return _PRIMITIVES[shape]
     if isinstance(shape, ListShape):
-        element = _to_type(shape.element, ids)
+        # Only empty lists seen: list<string> keeps [] exact; other elements later are rescued.
+        element = _to_type(shape.element, ids) if shape.element is not None else StringType()
         if element is None:
             return None
         return ListType(next(ids), element, element_required=False)
@@ -194,10 +205,13 @@ def desired_data_struct(
     *,
     max_columns: int,
     max_depth: int,
+    first_id: int = 1,
+    reserved: Iterable[str] = (),
 ) -> StructType | None:
     """The ``data`` struct holding the existing columns and what ``data_values`` need.
 
-    Field ids of the result are placeholders: compare it with the table by name path.
+    Field ids of the result are placeholders counted from ``first_id`` (pick it above every id of
+    the schema the struct goes into, so ids stay unique): compare it with the table by name path.
     """
     merged = shape_of_type(existing) if existing is not None else StructShape()
     assert isinstance(merged, StructShape)
@@ -208,7 +222,7 @@ def desired_data_struct(
         if isinstance(shape, StructShape):
             batch = merge_shapes(batch, shape)  # type: ignore[assignment]
     if batch is not None:
-        folded = {k.lower() for k in merged.fields}
+        folded = {k.lower() for k in merged.fields} | {r.lower() for r in reserved}
         budget = max_columns - leaf_count(merged)
         for key, shape in batch.fields.items():
             if key in base_names:
@@ -221,7 +235,7 @@ def desired_data_struct(
                 merged.fields[key] = shape
                 folded.add(key.lower())
                 budget -= leaf_count(shape)
-    result = _to_type(merged, itertools.count(1))
+    result = _to_type(merged, itertools.count(first_id))
     return result if isinstance(result, StructType) else None
 
 
@@ -251,7 +265,7 @@ def fits(value: Any, column_type: IcebergType) -> bool:
             return False
         by_name = {f.name: f.field_type for f in column_type.fields}
         return all(
-            child is None or (key in by_name and fits(child, by_name[key]))
+            fits(child, by_name[key]) if key in by_name else child is None or child == {}
             for key, child in value.items()
         )
     if isinstance(column_type, ListType):

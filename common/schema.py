@@ -1,15 +1,18 @@
 """The table layout of an event table, and the projection of events onto it.
 
 Every table has the CloudEvents envelope (typed context attributes, extensions as a string map),
-``raw_event`` (the event exactly as received, so nothing is ever lost), ``_ingested_at`` and
-``_batch_id``, ``_rescued_data`` (a JSON object of the ``data`` fields that have no typed column,
-or whose value conflicts with the column's type), and ``data``: a struct of typed columns projected
-from the event's ``data`` object.
+``raw_event`` (the event exactly as received, so nothing is ever lost), ``_ingested_at``,
+``_batch_id`` and ``_rescued_data`` (a JSON object of the ``data`` fields that have no typed
+column, or whose value does not fit it). The fields of the event's ``data`` object become typed
+top-level columns beside them: ``SELECT action, repository.name FROM events.push``.
 
-Why a ``data`` struct instead of top-level columns: payloads routinely carry keys named ``id``,
-``type``, ``time`` or ``source``, which would collide with the envelope. Inside a struct they are
-``data.id`` and never clash, and Iceberg evolves nested fields (add, rename, promote) by field id
-just like top-level ones.
+Why top-level columns and not one ``data`` struct: Iceberg allows adding a field to a struct,
+but the iceberg-rust reader (and engines built on it) fails on files written before such an
+addition ("Incorrect number of arrays for StructArray fields"), while added top-level columns
+read as null everywhere. So new ``data`` keys become new top-level columns, and a nested struct
+column keeps the fields it was created with: a value with a key its struct lacks is rescued whole.
+A ``data`` key equal to an envelope column (``id``, ``type``, ``time``...) or to another column
+but for case is rescued too.
 
 A value is never silently cast: an ``int`` fits a ``long`` column, a ``long`` fits ``double`` only
 when exactly representable, everything else that does not fit goes to ``_rescued_data``.
@@ -90,15 +93,12 @@ def day_partition_spec(schema: Schema) -> PartitionSpec:
     )
 
 
-# --- the data struct ------------------------------------------------------------------------------
+# --- the data columns ------------------------------------------------------------------------------
 
 
-def data_struct(schema: Schema) -> StructType | None:
-    try:
-        field = schema.find_field(DATA)
-    except ValueError:
-        return None
-    return field.field_type if isinstance(field.field_type, StructType) else None
+def data_columns(schema: Schema) -> StructType:
+    """The typed ``data`` columns of a table: its top-level fields beyond the envelope."""
+    return StructType(*(f for f in schema.fields if f.name not in ENVELOPE_COLUMNS))
 
 
 def aliases(properties: Mapping[str, str]) -> dict[str, str]:
@@ -121,7 +121,7 @@ def desired_schema(
     max_depth: int,
     renamed: Mapping[str, str] | None = None,
 ) -> Schema:
-    """``schema`` with the ``data`` struct grown to type what ``events`` carry.
+    """``schema`` with the ``data`` columns grown to type what ``events`` carry.
 
     Field ids of what is new are placeholders: compare with ``compare_schemas(match_by="name")``.
     """
@@ -131,14 +131,20 @@ def desired_schema(
         for e in events
         if isinstance(data := e.attributes.get(DATA), dict)
     )
+    existing = data_columns(schema)
     struct = desired_data_struct(
-        data_struct(schema), values, max_columns=max_columns, max_depth=max_depth
+        existing,
+        values,
+        max_columns=max_columns,
+        max_depth=max_depth,
+        first_id=max(schema.highest_field_id, 0) + 1,
+        reserved=ENVELOPE_COLUMNS,
     )
     if struct is None:
         return schema
-    others = [f for f in schema.fields if f.name != DATA]
-    top = max(schema.highest_field_id, 0) + 1
-    return Schema(*others, NestedField(top, DATA, struct, required=False))
+    by_name = {f.name: f for f in struct.fields}
+    kept = [by_name.pop(f.name, f) for f in schema.fields]
+    return Schema(*kept, *by_name.values())
 
 
 # --- projection ----------------------------------------------------------------------------------
@@ -181,24 +187,23 @@ def project(
     ``strict`` mode such an event is rejected with the reason; in ``raw`` mode ``data`` is left
     to ``raw_event``.
     """
-    struct = data_struct(schema) if mode != "raw" else None
-    data_fields = [(f.name, f.field_type) for f in struct.fields] if struct else []
-    field_types = dict(data_fields)
+    field_types = (
+        {f.name: f.field_type for f in data_columns(schema).fields} if mode != "raw" else {}
+    )
     columns: dict[str, list[Any]] = {name: [] for name in CONTEXT_ATTRIBUTES}
     extensions: list[dict[str, str] | None] = []
     raw_events: list[str] = []
     rescued: list[str | None] = []
-    data_rows: list[dict[str, Any] | None] = []
+    data_rows: list[dict[str, Any]] = []
     rejected: list[tuple[Event, str]] = []
 
     for event in events:
         attrs = event.attributes
         data = attrs.get(DATA)
-        row: dict[str, Any] | None = None
+        row: dict[str, Any] = {}
         spill: dict[str, Any] = {}
         if mode != "raw" and DATA in attrs:
             if isinstance(data, dict):
-                row = {}
                 for key, value in data.items():
                     column = renamed.get(key, key) if renamed else key
                     column_type = field_types.get(column)
@@ -219,7 +224,7 @@ def project(
         extensions.append(ext or None)
         raw_events.append(event.raw)
         rescued.append(_json_text(spill) if spill else None)
-        data_rows.append(row if row else None)
+        data_rows.append(row)
 
     n = len(raw_events)
     arrays: dict[str, Any] = {name: columns[name] for name in CONTEXT_ATTRIBUTES}
@@ -228,8 +233,8 @@ def project(
     arrays["_ingested_at"] = [ingested_at] * n
     arrays["_batch_id"] = [batch_id] * n
     arrays[RESCUED] = rescued
-    if struct is not None:
-        arrays[DATA] = data_rows
+    for name in field_types:
+        arrays[name] = [row.get(name) for row in data_rows]
     table = pa.Table.from_pydict(
         {field.name: arrays.get(field.name, [None] * n) for field in arrow_schema},
         schema=arrow_schema,
@@ -238,3 +243,4 @@ def project(
 
 
 _NOT_EXTENSIONS = frozenset((*CONTEXT_ATTRIBUTES, DATA, "data_base64"))
+ENVELOPE_COLUMNS = frozenset(f.name for f in base_schema().fields)

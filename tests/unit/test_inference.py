@@ -51,6 +51,14 @@ def test_nested_objects_become_structs_and_arrays_lists() -> None:
     assert "n" not in names(struct)  # only null seen: no column yet
 
 
+def test_a_list_seen_only_empty_is_a_list_of_strings() -> None:
+    struct = struct_of([{"topics": []}])
+    assert struct is not None
+    topics = struct.field_by_name("topics")
+    assert topics is not None and isinstance(topics.field_type, ListType)
+    assert topics.field_type.element_type == StringType()
+
+
 def test_long_and_double_for_one_key_make_a_double() -> None:
     struct = struct_of([{"v": 1}, {"v": 1.5}])
     assert struct is not None and struct.field_by_name("v").field_type == DoubleType()  # type: ignore[union-attr]
@@ -118,6 +126,9 @@ def test_existing_columns_only_change_by_legal_promotion() -> None:
         ([1, None, 2], ListType(1, LongType(), element_required=False), True),
         ([1, "x"], ListType(1, LongType(), element_required=False), False),
         (None, StringType(), True),
+        ({"a": 1, "b": {}}, StructType(NestedField(1, "a", LongType(), required=False)), True),
+        ({"a": {}}, StructType(NestedField(1, "a", LongType(), required=False)), False),
+        ([], ListType(1, StringType(), element_required=False), True),
     ],
 )
 def test_fits_never_casts(value: Any, column: Any, ok: bool) -> None:

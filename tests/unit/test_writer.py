@@ -17,6 +17,7 @@ from common.catalog import TableStore, open_catalog
 from common.datafiles import data_file_from_json, data_file_to_json
 from common.events import encode_ndjson
 from common.routing import Router, TableName
+from common.schema import ENVELOPE_COLUMNS
 from common.settings import Settings, load_settings
 from common.writer import BatchWriter, file_stem
 
@@ -128,8 +129,8 @@ def test_typed_columns_and_rescue_of_conflicting_values(tmp_path: Path) -> None:
     rows = pq.read_table(files[0].file_path.removeprefix("file://")).to_pylist()
     # Then the value is not cast but rescued, the nested object is a new struct column,
     # and raw_event is intact
-    assert rows[0]["data"]["n"] is None
-    assert rows[0]["data"]["nested"] == {"x": 1}
+    assert rows[0]["n"] is None
+    assert rows[0]["nested"] == {"x": 1}
     assert json.loads(rows[0]["_rescued_data"]) == {"n": "two"}
     assert json.loads(rows[0]["raw_event"]) == odd
 
@@ -163,7 +164,7 @@ def test_raw_mode_keeps_only_the_envelope(tmp_path: Path) -> None:
     writer.write("a", encode_ndjson([event(1)]))
     table = writer.store.load(TableName.parse("events.order"))
     assert table is not None
-    assert "data" not in {f.name for f in table.schema().fields}
+    assert {f.name for f in table.schema().fields} == set(ENVELOPE_COLUMNS)
 
 
 def test_invalid_events_are_dead_lettered_and_the_rest_lands(tmp_path: Path) -> None:
@@ -254,3 +255,18 @@ def test_any_batch_keeps_id_source_time_and_raw_event(
     assert got == sorted((e["id"], e["source"], e["time"]) for e in batch)
     canonical = sorted(json.dumps(json.loads(r["raw_event"]), sort_keys=True) for r in rows)
     assert canonical == sorted(json.dumps(e, sort_keys=True) for e in raw)
+
+
+def test_created_table_partitions_by_day_of_time_whatever_the_data(tmp_path: Path) -> None:
+    # Given a first batch whose data has many fields (placeholder ids must not clash)
+    writer, _ = make_writer(tmp_path)
+    writer.write("p", encode_ndjson([event(1, **{f"f{i}": i for i in range(30)})]))
+    # Then the table's partition field is day(time), and the files evolve cleanly after
+    table = writer.store.load(TableName.parse("events.order"), fresh=True)
+    assert table is not None
+    (field,) = table.spec().fields
+    assert table.schema().find_field(field.source_id).name == "time"
+    assert str(field.transform) == "day"
+    writer.write("q", encode_ndjson([event(2, later={"x": [1, 2]})]))
+    fresh = writer.store.load(TableName.parse("events.order"), fresh=True)
+    assert fresh is not None and fresh.schema().find_field("later.x") is not None
