@@ -19,8 +19,10 @@ which carry no field ids, and only the result becomes Iceberg types. Rules:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
+import re
 import struct
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +44,7 @@ from pyiceberg.types import (
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 FLOAT_EXACT_INT = 2**53
 MAX_KEY_CHARS = 255
+_BAD_KEY_CHARS = re.compile(r"[.\x00-\x1f\x7f]")
 
 
 @dataclass
@@ -67,13 +70,10 @@ _PRIMITIVES: dict[str, IcebergType] = {
 _PROMOTIONS = {("int", "long"): "long", ("float", "double"): "double"}
 
 
+@functools.lru_cache(maxsize=65_536)
 def usable_key(key: str) -> bool:
     """Keys that make safe column names: non-empty, no dots (name paths), no control chars."""
-    return (
-        0 < len(key) <= MAX_KEY_CHARS
-        and "." not in key
-        and not any(ord(c) < 32 or ord(c) == 127 for c in key)
-    )
+    return 0 < len(key) <= MAX_KEY_CHARS and not _BAD_KEY_CHARS.search(key)
 
 
 def _scalar_shape(value: Any) -> Shape | None:

@@ -156,6 +156,7 @@ class Projection:
 
     table: pa.Table
     rejected: list[tuple[Event, str]]  # strict mode: events that don't fit, with the reason
+    spilled: list[Event]  # evolve mode: events that rescued a value a new column might hold
 
 
 def _json_text(value: Any) -> str:
@@ -196,6 +197,7 @@ def project(
     rescued: list[str | None] = []
     data_rows: list[dict[str, Any]] = []
     rejected: list[tuple[Event, str]] = []
+    spilled: list[Event] = []
 
     for event in events:
         attrs = event.attributes
@@ -213,6 +215,8 @@ def project(
                         spill[key] = value
             elif data is not None:
                 spill[NOT_DATA_SENTINEL] = data
+        if spill and any(v is not None and v != {} for v in spill.values()):
+            spilled.append(event)
         if spill and mode == "strict":
             key = next(iter(spill))
             why = "has no column" if key not in field_types else "does not fit its column's type"
@@ -239,7 +243,7 @@ def project(
         {field.name: arrays.get(field.name, [None] * n) for field in arrow_schema},
         schema=arrow_schema,
     )
-    return Projection(table=table, rejected=rejected)
+    return Projection(table=table, rejected=rejected, spilled=spilled)
 
 
 _NOT_EXTENSIONS = frozenset((*CONTEXT_ATTRIBUTES, DATA, "data_base64"))

@@ -40,8 +40,8 @@ from common.catalog import TableStore
 from common.datafiles import data_file_to_dict
 from common.events import DeadLetter, Event, parse_batch
 from common.routing import Router, TableName
-from common.schema import aliases, desired_schema, project
-from common.settings import Settings
+from common.schema import Projection, aliases, desired_schema, project
+from common.settings import SchemaMode, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -214,38 +214,23 @@ class BatchWriter:
         result: BatchResult,
     ) -> list[DataFile]:
         mode = self.settings.mode_for(str(name))
-
-        def desired(table: Table | None, schema: Schema) -> Schema:
-            if mode == "raw":
-                return schema
-            renamed = aliases(table.metadata.properties) if table is not None else {}
-            return desired_schema(
-                schema,
-                events,
-                max_columns=self.settings.max_columns,
-                max_depth=self.settings.max_depth,
-                renamed=renamed,
-            )
-
-        # A strict table keeps the schema it was created with; only creation infers columns.
-        table = self.store.ensure(name, desired, evolve=mode == "evolve")
-        renamed = aliases(table.metadata.properties)
-        schema = table.schema()
-        arrow_schema = schema_to_pyarrow(schema)
+        table = self.store.load(name)
+        if table is None:  # created from what the whole batch carries (strict tables too)
+            table = self.store.ensure(name, self._desired(mode, events))
         by_day: dict[int | None, list[Event]] = defaultdict(list)
         for event in events:
             by_day[partition_day(event)].append(event)
+        projections = self._project(table, by_day, batch_id, ingested_at, mode)
+        # Fast path: inference runs only on the events that spilled a value (a key without a
+        # column, a value that does not fit); in a stream whose schema is settled that is none.
+        spilled = [e for p in projections.values() for e in p.spilled]
+        if spilled and mode == "evolve":
+            evolved = self.store.ensure(name, self._desired(mode, spilled))
+            if evolved.metadata_location != table.metadata_location:
+                table = evolved
+                projections = self._project(table, by_day, batch_id, ingested_at, mode)
         files = []
-        for day, day_events in sorted(by_day.items(), key=lambda kv: (kv[0] is None, kv[0] or 0)):
-            projection = project(
-                day_events,
-                schema,
-                arrow_schema,
-                batch_id=batch_id,
-                ingested_at=ingested_at,
-                mode=mode,
-                renamed=renamed,
-            )
+        for day, projection in projections.items():
             for event, reason in projection.rejected:
                 result.dead_letters.append(
                     DeadLetter(batch_id, event.position, reason, "data", event.raw.encode())
@@ -271,3 +256,43 @@ class BatchWriter:
             name,
         )
         return files
+
+    def _desired(self, mode: str, events: list[Event]) -> Callable[[Table | None, Schema], Schema]:
+        def desired(table: Table | None, schema: Schema) -> Schema:
+            if mode == "raw":
+                return schema
+            renamed = aliases(table.metadata.properties) if table is not None else {}
+            return desired_schema(
+                schema,
+                events,
+                max_columns=self.settings.max_columns,
+                max_depth=self.settings.max_depth,
+                renamed=renamed,
+            )
+
+        return desired
+
+    def _project(
+        self,
+        table: Table,
+        by_day: dict[int | None, list[Event]],
+        batch_id: str,
+        ingested_at: datetime,
+        mode: SchemaMode,
+    ) -> dict[int | None, Projection]:
+        schema = table.schema()
+        arrow_schema = schema_to_pyarrow(schema)
+        renamed = aliases(table.metadata.properties)
+        days = sorted(by_day, key=lambda day: (day is None, day or 0))
+        return {
+            day: project(
+                by_day[day],
+                schema,
+                arrow_schema,
+                batch_id=batch_id,
+                ingested_at=ingested_at,
+                mode=mode,
+                renamed=renamed,
+            )
+            for day in days
+        }
