@@ -73,6 +73,17 @@ class Settings:
     metrics_port: int | None = None
     canary_interval_s: float = 300.0  # 0: no canary
     log_format: str = "text"
+    # table maintenance (common/compaction.py, expiry.py, orphans.py; workers/maintenance.py)
+    compact_target_file_size_bytes: int = 134_217_728
+    compact_small_file_fraction: float = 0.75
+    compact_min_files: int = 5
+    compact_trigger_files: int = 50
+    expire_older_than_s: float = 900.0
+    expire_retain_last: int = 100
+    orphan_min_age_s: float = 3 * 86_400.0
+    maintenance_compact_interval_s: float = 600.0
+    maintenance_expire_interval_s: float = 300.0
+    maintenance_orphans_interval_s: float = 86_400.0
 
     def __repr__(self) -> str:
         hidden = ("redis_url", "http_token")
@@ -200,6 +211,36 @@ def _seconds_or_off(raw: str) -> float:
     return value
 
 
+def _fraction(raw: str) -> float:
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError("a fraction above 0 and at most 1, e.g. 0.75") from None
+    if not 0 < value <= 1:
+        raise ValueError("a fraction above 0 and at most 1, e.g. 0.75")
+    return value
+
+
+def _min_files(raw: str) -> int:
+    value = _positive_int(raw)
+    if value < 2:
+        raise ValueError("a whole number of at least 2 (one file alone is not compacted)")
+    return value
+
+
+def _duration_s(raw: str) -> float:
+    from common.durations import parse_duration_s
+
+    return parse_duration_s(raw)
+
+
+def _positive_duration_s(raw: str) -> float:
+    value = _duration_s(raw)
+    if value <= 0:
+        raise ValueError("a positive duration such as 10m, 1h or 1d")
+    return value
+
+
 # variable suffix -> (settings field, parser, secret?)
 _VARIABLES: dict[str, tuple[str, Callable[[str], Any], bool]] = {
     "HOME": ("home", lambda raw: Path(_nonempty(raw)), False),
@@ -231,6 +272,16 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], bool]] = {
     "METRICS_PORT": ("metrics_port", _port, False),
     "CANARY_INTERVAL_S": ("canary_interval_s", _seconds_or_off, False),
     "LOG_FORMAT": ("log_format", _choice(("json", "text")), False),
+    "COMPACT_TARGET_FILE_SIZE_BYTES": ("compact_target_file_size_bytes", _positive_int, False),
+    "COMPACT_SMALL_FILE_FRACTION": ("compact_small_file_fraction", _fraction, False),
+    "COMPACT_MIN_FILES": ("compact_min_files", _min_files, False),
+    "COMPACT_TRIGGER_FILES": ("compact_trigger_files", _min_files, False),
+    "EXPIRE_OLDER_THAN": ("expire_older_than_s", _duration_s, False),
+    "EXPIRE_RETAIN_LAST": ("expire_retain_last", _positive_int, False),
+    "ORPHAN_MIN_AGE": ("orphan_min_age_s", _duration_s, False),
+    "MAINTENANCE_COMPACT_INTERVAL": ("maintenance_compact_interval_s", _positive_duration_s, False),
+    "MAINTENANCE_EXPIRE_INTERVAL": ("maintenance_expire_interval_s", _positive_duration_s, False),
+    "MAINTENANCE_ORPHANS_INTERVAL": ("maintenance_orphans_interval_s", _positive_duration_s, False),
 }
 
 
