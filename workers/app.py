@@ -31,6 +31,7 @@ from common.settings import Settings, load_settings
 COMMIT_TASK = "icefleet.commit_table"
 SWEEP_TASK = "icefleet.commit_all"
 SWEEP_INTERVAL_S = 5.0
+CANARY_TASK = "icefleet.canary.send"
 # A task may run this long past its soft limit (cleaning up, dead-lettering) before it is killed.
 HARD_LIMIT_GRACE_S = 30
 
@@ -53,8 +54,19 @@ def _queue(name: str) -> Queue:
     return Queue(name, Exchange(name, type="direct"), routing_key=name)
 
 
+def canary_schedule(settings: Settings) -> dict[str, Any]:
+    """The canary's beat entry (workers/canary.py), unless ICEFLEET_CANARY_INTERVAL_S is 0."""
+    if settings.canary_interval_s <= 0:
+        return {}
+    every_s = settings.canary_interval_s
+    options = {"queue": INGEST_QUEUE, "expires": every_s}
+    return {"canary": {"task": CANARY_TASK, "schedule": every_s, "options": options}}
+
+
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings derived from icefleet's settings."""
+    from workers.maintenance import beat_schedule as maintenance_schedule
+
     soft_s = settings.write_timeout_s
     return {
         "broker_url": settings.redis_url,
@@ -91,7 +103,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
                 "schedule": SWEEP_INTERVAL_S,
                 # a sweep not started within its interval is superseded by the next one
                 "options": {"queue": COMMIT_QUEUE, "expires": SWEEP_INTERVAL_S},
-            }
+            },
+            **canary_schedule(settings),
+            **maintenance_schedule(settings),
         },
         "beat_schedule_filename": str(settings.home.resolve() / "celerybeat-schedule"),
         "worker_hijack_root_logger": True,
@@ -107,7 +121,11 @@ def create_app(settings: Settings | None = None) -> IcefleetCelery:
     app = IcefleetCelery("icefleet", set_as_current=True)
     app.icefleet_settings = settings
     app.conf.update(celery_config(settings))
-    import workers.tasks  # noqa: F401  (registers the shared tasks with every app)
+    # registers the shared tasks with every app; observability: metrics and log hooks (signals)
+    import workers.canary
+    import workers.maintenance
+    import workers.observability
+    import workers.tasks  # noqa: F401
 
     return app
 
