@@ -183,3 +183,18 @@ def test_entrypoint_dispatches(tmp_path: Path, args: list[str], runs: str) -> No
     # Then it ran the right program with the arguments
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == runs
+
+
+def test_r2_override_switches_every_role_to_the_rest_catalog(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    override = yaml.safe_load((ROOT / "docker" / "compose.r2.yaml").read_text())["services"]
+    assert set(override) == set(ICEFLEET_ROLES)
+    for name in ICEFLEET_ROLES:
+        env = override[name]["environment"]
+        assert env["ICEFLEET_CATALOG"] == "r2"
+        assert env["PYICEBERG_CATALOG__R2__TYPE"] == "rest"
+        assert env["PYICEBERG_CATALOG__R2__URI"].startswith(
+            "https://catalog.cloudflarestorage.com/"
+        )
+        assert env["PYICEBERG_CATALOG__R2__TOKEN"].startswith("${R2_CATALOG_TOKEN:?")
