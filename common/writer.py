@@ -20,7 +20,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
-from typing import Any
+from typing import Any, Protocol
 
 import orjson
 import pyarrow as pa
@@ -49,14 +49,12 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
-class Registry:
+class Registry(Protocol):
     """What the writer needs of the pending registry (:class:`common.pending.PendingRegistry`)."""
 
-    def is_known(self, table: str, batch_id: str) -> bool:  # pragma: no cover - protocol
-        raise NotImplementedError
+    def is_known(self, table: str, batch_id: str) -> bool: ...
 
-    def register(self, table: str, batch_id: str, entry_json: str) -> bool:  # pragma: no cover
-        raise NotImplementedError
+    def register(self, table: str, batch_id: str, entry_json: str) -> bool: ...
 
 
 @dataclass

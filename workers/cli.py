@@ -346,5 +346,9 @@ def worker(
         create_app(settings).worker_main(argv)
 
 
+from workers.cli_evolve import evolve  # noqa: E402
+
+main.add_command(evolve)
+
 if __name__ == "__main__":
     main()

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 import redis
 from pyiceberg.catalog import Catalog
@@ -24,7 +24,7 @@ from common.locks import TableLock
 from common.pending import PendingRegistry
 from common.routing import Router
 from common.settings import Settings, load_settings
-from common.writer import BatchWriter, Registry
+from common.writer import BatchWriter
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ class Runtime:
                 TableStore(self.catalog, lock_for),
                 Router(settings.routes, settings.namespace),
                 # PendingRegistry has Registry's methods; Registry is a plain class, not a Protocol
-                cast(Registry, PendingRegistry(self.client)),
+                PendingRegistry(self.client),
                 self._sink_dead_letters,
             )
         return self._writer

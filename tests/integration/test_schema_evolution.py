@@ -103,3 +103,35 @@ def test_five_concurrent_schema_changes_all_apply(
     committer.commit_table("events.user")
     rows = committer.catalog.load_table(("events", "user")).scan().to_arrow()
     assert rows.num_rows == 6
+
+
+def test_evolve_command_renames_through_the_lock(
+    icefleet_home: Path, redis_url: str, redis_client: redis.Redis
+) -> None:
+    from click.testing import CliRunner
+
+    from workers.cli import main
+
+    # Given a table with a data column user
+    _, writer, committer = stack(icefleet_home, redis_url)
+    writer.write("c1", encode_ndjson([ev(1, user="ann")]))
+    committer.commit_table("events.user")
+    env = {"ICEFLEET_HOME": str(icefleet_home), "ICEFLEET_REDIS_URL": redis_url}
+    runner = CliRunner()
+    # When the operator renames it from the CLI
+    done = runner.invoke(main, ["evolve", "events.user", "--rename", "user=login"], env=env)
+    # Then it is renamed and the old rows read under the new name
+    assert done.exit_code == 0, done.output
+    assert "renamed user -> login" in done.output
+    assert rows_by_id(committer)["u-1"]["login"] == "ann"
+    # And mistakes are refused with a clear message, changing nothing
+    again = runner.invoke(main, ["evolve", "events.user", "--rename", "user=login"], env=env)
+    assert again.exit_code != 0 and "not a data column" in again.output
+    clash = runner.invoke(main, ["evolve", "events.user", "--rename", "login=id"], env=env)
+    assert clash.exit_code != 0 and "already a column" in clash.output
+    bad = runner.invoke(main, ["evolve", "events.user", "--rename", "nonsense"], env=env)
+    assert bad.exit_code != 0 and "OLD=NEW" in bad.output
+    empty = runner.invoke(main, ["evolve", "events.user"], env=env)
+    assert empty.exit_code != 0 and "nothing to do" in empty.output
+    hostile = runner.invoke(main, ["evolve", "../etc.passwd", "--rename", "a=b"], env=env)
+    assert hostile.exit_code != 0 and "invalid identifier" in hostile.output
