@@ -67,9 +67,14 @@ _SECRET_PAIR = re.compile(
 _BEARER = re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+", re.I)
 
 
+_NOT_SECRETS = frozenset(("", "None", "null", REDACTED))  # "token=None" tells, hides nothing
+
+
 def _mask_pair(match: re.Match[str]) -> str:
     value = match.group("value")
     quote = value[0] if value[0] in "\"'" else ""
+    if value.strip("\"'") in _NOT_SECRETS:
+        return match.group(0)
     return f"{match.group('key')}{match.group('sep')}{quote}{REDACTED}{quote}"
 
 

@@ -103,6 +103,7 @@ def test_credentials_are_masked_in_messages_arguments_extras_and_tracebacks(
         ("secret = two words", "secret = *** words"),  # unquoted: up to the first space
         ("Basic dXNlcjpwYXNz", "Basic ***"),
         ("nothing secret here: 42", "nothing secret here: 42"),
+        ("http_token=None, password='', token=***", "http_token=None, password='', token=***"),
     ],
 )
 def test_redact_secrets(text: str, masked: str) -> None:
