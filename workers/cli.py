@@ -350,5 +350,9 @@ from workers.cli_evolve import evolve  # noqa: E402
 
 main.add_command(evolve)
 
+from workers.cli_maintenance import register as register_maintenance  # noqa: E402
+
+register_maintenance(main)  # compact, expire-snapshots, remove-orphans, delete, verify, ...
+
 if __name__ == "__main__":
     main()
