@@ -346,6 +346,10 @@ def worker(
         create_app(settings).worker_main(argv)
 
 
+from workers.cli_serve import serve  # noqa: E402  (a module of its own: the HTTP gateway)
+
+main.add_command(serve)
+
 from workers.cli_evolve import evolve  # noqa: E402
 
 main.add_command(evolve)
