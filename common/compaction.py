@@ -49,6 +49,7 @@ from common.commit import committed_seq, without_library_retries
 from common.errors import (
     CommitStateUnknownError,
     ConcurrentModificationError,
+    LockError,
     RetriesExhaustedError,
 )
 from common.maintenance import live_data_files
@@ -335,12 +336,17 @@ def compact_table(
                     check=getattr(lock, "check", None),
                 )
         except ConcurrentModificationError as exc:
-            live = live_data_files(table.refresh())  # never delete an output that is live
-            delete_files(table.io, [f.file_path for f in outputs if f.file_path not in live])
+            _delete_unused(table, outputs)
             logger.warning("%s: compaction inputs changed (attempt %d): %s", name, attempt, exc)
             if attempt == attempts:
                 raise
             continue
+        except (RetriesExhaustedError, LockError):
+            # Every commit attempt failed for sure, or none was made (lock not had, or lost
+            # before the commit). A lock lost only at release follows a commit that landed:
+            # _delete_unused keeps whatever is live.
+            _delete_unused(table, outputs)
+            raise
         snapshot = committed.current_snapshot()
         result.snapshot_id = snapshot.snapshot_id if snapshot else None
         result.groups = len(plan.groups)
@@ -427,6 +433,12 @@ def swap_data_files(
             logger.error("%s: the commit watermark moved across a swap", name)
         return committed
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _delete_unused(table: Table, outputs: list[DataFile]) -> None:
+    """Delete the outputs of a swap that did not land; never one that is live."""
+    live = live_data_files(table.refresh())
+    delete_files(table.io, [f.file_path for f in outputs if f.file_path not in live])
 
 
 def _summary(table: Table, key: str) -> str:

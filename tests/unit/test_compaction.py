@@ -275,3 +275,26 @@ def test_nothing_to_compact_changes_nothing(pipe: Pipeline) -> None:
     # Then no snapshot is made
     assert result.rewritten_files == 0 and result.files_after == 2
     assert len(pipe.table().metadata.snapshots) == snapshots
+
+
+def test_outputs_are_deleted_when_the_lock_cannot_be_had(pipe: Pipeline) -> None:
+    from common.errors import LockNotAcquiredError
+    from tests.pipeline import local_path
+
+    # Given three small files, and the table lock held by someone else
+    ingest(pipe, 3, 10)
+    held = TableLock(pipe.client, TABLE, ttl_ms=5_000).acquire()
+    try:
+        # When a compaction cannot take the lock for its swap
+        with pytest.raises(LockNotAcquiredError):
+            compact_table(
+                pipe.table(),
+                CompactionOptions(64 * MB, min_files=2),
+                lock=TableLock(pipe.client, TABLE, ttl_ms=5_000, wait_s=0.2),
+            )
+    finally:
+        held.release()
+    # Then nothing changed and its rewritten file is gone
+    root = local_path(pipe.table().location())
+    assert list(root.rglob("compacted-*")) == []
+    assert len(live_data_files(pipe.table())) == 3

@@ -129,3 +129,27 @@ def test_canonical_paths() -> None:
     assert canonical_path("s3://bucket/key") == "s3://bucket/key"
     assert canonical_path("/tmp/x") == "file:///tmp/x"
     assert canonical_path("file:///tmp/x") == "file:///tmp/x"
+
+
+def test_refuses_when_no_data_file_matches_the_listing(
+    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import common.orphans as orphans
+    from common.errors import StorageError
+
+    # Given a listing whose paths are spelt differently from the table's references
+    pipe.write("b0", make_events("b0", 5))
+    pipe.commit()
+    real = orphans.list_files
+
+    def elsewhere(io: object, location: str) -> list[orphans.ListedFile]:
+        return [
+            orphans.ListedFile(f.path.replace("/data/", "/DATA/"), f.size, 0)
+            for f in real(io, location)  # type: ignore[arg-type]
+        ]
+
+    monkeypatch.setattr(orphans, "list_files", elsewhere)
+    # When orphans are removed, then it refuses instead of deleting the table's data
+    with pytest.raises(StorageError, match="refusing"):
+        remove_orphans(pipe.table(), registry=pipe.registry, min_age_s=0)
+    assert len(pipe.ids()) == 5
