@@ -8,6 +8,11 @@ attempts of one batch racing each other write the same bytes.
 A batch that is already registered as pending, or already committed, for a table is not written
 again for that table: once a file is registered it is never overwritten, because the committer
 may be about to commit the DataFile that describes it.
+
+A batch may be written in chunks with a deadline and split when it cannot finish in time
+(:mod:`common.partial`); chunk files get paths of their own, derived from the batch id and the
+chunk's event range. Storage and catalog calls are retried on transient errors
+(:mod:`common.retry`).
 """
 
 from __future__ import annotations
@@ -38,7 +43,10 @@ from pyiceberg.typedef import Record
 
 from common.catalog import TableStore
 from common.datafiles import data_file_to_dict
+from common.errors import LockError
 from common.events import DeadLetter, Event, parse_batch
+from common.partial import Remainder, SplitConflictError, child_id
+from common.retry import is_transient, policies_for
 from common.routing import Router, TableName
 from common.schema import Projection, aliases, desired_schema, project
 from common.settings import SchemaMode, Settings
@@ -66,6 +74,7 @@ class BatchResult:
     files: dict[str, list[DataFile]] = field(default_factory=dict)
     skipped_tables: list[str] = field(default_factory=list)  # already registered or committed
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    remainder: Remainder | None = None  # the events handed back after a split (common/partial.py)
 
     @property
     def records(self) -> int:
@@ -89,6 +98,28 @@ def partition_day(event: Event) -> int | None:
 def data_file_path(table_location: str, batch_id: str, day: int | None) -> str:
     label = "null" if day is None else (date(1970, 1, 1) + timedelta(days=day)).isoformat()
     return f"{table_location.rstrip('/')}/data/time_day={label}/{file_stem(batch_id)}.parquet"
+
+
+def chunk_file_path(
+    table_location: str, batch_id: str, day: int | None, start: int, end: int
+) -> str:
+    """The path of the file of events ``[start, end)`` of a batch written in chunks.
+
+    The stem ends in ``-<start>-<end>`` after the batch's digest: no whole-batch stem (which ends
+    in hex digits only after its last ``-``) can equal it.
+    """
+    whole = data_file_path(table_location, batch_id, day)
+    return f"{whole.removesuffix('.parquet')}-{start}-{end}.parquet"
+
+
+@dataclass
+class _Chunk:
+    """What one chunk of a batch wrote: files per table, and events its tables rejected."""
+
+    start: int
+    end: int
+    files: dict[TableName, list[DataFile]] = field(default_factory=dict)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
 
 
 def write_data_file(
@@ -164,6 +195,8 @@ class BatchWriter:
         self.router = router
         self.registry = registry
         self.dead_letter_sink = dead_letter_sink
+        self.storage_retry, self.catalog_retry = policies_for(settings.retry_base_ms)
+        self.clock: Callable[[], float] = time.monotonic  # tests may slow time down
 
     def write(
         self,
@@ -172,8 +205,25 @@ class BatchWriter:
         *,
         table: str | None = None,
         enqueued_at_ms: int | None = None,
+        chunk_events: int | None = None,
+        deadline: float | None = None,
+        stop: Callable[[], bool] | None = None,
+        interrupt: tuple[type[BaseException], ...] = (),
+        split_at: int | None = None,
+        on_split: Callable[[int], int] | None = None,
     ) -> BatchResult:
-        """Parse, route, write and register one batch. Invalid events become dead letters."""
+        """Parse, route, write and register one batch. Invalid events become dead letters.
+
+        Partial progress (see :mod:`common.partial`): the valid events are written in chunks of
+        ``chunk_events`` (all at once by default). Before each chunk after the first, the writer
+        stops if the chunk would not end before ``deadline`` (a :attr:`clock` time) or ``stop()``
+        says so; an exception in ``interrupt`` (Celery's soft time limit) raised inside a chunk
+        abandons that chunk and stops too. On stopping after ``k`` events it calls
+        ``on_split(k)``, which records the split and returns the split point in effect, registers
+        the events before it, and returns the rest in :attr:`BatchResult.remainder`. Without
+        ``on_split`` it never stops early. ``split_at`` (an earlier attempt's split) writes only
+        the events before it and hands back the rest.
+        """
         parsed = parse_batch(
             payload, batch_id=batch_id, max_event_bytes=self.settings.max_event_bytes
         )
@@ -185,23 +235,124 @@ class BatchWriter:
             else datetime.now(UTC)
         )
         fixed = TableName.parse(table) if table is not None else None
-        groups: dict[TableName, list[Event]] = defaultdict(list)
-        for event in parsed.events:
-            groups[fixed or self.router.table_for(event.attributes["type"])].append(event)
-        for name, events in groups.items():
-            if self.registry is not None and self.registry.is_known(str(name), batch_id):
-                result.skipped_tables.append(str(name))
-                continue
-            files = self._write_table(name, events, batch_id, ingested_at, result)
-            entry = pending_entry(batch_id, files)
-            if files and self.registry and not self.registry.register(str(name), batch_id, entry):
-                result.skipped_tables.append(str(name))
-                continue
-            if files:
-                result.files[str(name)] = files
+        events = parsed.events
+        limit = len(events) if split_at is None else max(0, min(split_at, len(events)))
+        size = max(1, chunk_events or limit or 1)
+        bounds = [(start, min(start + size, limit)) for start in range(0, limit, size)]
+        whole = len(bounds) == 1 and limit == len(events)  # the classic one-file-per-day paths
+        can_split = on_split is not None and split_at is None
+        chunks: list[_Chunk] = []  # appended whole: the truth about what is written
+        known: dict[TableName, bool] = {}
+        last_s = 0.0
+        for start, end in bounds:
+            if start and can_split and self._must_stop(deadline, stop, last_s):
+                break
+            began = self.clock()
+            try:
+                chunks.append(
+                    self._write_chunk(
+                        batch_id,
+                        events[start:end],
+                        (start, end),
+                        whole=whole,
+                        fixed=fixed,
+                        ingested_at=ingested_at,
+                        known=known,
+                    )
+                )
+            except interrupt:
+                if not (chunks and can_split):
+                    raise
+                logger.warning("batch %s: interrupted in events [%d, %d)", batch_id, start, end)
+                break
+            last_s = self.clock() - began
+        done = chunks[-1].end if chunks else 0
+        if done < limit:
+            assert on_split is not None
+            recorded = on_split(done)
+            if recorded != done:
+                raise SplitConflictError(batch_id, done, recorded)
+            split_at = done
+        if split_at is not None and split_at < len(events):
+            rest = events[split_at:]
+            result.remainder = Remainder(
+                child_id(batch_id, split_at),
+                split_at,
+                len(rest),
+                "".join(f"{event.raw}\n" for event in rest),
+            )
+            logger.warning(
+                "batch %s: split after %d of %d events; the rest goes on as %s",
+                batch_id,
+                split_at,
+                len(events),
+                result.remainder.batch_id,
+            )
+        self._register(batch_id, chunks, known, result)
         if result.dead_letters and self.dead_letter_sink is not None:
             self.dead_letter_sink(result.dead_letters)
         return result
+
+    def _must_stop(
+        self, deadline: float | None, stop: Callable[[], bool] | None, next_chunk_s: float
+    ) -> bool:
+        """Stop before the next chunk if asked to, or if it would end after the deadline (a
+        chunk is assumed to take as long as the last one did)."""
+        if stop is not None and stop():
+            return True
+        return deadline is not None and self.clock() + next_chunk_s > deadline
+
+    def _write_chunk(
+        self,
+        batch_id: str,
+        events: list[Event],
+        bounds: tuple[int, int],
+        *,
+        whole: bool,
+        fixed: TableName | None,
+        ingested_at: datetime,
+        known: dict[TableName, bool],
+    ) -> _Chunk:
+        """Write the files of one chunk of events; register nothing yet."""
+        chunk = _Chunk(*bounds)
+        groups: dict[TableName, list[Event]] = defaultdict(list)
+        for event in events:
+            groups[fixed or self.router.table_for(event.attributes["type"])].append(event)
+        for name, table_events in groups.items():
+            if name not in known:
+                known[name] = self.registry is not None and self.registry.is_known(
+                    str(name), batch_id
+                )
+            if known[name]:
+                continue
+            chunk.files[name], rejected = self._write_table(
+                name, table_events, batch_id, ingested_at, None if whole else bounds
+            )
+            chunk.dead_letters.extend(rejected)
+        return chunk
+
+    def _register(
+        self,
+        batch_id: str,
+        chunks: list[_Chunk],
+        known: dict[TableName, bool],
+        result: BatchResult,
+    ) -> None:
+        """Register, per table, the files of every chunk written, under the batch's id."""
+        result.skipped_tables.extend(str(name) for name, is_known in known.items() if is_known)
+        by_table: dict[TableName, list[DataFile]] = defaultdict(list)
+        for chunk in chunks:
+            result.dead_letters.extend(chunk.dead_letters)
+            for name, files in chunk.files.items():
+                by_table[name].extend(files)
+        for name, files in by_table.items():
+            if not files:
+                continue
+            entry = pending_entry(batch_id, files)
+            if self.registry is not None and not self.registry.register(str(name), batch_id, entry):
+                result.skipped_tables.append(str(name))
+                continue
+            result.files[str(name)] = files
 
     def _write_table(
         self,
@@ -209,12 +360,12 @@ class BatchWriter:
         events: list[Event],
         batch_id: str,
         ingested_at: datetime,
-        result: BatchResult,
-    ) -> list[DataFile]:
+        chunk: tuple[int, int] | None = None,
+    ) -> tuple[list[DataFile], list[DeadLetter]]:
         mode = self.settings.mode_for(str(name))
-        table = self.store.load(name)
+        table = self.catalog_retry.call(f"load table {name}", self.store.load, name)
         if table is None:  # created from what the whole batch carries (strict tables too)
-            table = self.store.ensure(name, self._desired(mode, events))
+            table = self._ensure(name, self._desired(mode, events))
         by_day: dict[int | None, list[Event]] = defaultdict(list)
         for event in events:
             by_day[partition_day(event)].append(event)
@@ -223,21 +374,28 @@ class BatchWriter:
         # column, a value that does not fit); in a stream whose schema is settled that is none.
         spilled = [e for p in projections.values() for e in p.spilled]
         if spilled and mode == "evolve":
-            evolved = self.store.ensure(name, self._desired(mode, spilled))
+            evolved = self._ensure(name, self._desired(mode, spilled))
             if evolved.metadata_location != table.metadata_location:
                 table = evolved
                 projections = self._project(table, by_day, batch_id, ingested_at, mode)
         files = []
+        rejected = []
         for day, projection in projections.items():
             for event, reason in projection.rejected:
-                result.dead_letters.append(
+                rejected.append(
                     DeadLetter(batch_id, event.position, reason, "data", event.raw.encode())
                 )
             if projection.table.num_rows == 0:
                 continue
-            path = data_file_path(table.location(), batch_id, day)
+            path = (
+                data_file_path(table.location(), batch_id, day)
+                if chunk is None
+                else chunk_file_path(table.location(), batch_id, day, *chunk)
+            )
             files.append(
-                write_data_file(
+                self.storage_retry.call(
+                    f"write {path}",
+                    write_data_file,
                     table,
                     projection.table,
                     path,
@@ -253,7 +411,14 @@ class BatchWriter:
             sum(f.record_count for f in files),
             name,
         )
-        return files
+        return files, rejected
+
+    def _ensure(self, name: TableName, desired: Callable[[Table | None, Schema], Schema]) -> Table:
+        """Create or evolve the table, retrying catalog hiccups (not a lock held elsewhere)."""
+        policy = self.catalog_retry.but(
+            retry_on=lambda exc: is_transient(exc) and not isinstance(exc, LockError)
+        )
+        return policy.call(f"create or evolve {name}", self.store.ensure, name, desired)
 
     def _desired(self, mode: str, events: list[Event]) -> Callable[[Table | None, Schema], Schema]:
         def desired(table: Table | None, schema: Schema) -> Schema:

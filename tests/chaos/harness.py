@@ -1,0 +1,321 @@
+"""What the fault tests share: an in-process stack, events whose ids say where they come from, a
+real fleet with knobs for killing its processes, and exactly-once checks read from the tables.
+
+Used by ``tests/chaos/`` (marker ``chaos``), the fault tests in ``tests/integration/`` and
+``benchmarks/bench_chaos.py``.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import signal
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import orjson
+import redis
+from pyiceberg.catalog import Catalog
+from pyiceberg.table import Table
+
+from common import keys
+from common.backlog import read_backlog
+from common.catalog import TableStore, open_catalog
+from common.commit import Committer
+from common.locks import TableLock
+from common.pending import PendingRegistry
+from common.routing import Router, TableName
+from common.settings import Settings, load_settings
+from common.writer import BatchWriter
+from workers.fleet import Fleet, ManagedProcess
+
+BASE_TIME = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+# Fast and small: the tests kill committers, so a dead owner's lock must free quickly.
+FAST = {"lock_ttl_ms": 2_000, "lock_wait_s": 30.0, "retry_base_ms": 10, "commit_interval_ms": 1}
+
+
+# --- in-process ----------------------------------------------------------------------------------
+
+
+@dataclass
+class Stack:
+    """One process's icefleet: what a writer and a committer hold, on a real Redis."""
+
+    settings: Settings
+    client: redis.Redis
+    catalog: Catalog
+    registry: PendingRegistry
+    writer: BatchWriter
+    committer: Committer
+    dead: list[Any] = field(default_factory=list)  # dead letters the writer produced
+
+    def table(self, name: str) -> Table:
+        return self.catalog.load_table(TableName.parse(name).parts)
+
+    def commit_all(self) -> None:
+        for table in sorted(self.committer.pending_tables()):
+            self.committer.commit_table(table)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def make_stack(redis_url: str, home: Path, **overrides: Any) -> Stack:
+    settings = load_settings({}, home=home, redis_url=redis_url, **{**FAST, **overrides})
+    client = redis.Redis.from_url(redis_url)
+    catalog = open_catalog(settings)
+    store = TableStore(
+        catalog,
+        lambda t: TableLock(client, t, ttl_ms=settings.lock_ttl_ms, wait_s=settings.lock_wait_s),
+    )
+    registry = PendingRegistry(client)
+    dead: list[Any] = []
+    writer = BatchWriter(
+        settings, store, Router(settings.routes, settings.namespace), registry, dead.extend
+    )
+    committer = Committer(settings, catalog, client, registry)
+    return Stack(settings, client, catalog, registry, writer, committer, dead)
+
+
+# --- events --------------------------------------------------------------------------------------
+
+
+def make_events(
+    prefix: str, count: int, *, types: Sequence[str] = ("com.example.order",), days: int = 1
+) -> list[dict[str, Any]]:
+    """``count`` CloudEvents with ids ``<prefix>-<n>``, cycling through ``types`` and ``days``."""
+    return [
+        {
+            "specversion": "1.0",
+            "id": f"{prefix}-{n}",
+            "source": "/tests/chaos",
+            "type": types[n % len(types)],
+            "time": (BASE_TIME + timedelta(days=n % days, seconds=n))
+            .isoformat()
+            .replace("+00:00", "Z"),
+            "data": {"n": n, "amount": 1.25 * n, "note": f"event {n} of {prefix}"},
+        }
+        for n in range(count)
+    ]
+
+
+def ndjson(events: Iterable[dict[str, Any]]) -> str:
+    return "".join(orjson.dumps(e).decode() + "\n" for e in events)
+
+
+def expected_by_table(settings: Settings, events: Iterable[dict[str, Any]]) -> dict[str, list[str]]:
+    router = Router(settings.routes, settings.namespace)
+    out: dict[str, list[str]] = {}
+    for event in events:
+        out.setdefault(str(router.table_for(event["type"])), []).append(event["id"])
+    return out
+
+
+# --- reading back ----------------------------------------------------------------------------------
+
+
+def ids_in(table: Table, column: str = "id") -> list[str]:
+    if table.current_snapshot() is None:
+        return []
+    return [str(v) for v in table.scan(selected_fields=(column,)).to_arrow().column(column)]
+
+
+def exactly_once_problems(found: Iterable[str], expected: Iterable[str]) -> list[str]:
+    """Missing, duplicated and unexpected ids, as sentences; ``[]`` when each is there once."""
+    counts = Counter(found)
+    wanted = set(expected)
+    problems = []
+    missing = sorted(wanted - counts.keys())
+    duplicated = sorted(f"{i} x{n}" for i, n in counts.items() if n > 1)
+    unexpected = sorted(counts.keys() - wanted)
+    for label, items in (
+        ("missing", missing),
+        ("duplicated", duplicated),
+        ("unexpected", unexpected),
+    ):
+        if items:
+            problems.append(f"{len(items)} {label}, e.g. {items[:5]}")
+    return problems
+
+
+def assert_exactly_once(found: Iterable[str], expected: Iterable[str], what: str = "") -> None:
+    problems = exactly_once_problems(found, expected)
+    assert not problems, f"{what}: " + "; ".join(problems)
+
+
+def rust_ids(table: Table, file_io: dict[str, str] | None = None) -> list[str]:
+    """The ids iceberg-rust reads (pyiceberg-core's DataFusion provider), in a process of its own:
+    the Rust reader holds the GIL while it waits on S3, which moto may serve from this process."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(
+            _rust_ids, (list(table.name()), table.metadata_location, dict(file_io or {}))
+        )
+
+
+def _rust_ids(identifier: list[str], metadata_location: str, file_io: dict[str, str]) -> list[str]:
+    from datafusion import SessionContext
+    from pyiceberg_core.datafusion import IcebergDataFusionTable
+
+    ctx = SessionContext()
+    provider = IcebergDataFusionTable(
+        identifier=identifier, metadata_location=metadata_location, file_io_properties=file_io
+    )
+    ctx.register_table("t", provider)
+    result = ctx.sql("SELECT id FROM t").to_arrow_table()
+    return [str(value) for value in result.column("id").to_pylist()]
+
+
+# --- a real fleet ----------------------------------------------------------------------------------
+
+
+def wait_idle(client: redis.Redis, timeout_s: float, settle_s: float = 1.0) -> None:
+    """Until nothing is outstanding, pending, prepared or queued for ``settle_s`` in a row.
+
+    The global picture, not ``Producer.wait``: a batch split by a writer hands its rest to a
+    child batch that a waiter started before the split does not follow (see common/partial.py).
+    """
+    deadline = time.monotonic() + timeout_s
+    idle_since: float | None = None
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            backlog = read_backlog(client)
+        except redis.RedisError as exc:
+            last, idle_since = f"Redis: {exc}", None
+            time.sleep(0.5)
+            continue
+        if backlog.idle:
+            idle_since = idle_since or time.monotonic()
+            if time.monotonic() - idle_since >= settle_s:
+                return
+        else:
+            idle_since, last = None, backlog.describe()
+        time.sleep(0.2)
+    raise TimeoutError(f"not idle after {timeout_s:.0f}s: {last}")
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of ``pid`` (a Celery worker's pool processes), from /proc."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        # "pid (comm) state ppid ...": comm may hold spaces and parentheses
+        fields = stat.rsplit(")", 1)[-1].split()
+        if len(fields) > 1 and int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return found
+
+
+def kill_pool_children(proc: ManagedProcess) -> int:
+    """SIGKILL the pool processes of a worker (the ones running tasks); return how many died.
+
+    The worker's main process sees them die and, with ``task_reject_on_worker_lost``, puts the
+    message they were running back on the queue at once.
+    """
+    killed = 0
+    if proc.pid is None:
+        return 0
+    for pid in child_pids(proc.pid):
+        with suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+            killed += 1
+    return killed
+
+
+def kill_hard(proc: ManagedProcess) -> None:
+    """SIGKILL a worker and everything in its process group, and wait until they are gone."""
+    proc.kill_group()
+
+
+def redeliver_unacked(client: redis.Redis, older_than_s: float = 0.0) -> int:
+    """Put back on their queues the messages delivered before now - ``older_than_s`` and never
+    acknowledged: what kombu does by itself once the visibility timeout has passed.
+
+    A worker that dies whole (its main process too) or loses Redis under a task leaves its message
+    in kombu's ``unacked`` hash, and it is delivered again only after the visibility timeout
+    (longer than any task may run: at least 62 s here) and kombu's restore sweep. The tests don't
+    wait that long: they call this once the worker is known dead. A message still being worked
+    on elsewhere may be delivered twice meanwhile, which the exactly-once machinery must absorb.
+    """
+    from kombu import Connection
+
+    ceiling = time.time() - older_than_s
+    tags = [
+        tag
+        for tag, score in client.zrange("unacked_index", 0, -1, withscores=True)
+        if score <= ceiling
+    ]
+    if not tags:
+        return 0
+    url = client.connection_pool.connection_kwargs
+    broker = f"redis://{url.get('host', '127.0.0.1')}:{url.get('port', 6379)}/{url.get('db', 0)}"
+    with Connection(broker) as conn:
+        channel = conn.default_channel
+        for tag in tags:
+            channel.qos.restore_by_tag(tag.decode() if isinstance(tag, bytes) else tag)
+    return len(tags)
+
+
+def fleet_env(**extra: str) -> dict[str, str]:
+    """Environment variables for a fleet whose faults must heal in seconds, not minutes."""
+    env = {
+        "ICEFLEET_LOCK_TTL_MS": "3000",
+        "ICEFLEET_COMMIT_INTERVAL_MS": "300",
+        "ICEFLEET_RETRY_BASE_MS": "50",
+        "ICEFLEET_CANARY_INTERVAL_S": "0",
+    }
+    env.update(extra)
+    return env
+
+
+@contextmanager
+def environment(values: dict[str, str]) -> Iterator[None]:
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+@contextmanager
+def running_fleet(settings: Settings, writers: int = 2, ready_s: float = 90) -> Iterator[Fleet]:
+    """A fleet on ``settings`` (its Redis given, not spawned), stopped and reaped afterwards."""
+    fleet = Fleet(settings, writers=writers, spawn_redis=False)
+    try:
+        fleet.start()
+        fleet.wait_ready(timeout_s=ready_s)
+        yield fleet
+    finally:
+        fleet.stop()
+        for proc in fleet.processes:
+            print(f"--- {proc.name} (exit {proc.returncode}) ---\n{proc.tail(25)}")
+
+
+def restart(fleet: Fleet, proc: ManagedProcess, on_tick: Callable[[], None] | None = None) -> None:
+    """Start a dead worker again (same name, same log) and wait until it answers."""
+    proc.kill_group()
+    proc.restarts += 1
+    proc.start()
+    fleet.wait_ready(timeout_s=90, on_tick=on_tick)
+
+
+def pending_or_prepared(client: redis.Redis) -> bool:
+    return bool(client.scard(keys.pending_tables())) or any(
+        True for _ in client.scan_iter(match=keys.prepared("*"), count=100)
+    )

@@ -1,0 +1,373 @@
+"""Partial progress: a batch that cannot be written in time is split, and still lands exactly once.
+
+In this process on the real Redis (the writer's split protocol, step by step, with redeliveries,
+an interrupt inside a chunk and two attempts racing), then through real worker processes whose
+time limit is too short for the batches they get.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+
+from common import keys
+from common.partial import SplitConflictError, SplitRecords, child_id, chunk_events, split_key
+from common.producer import Producer
+from common.settings import load_settings
+from tests.chaos.harness import (
+    Stack,
+    assert_exactly_once,
+    environment,
+    expected_by_table,
+    fleet_env,
+    ids_in,
+    make_events,
+    make_stack,
+    ndjson,
+    running_fleet,
+    wait_idle,
+)
+
+pytestmark = pytest.mark.integration
+
+TYPES = ("com.example.order", "com.example.refund")  # two tables: events.order, events.refund
+
+
+@pytest.fixture
+def stack(redis_client: redis.Redis, redis_url: str, icefleet_home: Path) -> Iterator[Stack]:
+    built = make_stack(redis_url, icefleet_home)
+    yield built
+    built.close()
+
+
+def stop_after(calls: int) -> Any:
+    """A ``stop`` callable that says stop from its ``calls``-th question on."""
+    asked = 0
+
+    def stop() -> bool:
+        nonlocal asked
+        asked += 1
+        return asked >= calls
+
+    return stop
+
+
+def write_all(stack: Stack, batch_id: str, payload: str, **options: Any) -> list[str]:
+    """Write a batch and every child it hands back, as the write task would; return the ids."""
+    splits = SplitRecords(stack.client, 3600)
+    written = []
+    pending: list[tuple[str, str, dict[str, Any]]] = [(batch_id, payload, options)]
+    while pending:
+        current, text, opts = pending.pop()
+        result = stack.writer.write(
+            current,
+            text,
+            enqueued_at_ms=0,
+            split_at=splits.get(current),
+            on_split=lambda k, b=current: splits.record(b, k),
+            **opts,
+        )
+        written.append(current)
+        if result.remainder is not None:
+            pending.append((result.remainder.batch_id, result.remainder.payload, {}))
+    return written
+
+
+def all_ids(stack: Stack) -> dict[str, list[str]]:
+    return {name: ids_in(stack.table(name)) for name in ("events.order", "events.refund")}
+
+
+def test_a_batch_stopped_between_chunks_is_split_and_lands_exactly_once(stack: Stack) -> None:
+    # Given 1,000 events of two types over three days, written in chunks of 100
+    events = make_events("b1", 1_000, types=TYPES, days=3)
+    splits = SplitRecords(stack.client, 3600)
+
+    # When the writer must stop before its fourth chunk
+    result = stack.writer.write(
+        "b1",
+        ndjson(events),
+        enqueued_at_ms=0,
+        chunk_events=100,
+        stop=stop_after(3),
+        on_split=lambda k: splits.record("b1", k),
+    )
+
+    # Then 300 events are registered under b1, and the other 700 come back as b1~300
+    assert result.records == 300
+    assert result.remainder is not None
+    assert (result.remainder.batch_id, result.remainder.offset) == ("b1~300", 300)
+    assert result.remainder.events == 700 == len(result.remainder.payload.splitlines())
+    assert splits.get("b1") == 300
+    assert set(stack.registry.pending_tables()) == {"events.order", "events.refund"}
+
+    # ... and once the child is written and everything committed, each event is there once
+    child = stack.writer.write(
+        "b1~300", result.remainder.payload, enqueued_at_ms=0, chunk_events=100
+    )
+    assert child.records == 700 and child.remainder is None
+    stack.commit_all()
+    expected = expected_by_table(stack.settings, events)
+    for name, ids in all_ids(stack).items():
+        assert_exactly_once(ids, expected[name], name)
+    batches = ids_in(stack.table("events.order"), "_batch_id")
+    assert set(batches) == {"b1", "b1~300"}
+
+
+def test_a_redelivered_parent_repeats_its_split_and_duplicates_nothing(stack: Stack) -> None:
+    # Given a batch whose refunds all come after the split point, split after 200 events
+    events = make_events("b2", 200, types=TYPES[:1]) + make_events("b2r", 300, types=TYPES[1:])
+    payload = ndjson(events)
+    splits = SplitRecords(stack.client, 3600)
+    first = stack.writer.write(
+        "b2",
+        payload,
+        enqueued_at_ms=0,
+        chunk_events=100,
+        stop=stop_after(2),
+        on_split=lambda k: splits.record("b2", k),
+    )
+    assert first.remainder is not None and first.remainder.offset == 200
+    assert set(first.files) == {"events.order"}
+
+    # When the parent is delivered again, whole (its worker died before the ack), twice
+    again = [
+        stack.writer.write(
+            "b2",
+            payload,
+            enqueued_at_ms=0,
+            chunk_events=50,
+            split_at=splits.get("b2"),
+            on_split=lambda k: splits.record("b2", k),
+        )
+        for _ in range(2)
+    ]
+
+    # Then it writes nothing more (its part is registered) and hands back the same remainder
+    for result in again:
+        assert result.files == {}
+        assert result.skipped_tables == ["events.order"]
+        assert result.remainder == first.remainder
+
+    # ... and the refunds table, which has nothing before the split, gets each refund once
+    write_all(stack, first.remainder.batch_id, first.remainder.payload)
+    write_all(stack, first.remainder.batch_id, first.remainder.payload)  # the child twice too
+    stack.commit_all()
+    expected = expected_by_table(stack.settings, events)
+    for name, ids in all_ids(stack).items():
+        assert_exactly_once(ids, expected[name], name)
+
+
+def test_a_parent_redelivered_after_a_partial_registration_completes_it(stack: Stack) -> None:
+    # Given a split batch whose registration reached only one of its two tables before dying
+    events = make_events("b3", 400, types=TYPES, days=2)
+    payload = ndjson(events)
+    splits = SplitRecords(stack.client, 3600)
+    first = stack.writer.write(
+        "b3",
+        payload,
+        enqueued_at_ms=0,
+        chunk_events=100,
+        stop=stop_after(2),
+        on_split=lambda k: splits.record("b3", k),
+    )
+    assert first.remainder is not None
+    assert stack.registry.remove("events.refund", ["b3"]) == 1
+
+    # When it is delivered again
+    again = stack.writer.write(
+        "b3",
+        payload,
+        enqueued_at_ms=0,
+        chunk_events=100,
+        split_at=splits.get("b3"),
+        on_split=lambda k: splits.record("b3", k),
+    )
+
+    # Then the missing table is written again for the same events, the other is skipped
+    assert set(again.files) == {"events.refund"} and again.skipped_tables == ["events.order"]
+    assert again.records == sum(f.record_count for f in first.files["events.refund"])
+    write_all(stack, first.remainder.batch_id, first.remainder.payload)
+    stack.commit_all()
+    expected = expected_by_table(stack.settings, events)
+    for name, ids in all_ids(stack).items():
+        assert_exactly_once(ids, expected[name], name)
+
+
+class FakeSoftTimeLimit(Exception):
+    """Stands in for Celery's SoftTimeLimitExceeded, raised in the middle of a chunk."""
+
+
+def test_an_interrupt_inside_a_chunk_abandons_it_and_splits_before_it(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import common.writer
+
+    # Given a storage write that is interrupted the fifth time it is called
+    real = common.writer.write_data_file
+    calls = 0
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            raise FakeSoftTimeLimit("soft time limit")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(common.writer, "write_data_file", interrupted)
+    events = make_events("b4", 600, types=TYPES, days=1)  # 2 files per chunk of 100
+    splits = SplitRecords(stack.client, 3600)
+
+    # When the batch is written with that interrupt
+    result = stack.writer.write(
+        "b4",
+        ndjson(events),
+        enqueued_at_ms=0,
+        chunk_events=100,
+        interrupt=(FakeSoftTimeLimit,),
+        on_split=lambda k: splits.record("b4", k),
+    )
+
+    # Then the two whole chunks are registered and the third is handed back with the rest
+    assert result.records == 200
+    assert result.remainder is not None and result.remainder.offset == 200
+    monkeypatch.setattr(common.writer, "write_data_file", real)
+    write_all(stack, result.remainder.batch_id, result.remainder.payload, chunk_events=100)
+    stack.commit_all()
+    expected = expected_by_table(stack.settings, events)
+    for name, ids in all_ids(stack).items():
+        assert_exactly_once(ids, expected[name], name)
+
+
+def test_an_interrupt_in_the_first_chunk_propagates_and_registers_nothing(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import common.writer
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise FakeSoftTimeLimit("soft time limit")
+
+    monkeypatch.setattr(common.writer, "write_data_file", interrupted)
+    splits = SplitRecords(stack.client, 3600)
+    with pytest.raises(FakeSoftTimeLimit):
+        stack.writer.write(
+            "b5",
+            ndjson(make_events("b5", 300)),
+            enqueued_at_ms=0,
+            chunk_events=100,
+            interrupt=(FakeSoftTimeLimit,),
+            on_split=lambda k: splits.record("b5", k),
+        )
+    assert splits.get("b5") is None
+    assert stack.registry.pending_tables() == set()
+
+
+def test_two_attempts_splitting_differently_the_second_follows_the_first(stack: Stack) -> None:
+    # Given a batch that one attempt split after 100 events
+    events = make_events("b6", 500)
+    payload = ndjson(events)
+    splits = SplitRecords(stack.client, 3600)
+    assert splits.record("b6", 100) == 100
+
+    # When a concurrent attempt (it started before the record existed) wants to split at 300
+    with pytest.raises(SplitConflictError) as conflict:
+        stack.writer.write(
+            "b6",
+            payload,
+            enqueued_at_ms=0,
+            chunk_events=100,
+            stop=stop_after(3),
+            on_split=lambda k: splits.record("b6", k),
+        )
+
+    # Then it registers nothing, and its next delivery follows the recorded split
+    assert (conflict.value.wanted, conflict.value.recorded) == (300, 100)
+    assert stack.registry.pending_tables() == set()
+    written = write_all(stack, "b6", payload, chunk_events=100)
+    assert written == ["b6", "b6~100"]
+    stack.commit_all()
+    assert_exactly_once(ids_in(stack.table("events.order")), [e["id"] for e in events])
+
+
+def test_a_child_may_split_again(stack: Stack) -> None:
+    events = make_events("b7", 900)
+    splits = SplitRecords(stack.client, 3600)
+    first = stack.writer.write(
+        "b7",
+        ndjson(events),
+        enqueued_at_ms=0,
+        chunk_events=100,
+        stop=stop_after(2),
+        on_split=lambda k: splits.record("b7", k),
+    )
+    assert first.remainder is not None
+    second = stack.writer.write(
+        first.remainder.batch_id,
+        first.remainder.payload,
+        enqueued_at_ms=0,
+        chunk_events=100,
+        stop=stop_after(4),
+        on_split=lambda k: splits.record("b7~200", k),
+    )
+    assert second.remainder is not None
+    assert second.remainder.batch_id == child_id(child_id("b7", 200), 400) == "b7~200~400"
+    write_all(stack, second.remainder.batch_id, second.remainder.payload)
+    stack.commit_all()
+    assert_exactly_once(ids_in(stack.table("events.order")), [e["id"] for e in events])
+    assert stack.client.ttl(split_key("b7")) > 0  # kept for the dedup window, then forgotten
+
+
+def test_chunks_shrink_on_each_redelivery() -> None:
+    assert chunk_events(10_000) == 5_000
+    assert chunk_events(10_000, attempt=3) == 1_250
+    assert chunk_events(10_000, attempt=40) == 10
+    assert chunk_events(1) == 10
+
+
+# --- real workers, a time limit too short for their batches ------------------------------------------
+
+
+def test_real_workers_split_batches_that_exceed_the_time_limit(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given writers with a 2 s time limit that write in chunks of 50 events (batches of 100)
+    env = fleet_env(
+        ICEFLEET_REDIS_URL=redis_url,
+        ICEFLEET_HOME=str(tmp_path / "home"),
+        ICEFLEET_WRITE_TIMEOUT_S="2",
+        ICEFLEET_BATCH_MAX_EVENTS="100",
+    )
+    monkeypatch.delenv("ICEFLEET_CATALOG", raising=False)
+    with environment(env):
+        settings = load_settings()
+    # ... and a producer whose batches are 200 times larger: 20,000 events each
+    producer_settings = load_settings(
+        {}, redis_url=redis_url, home=tmp_path / "home", batch_max_events=20_000
+    )
+    events = [*make_events("big-a", 20_000, types=TYPES, days=2), *make_events("big-b", 8_000)]
+
+    with environment(env), running_fleet(settings, writers=2) as fleet:
+        # When two big batches are enqueued
+        with Producer(producer_settings) as producer:
+            producer.enqueue(events[:20_000], batch_id="big-a")
+            producer.enqueue(events[20_000:], batch_id="big-b")
+        wait_idle(redis_client, timeout_s=240)
+        catalog_settings = fleet.settings
+
+    # Then they were split into several children, and every event landed exactly once
+    stack = make_stack(redis_url, tmp_path / "home")
+    try:
+        expected = expected_by_table(catalog_settings, events)
+        for name, ids in expected.items():
+            assert_exactly_once(ids_in(stack.table(name)), ids, name)
+        batch_ids = set(ids_in(stack.table("events.order"), "_batch_id"))
+        assert {"big-a", "big-b"} <= batch_ids
+        assert any(b.startswith("big-a~") for b in batch_ids), batch_ids
+        assert redis_client.get(split_key("big-a")) is not None
+        assert redis_client.zcard(keys.outstanding()) == 0
+        print(f"batches that landed: {sorted(batch_ids)}")
+    finally:
+        stack.close()
