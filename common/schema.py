@@ -32,6 +32,7 @@ from pyiceberg.partitioning import PartitionField, PartitionSpec
 from pyiceberg.schema import Schema
 from pyiceberg.transforms import DayTransform
 from pyiceberg.types import (
+    IcebergType,
     MapType,
     NestedField,
     StringType,
@@ -40,7 +41,7 @@ from pyiceberg.types import (
 )
 
 from common.events import Event
-from common.inference import desired_data_struct, fits
+from common.inference import desired_data_struct, fits, misfits
 from common.settings import SchemaMode
 
 DATA = "data"
@@ -187,63 +188,137 @@ def project(
     In ``evolve`` mode what has no column, or does not fit it, goes to ``_rescued_data``; in
     ``strict`` mode such an event is rejected with the reason; in ``raw`` mode ``data`` is left
     to ``raw_event``.
+
+    Built column by column, the hot path of a writer: ``data`` values go straight into one list
+    per column, each column is checked at once (:func:`~common.inference.column_checker`), and
+    only the events with something to rescue (a key without a column, a value that does not fit,
+    a renamed key, a ``data`` that is not an object) take the row-by-row path of
+    :func:`_project_row`.
     """
+    n = len(events)
     field_types = (
         {f.name: f.field_type for f in data_columns(schema).fields} if mode != "raw" else {}
     )
-    columns: dict[str, list[Any]] = {name: [] for name in CONTEXT_ATTRIBUTES}
-    extensions: list[dict[str, str] | None] = []
-    raw_events: list[str] = []
-    rescued: list[str | None] = []
-    data_rows: list[dict[str, Any]] = []
+    slots: dict[str, list[Any]] = {name: [None] * n for name in field_types}
+    odd = _fill_data_columns(events, slots, renamed) if mode != "raw" else set()
+    for name, values in slots.items():
+        odd.update(misfits(values, field_types[name]))
+
+    rescued: list[str | None] = [None] * n
     rejected: list[tuple[Event, str]] = []
     spilled: list[Event] = []
-
-    for event in events:
-        attrs = event.attributes
-        data = attrs.get(DATA)
-        row: dict[str, Any] = {}
-        spill: dict[str, Any] = {}
-        if mode != "raw" and DATA in attrs:
-            if isinstance(data, dict):
-                for key, value in data.items():
-                    column = renamed.get(key, key) if renamed else key
-                    column_type = field_types.get(column)
-                    if column_type is not None and column not in row and fits(value, column_type):
-                        row[column] = value
-                    elif value is not None or column_type is None:
-                        spill[key] = value
-            elif data is not None:
-                spill[NOT_DATA_SENTINEL] = data
+    dropped: list[int] = []
+    for i in sorted(odd):
+        event = events[i]
+        data = event.attributes.get(DATA)
+        for key in data if isinstance(data, dict) else ():
+            if key in slots:
+                slots[key][i] = None
+        row, spill = _project_row(event, field_types, renamed)
         if spill and any(v is not None and v != {} for v in spill.values()):
             spilled.append(event)
         if spill and mode == "strict":
             key = next(iter(spill))
             why = "has no column" if key not in field_types else "does not fit its column's type"
             rejected.append((event, f"data.{key}: {why} in strict mode"))
+            dropped.append(i)
             continue
-        for name in CONTEXT_ATTRIBUTES:
-            columns[name].append(event.time if name == "time" else attrs.get(name))
-        ext = {k: _extension_text(v) for k, v in attrs.items() if k not in _NOT_EXTENSIONS}
-        extensions.append(ext or None)
-        raw_events.append(event.raw)
-        rescued.append(_json_text(spill) if spill else None)
-        data_rows.append(row)
+        for column, value in row.items():
+            slots[column][i] = value
+        rescued[i] = _json_text(spill) if spill else None
 
-    n = len(raw_events)
-    arrays: dict[str, Any] = {name: columns[name] for name in CONTEXT_ATTRIBUTES}
-    arrays["extensions"] = [list(e.items()) if e is not None else None for e in extensions]
-    arrays["raw_event"] = raw_events
-    arrays["_ingested_at"] = [ingested_at] * n
-    arrays["_batch_id"] = [batch_id] * n
-    arrays[RESCUED] = rescued
-    for name in field_types:
-        arrays[name] = [row.get(name) for row in data_rows]
-    table = pa.Table.from_pydict(
-        {field.name: arrays.get(field.name, [None] * n) for field in arrow_schema},
-        schema=arrow_schema,
-    )
+    kept: Sequence[Event] = events
+    if dropped:
+        keep = sorted(set(range(n)).difference(dropped))
+        kept = [events[i] for i in keep]
+        rescued = [rescued[i] for i in keep]
+        slots = {name: [values[i] for i in keep] for name, values in slots.items()}
+    table = _arrow_table(kept, slots, rescued, arrow_schema, batch_id, ingested_at)
     return Projection(table=table, rejected=rejected, spilled=spilled)
+
+
+def _fill_data_columns(
+    events: Sequence[Event], slots: dict[str, list[Any]], renamed: Mapping[str, str] | None
+) -> set[int]:
+    """Put each event's ``data`` values in their column's list; return the events that need
+    :func:`_project_row` (a key without a column, a renamed key, ``data`` not an object)."""
+    odd: set[int] = set()
+    for i, event in enumerate(events):
+        attrs = event.attributes
+        if DATA not in attrs:
+            continue
+        data = attrs[DATA]
+        if type(data) is not dict:
+            if data is not None:
+                odd.add(i)
+            continue
+        if renamed and not renamed.keys().isdisjoint(data):
+            odd.add(i)
+            continue
+        for key, value in data.items():
+            column = slots.get(key)
+            if column is None:
+                odd.add(i)
+                break
+            column[i] = value
+    return odd
+
+
+def _project_row(
+    event: Event, field_types: Mapping[str, IcebergType], renamed: Mapping[str, str] | None
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One event's typed ``data`` values by column, and what it rescues (by ``data`` key)."""
+    attrs = event.attributes
+    data = attrs.get(DATA)
+    row: dict[str, Any] = {}
+    spill: dict[str, Any] = {}
+    if DATA in attrs:
+        if isinstance(data, dict):
+            for key, value in data.items():
+                column = renamed.get(key, key) if renamed else key
+                column_type = field_types.get(column)
+                if column_type is not None and column not in row and fits(value, column_type):
+                    row[column] = value
+                elif value is not None or column_type is None:
+                    spill[key] = value
+        elif data is not None:
+            spill[NOT_DATA_SENTINEL] = data
+    return row, spill
+
+
+def _arrow_table(
+    events: Sequence[Event],
+    data: dict[str, list[Any]],
+    rescued: list[str | None],
+    arrow_schema: pa.Schema,
+    batch_id: str,
+    ingested_at: datetime,
+) -> pa.Table:
+    n = len(events)
+    attributes = [e.attributes for e in events]
+    values: dict[str, Any] = {
+        name: [a.get(name) for a in attributes] for name in CONTEXT_ATTRIBUTES if name != "time"
+    }
+    values["time"] = [e.time for e in events]
+    values["extensions"] = [
+        None
+        if _NOT_EXTENSIONS.issuperset(a)
+        else [(k, _extension_text(v)) for k, v in a.items() if k not in _NOT_EXTENSIONS]
+        for a in attributes
+    ]
+    values["raw_event"] = [e.raw for e in events]
+    values[RESCUED] = rescued
+    values.update(data)
+    constant = {"_ingested_at": ingested_at, "_batch_id": batch_id}
+    arrays = []
+    for field in arrow_schema:
+        if field.name in constant:
+            arrays.append(pa.repeat(pa.scalar(constant[field.name], type=field.type), n))
+        elif field.name in values:
+            arrays.append(pa.array(values[field.name], type=field.type))
+        else:
+            arrays.append(pa.nulls(n, type=field.type))
+    return pa.Table.from_arrays(arrays, schema=arrow_schema)
 
 
 _NOT_EXTENSIONS = frozenset((*CONTEXT_ATTRIBUTES, DATA, "data_base64"))

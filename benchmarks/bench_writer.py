@@ -1,0 +1,250 @@
+"""Writer throughput per process, against plain pyiceberg and the raw ceiling, in the same run.
+
+One process, one event type (``com.example.shop.order_placed`` from ``icefleet demo``: nested
+``customer`` struct, ``items`` list of structs, nullable ``coupon``; ~490 bytes of NDJSON an event;
+times spread over two days, so two ``day(time)`` partitions a batch). For each batch size
+(1,000 and 10,000 events), three contenders write the same NDJSON payload, interleaved round by
+round (so a noisy neighbour hurts all three alike):
+
+- **icefleet**: ``BatchWriter.write`` as a writer worker calls it: parse and validate every event,
+  route, project onto the table schema (typed columns, ``raw_event``, ``_rescued_data``), one
+  Parquet file per day partition, its ``DataFile`` from the footer, registered as pending in a
+  real ``redis-server``. The table exists (created by a warm-up batch), as in a steady stream.
+- **plain pyiceberg**: what a user writes without icefleet: ``orjson.loads`` each line,
+  ``pa.Table.from_pylist`` (schema fixed from the warm-up batch), ``table.append`` (one commit a
+  batch) on an unpartitioned table with the same properties in the same SQLite catalog.
+- **raw ceiling**: ``orjson.loads`` each line, ``pa.Table.from_pylist``, ``pq.write_table``
+  (zstd) to a local file: no catalog, no validation, no ``raw_event`` column, no DataFile.
+
+Figures are events per second: for each round, the contender's events over its time; the median
+over rounds is reported. Targets (issue 8): icefleet at least 4x plain pyiceberg and at least 70%
+of the raw ceiling. Run: ``python -m benchmarks writer`` or
+``python -m benchmarks.bench_writer --sizes 1000,10000 --rounds 5``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+import pyarrow.parquet as pq
+from pyiceberg.catalog import Catalog
+from pyiceberg.table import Table
+
+from benchmarks._shared import (
+    environment,
+    fmt_rate,
+    median,
+    now_iso,
+    row,
+    verdict,
+    write_results,
+)
+from common.catalog import TABLE_PROPERTIES
+from tests.pipeline import make_pipeline, ndjson
+from tests.services import redis_server
+from workers.demo import synthetic_events
+
+NAME = "writer"
+EVENT_TYPE = "com.example.shop.order_placed"
+TARGET_VS_PLAIN = 4.0
+TARGET_VS_RAW = 0.70
+CONTENDERS = ("icefleet", "plain_pyiceberg", "raw_ceiling")
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench_writer", description=__doc__)
+    parser.add_argument("--sizes", default="1000,10000", help="events per batch, comma-separated")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per size (median reported)")
+    parser.add_argument(
+        "--events-per-round", type=int, default=20_000, help="events each contender writes a round"
+    )
+    parser.add_argument("--output", type=Path, default=None, help="JSON results file")
+    return parser.parse_args(argv)
+
+
+def order_events(count: int, run_id: str) -> list[dict[str, Any]]:
+    """``count`` demo events of one type (deterministic)."""
+    out: list[dict[str, Any]] = []
+    for event in synthetic_events(count * 8, seed=11, run_id=run_id):
+        if event["type"] == EVENT_TYPE:
+            out.append(event)
+            if len(out) == count:
+                return out
+    raise AssertionError("not enough events of the type")
+
+
+def plain_rows(payload: str) -> list[dict[str, Any]]:
+    return [orjson.loads(line) for line in payload.splitlines() if line]
+
+
+class Contenders:
+    """The three ways to write one batch, each set up once (tables created, warm)."""
+
+    def __init__(self, tmp: Path, redis_url: str, warm_payload: str) -> None:
+        self.pipe = make_pipeline(redis_url, tmp / "home")
+        self.raw_dir = tmp / "raw"
+        self.raw_dir.mkdir()
+        self.serial = 0
+        # Warm-up: icefleet creates its table from the batch; the plain table gets the schema
+        # pyarrow infers from the same batch.
+        self.pipe.writer.write("warm-up", warm_payload, enqueued_at_ms=0)
+        warm = pa.Table.from_pylist(plain_rows(warm_payload))
+        self.plain_schema = warm.schema
+        self.plain_table = self._plain_table(self.pipe.catalog, warm.schema)
+        self.plain_table.append(warm)
+
+    @staticmethod
+    def _plain_table(catalog: Catalog, schema: pa.Schema) -> Table:
+        catalog.create_namespace_if_not_exists("baseline")
+        return catalog.create_table(
+            ("baseline", "plain"), schema=schema, properties=TABLE_PROPERTIES
+        )
+
+    def _next(self) -> str:
+        self.serial += 1
+        return f"bench-{self.serial:06d}"
+
+    def icefleet(self, payload: str) -> None:
+        result = self.pipe.writer.write(
+            self._next(), payload, enqueued_at_ms=int(time.time() * 1000)
+        )
+        assert result.records == result.events and not result.dead_letters, result
+
+    def plain_pyiceberg(self, payload: str) -> None:
+        self.plain_table.append(pa.Table.from_pylist(plain_rows(payload), schema=self.plain_schema))
+
+    def raw_ceiling(self, payload: str) -> None:
+        table = pa.Table.from_pylist(plain_rows(payload))
+        pq.write_table(table, self.raw_dir / f"{self._next()}.parquet", compression="zstd")
+
+    def get(self, name: str) -> Callable[[str], None]:
+        fn: Callable[[str], None] = getattr(self, name)
+        return fn
+
+    def close(self) -> None:
+        self.pipe.close()
+
+
+def bench_size(contenders: Contenders, size: int, rounds: int, per_round: int) -> dict[str, Any]:
+    payload = ndjson(order_events(size, run_id=f"s{size}"))
+    batches = max(1, per_round // size)
+    rates: dict[str, list[float]] = {c: [] for c in CONTENDERS}
+    batch_ms: dict[str, list[float]] = {c: [] for c in CONTENDERS}
+    for r in range(rounds):
+        order = CONTENDERS[r % 3 :] + CONTENDERS[: r % 3]  # rotate who goes first
+        for name in order:
+            fn = contenders.get(name)
+            times = []
+            for _ in range(batches):
+                started = time.perf_counter()
+                fn(payload)
+                times.append(time.perf_counter() - started)
+            rates[name].append(size * batches / sum(times))
+            batch_ms[name].extend(t * 1000 for t in times)
+    result: dict[str, Any] = {
+        "events_per_batch": size,
+        "payload_bytes": len(payload.encode()),
+        "batches_per_round": batches,
+        "rounds": rounds,
+    }
+    for name in CONTENDERS:
+        result[name] = {
+            "events_per_s_median": median(rates[name]),
+            "events_per_s_rounds": rates[name],
+            "batch_ms_median": median(batch_ms[name]),
+        }
+    ours = result["icefleet"]["events_per_s_median"]
+    vs_plain = ours / result["plain_pyiceberg"]["events_per_s_median"]
+    vs_raw = ours / result["raw_ceiling"]["events_per_s_median"]
+    result["ratios"] = {"icefleet_vs_plain": vs_plain, "icefleet_vs_raw": vs_raw}
+    result["targets"] = {
+        "vs_plain": TARGET_VS_PLAIN,
+        "vs_plain_met": vs_plain >= TARGET_VS_PLAIN,
+        "vs_raw": TARGET_VS_RAW,
+        "vs_raw_met": vs_raw >= TARGET_VS_RAW,
+    }
+    return result
+
+
+def run(sizes: list[int], rounds: int, per_round: int) -> dict[str, Any]:
+    with (
+        tempfile.TemporaryDirectory(prefix="icefleet-bench-writer-") as tmp,
+        redis_server(Path(tmp) / "redis", appendonly=False) as url,
+    ):
+        warm = ndjson(order_events(1000, run_id="warm"))
+        contenders = Contenders(Path(tmp), url, warm)
+        try:
+            by_size = [bench_size(contenders, size, rounds, per_round) for size in sizes]
+            plain_snapshots = len(contenders.plain_table.refresh().metadata.snapshots)
+        finally:
+            contenders.close()
+    return {
+        "benchmark": NAME,
+        "at": now_iso(),
+        "event_type": EVENT_TYPE,
+        "sizes": by_size,
+        "plain_table_snapshots_at_end": plain_snapshots,
+        "environment": environment(),
+    }
+
+
+def report(result: dict[str, Any]) -> str:
+    lines = [
+        f"writer throughput per process, {result['event_type']} events "
+        f"(medians of rounds; plain table ended with {result['plain_table_snapshots_at_end']} "
+        "snapshots)"
+    ]
+    for size in result["sizes"]:
+        ratios, targets = size["ratios"], size["targets"]
+        lines += [
+            f"  {size['events_per_batch']:,} events per batch "
+            f"({size['payload_bytes'] / 1e6:.1f} MB NDJSON, {size['rounds']} rounds x "
+            f"{size['batches_per_round']} batches):",
+            row(
+                "  icefleet BatchWriter.write",
+                f"{fmt_rate(size['icefleet']['events_per_s_median'])}"
+                f"  ({size['icefleet']['batch_ms_median']:.0f} ms/batch)",
+            ),
+            row(
+                "  plain pyiceberg append (baseline)",
+                f"{fmt_rate(size['plain_pyiceberg']['events_per_s_median'])}"
+                f"  ({size['plain_pyiceberg']['batch_ms_median']:.0f} ms/batch)",
+            ),
+            row(
+                "  raw ceiling (parse+Arrow+Parquet)",
+                f"{fmt_rate(size['raw_ceiling']['events_per_s_median'])}"
+                f"  ({size['raw_ceiling']['batch_ms_median']:.0f} ms/batch)",
+            ),
+            row(
+                "  icefleet / plain pyiceberg",
+                f"{ratios['icefleet_vs_plain']:9.2f}x  (target >= {targets['vs_plain']:.0f}x: "
+                f"{verdict(targets['vs_plain_met'])})",
+            ),
+            row(
+                "  icefleet / raw ceiling",
+                f"{ratios['icefleet_vs_raw']:9.0%}   (target >= {targets['vs_raw']:.0%}: "
+                f"{verdict(targets['vs_raw_met'])})",
+            ),
+        ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args([] if argv is None else argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    result = run(sizes, args.rounds, args.events_per_round)
+    print(report(result))
+    print(f"  results: {write_results(NAME, result, args.output)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
