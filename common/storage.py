@@ -1,4 +1,8 @@
-"""Checks on the bytes in the warehouse, through the table's own FileIO (file://, s3://)."""
+"""Checks on the bytes in the warehouse, through the table's own FileIO (file://, s3://).
+
+Each lookup is retried on transient storage errors (throttling, 5xx, timeouts: common/retry.py);
+an absent object is an answer, not an error.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ from pyiceberg.io import FileIO
 from pyiceberg.manifest import DataFile
 
 from common.errors import MissingDataFileError
+from common.retry import STORAGE
 
 # HEAD requests to object storage are latency-bound: a few dozen in flight hide most of it.
 CHECK_THREADS = 32
@@ -16,10 +21,14 @@ CHECK_THREADS = 32
 
 def file_size(io: FileIO, path: str) -> int | None:
     """The size of the object at ``path``, or None if it does not exist."""
-    try:
-        return len(io.new_input(path))
-    except FileNotFoundError:
-        return None
+
+    def size() -> int | None:
+        try:
+            return len(io.new_input(path))
+        except FileNotFoundError:
+            return None
+
+    return STORAGE.call(f"size of {path}", size)
 
 
 def check_data_files(io: FileIO, files: Sequence[DataFile]) -> list[MissingDataFileError]:

@@ -14,6 +14,11 @@ writer took the claim, or the claim was held by a task that had not started yet.
 it commits every table with pending batches or a prepared record (a crashed committer's commit is
 recovered there) and re-claims for tables that are not due. It is the safety net for a lost
 message or a commit task that gave up; latency normally comes from the claims.
+
+**Faults.** A commit that fails on a transient catalog or storage error (the catalog database
+restarting, S3 throttling: common/retry.py) is run again in the task after a short jittered
+pause; re-running is always safe, since every run starts by resolving the prepared record. Longer
+outages are retried by Celery (``autoretry_for``) and, failing that, by the next sweep.
 """
 
 from __future__ import annotations
@@ -32,10 +37,12 @@ from common.backlog import COMMIT_QUEUE
 from common.commit import CommitResult
 from common.errors import (
     CommitStateUnknownError,
+    LockError,
     LockLostError,
     RetriesExhaustedError,
     RetryableError,
 )
+from common.retry import is_transient, policies_for
 from workers.app import COMMIT_TASK, SWEEP_TASK
 from workers.runtime import Runtime, runtime
 
@@ -95,8 +102,16 @@ def delay_until_due_ms(rt: Runtime, table: str) -> int | None:
 
 
 def commit_and_follow_up(rt: Runtime, table: str) -> list[CommitResult]:
-    """Commit ``table`` if due, forget old dedup entries, and claim a follow-up if still pending."""
-    results = rt.committer.commit_table(table, force=False)
+    """Commit ``table`` if due, forget old dedup entries, and claim a follow-up if still pending.
+
+    Transient catalog and storage errors are retried here a few times (not a lock held by
+    another committer: that one is already committing the table).
+    """
+    _, catalog_policy = policies_for(rt.settings.retry_base_ms)
+    policy = catalog_policy.but(
+        retry_on=lambda exc: is_transient(exc) and not isinstance(exc, LockError)
+    )
+    results = policy.call(f"commit of {table}", rt.committer.commit_table, table, force=False)
     if results:
         horizon_ms = int(time.time() * 1000) - rt.settings.dedup_window_s * 1000
         rt.committer.registry.trim_committed(table, horizon_ms)

@@ -1,10 +1,13 @@
 """The local fleet: ``redis-server``, Celery writer and committer processes, and Flower, supervised.
 
 Every process is started in a session (so a process group) of its own: Ctrl-C in the terminal
-reaches only the CLI, which then stops the fleet in order (writers, committer, Flower, Redis last,
-since the workers need it to shut down cleanly): SIGTERM to the process (Celery's warm shutdown:
-finish the running task, put reserved messages back), then SIGKILL to the whole group, so no
-prefork child or embedded beat is left behind. On Linux the children also get SIGTERM when the
+reaches only the CLI, which then stops the fleet in order: the writers first (Celery's warm
+shutdown on SIGTERM: no new task, reserved messages put back, and the running batch either
+finishes or hands its unwritten rest back as a child batch at the next chunk, see
+workers/writer.py), then the committer while Redis is still up (it finishes its commit, or a
+prepared record lets the next one finish it), Flower, and Redis last. Whatever does not stop within
+:data:`STOP_TIMEOUT_S` gets SIGKILL, with its whole group, so no prefork child or embedded beat is
+left behind; a batch it held is delivered again (``acks_late``) and lands once. On Linux the children also get SIGTERM when the
 CLI itself dies (``PR_SET_PDEATHSIG``).
 """
 
@@ -322,18 +325,34 @@ class Fleet:
             self._backoff_until[proc.name] = now + pause
         return restarted
 
+    def process(self, name: str) -> ManagedProcess:
+        """The managed process called ``name`` (``writer1``, ``committer``, ``flower``)."""
+        for proc in self.processes:
+            if proc.name == name:
+                return proc
+        raise KeyError(name)
+
     def stop(self) -> None:
-        """Stop everything that was started: workers first, Redis last. Idempotent."""
+        """Stop everything that was started, gracefully: writers, then the committer and Flower,
+        then Redis. Idempotent."""
         self._stopping = True
-        for proc in self.processes:
-            proc.signal(signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT_S
-        for proc in self.processes:
-            if not proc.wait(max(0.1, deadline - time.monotonic())):
-                logger.warning("%s did not stop in time; killing it", proc.name)
-            proc.kill_group()
+        writers = [p for p in self.processes if p.name.startswith("writer")]
+        others = [p for p in self.processes if p not in writers]
+        for group in (writers, others):
+            stop_gracefully(group)
         if self.redis is not None:
             self.redis.stop()
+
+
+def stop_gracefully(processes: list[ManagedProcess], timeout_s: float = STOP_TIMEOUT_S) -> None:
+    """SIGTERM each process, wait for all up to ``timeout_s`` together, then SIGKILL each group."""
+    for proc in processes:
+        proc.signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout_s
+    for proc in processes:
+        if not proc.wait(max(0.1, deadline - time.monotonic())):
+            logger.warning("%s did not stop within %.0fs; killing it", proc.name, timeout_s)
+        proc.kill_group()
 
 
 @contextmanager

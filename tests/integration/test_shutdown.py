@@ -1,0 +1,114 @@
+"""Graceful shutdown: SIGTERM a writer in the middle of a batch and the committer in the middle of
+a commit; after a restart everything lands exactly once.
+
+A writer asked to stop (Celery's warm shutdown) finishes the chunk it is writing, registers what
+it wrote and hands the rest of the batch back as a child batch, so it exits in about a chunk's
+time however large the batch. The committer finishes its commit (or leaves a prepared record that
+its successor resolves).
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from pathlib import Path
+
+import pytest
+import redis
+
+from common import keys
+from common.commit import SEQ_PROPERTY
+from common.partial import split_key
+from common.producer import Producer
+from common.settings import load_settings
+from tests.chaos.harness import (
+    assert_exactly_once,
+    environment,
+    expected_by_table,
+    fleet_env,
+    ids_in,
+    make_events,
+    make_stack,
+    restart,
+    running_fleet,
+    wait_idle,
+)
+
+pytestmark = pytest.mark.integration
+
+BIG = 12_000  # written in chunks of 50: several seconds of work
+
+
+def wait_for(predicate: object, timeout_s: float, what: str, poll_s: float = 0.02) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
+        time.sleep(poll_s)
+
+
+def test_sigterm_mid_batch_and_mid_commit_loses_and_duplicates_nothing(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given one writer (chunks of 50 events) and a committer
+    home = tmp_path / "home"
+    env = fleet_env(
+        ICEFLEET_REDIS_URL=redis_url, ICEFLEET_HOME=str(home), ICEFLEET_BATCH_MAX_EVENTS="100"
+    )
+    monkeypatch.delenv("ICEFLEET_CATALOG", raising=False)
+    with environment(env):
+        settings = load_settings()
+    producer_settings = load_settings({}, redis_url=redis_url, home=home, batch_max_events=BIG)
+    big = make_events("big", BIG, types=("com.example.order", "com.example.refund"), days=2)
+    small = [make_events(f"small{n}", 100) for n in range(30)]
+    everything = big + [e for batch in small for e in batch]
+
+    with environment(env), running_fleet(settings, writers=1) as fleet:
+        writer, committer = fleet.process("writer1"), fleet.process("committer")
+        with Producer(producer_settings) as producer:
+            # When a big batch is being written, then more batches wait behind it
+            producer.enqueue(big, batch_id="big")
+            wait_for(lambda: redis_client.hexists(keys.deliveries(), "big"), 60, "big to start")
+            for n, batch in enumerate(small):
+                producer.enqueue(batch, batch_id=f"small{n}")
+            time.sleep(1.5)
+
+            # ... and the writer gets SIGTERM
+            stopped_at = time.monotonic()
+            writer.signal(signal.SIGTERM)
+            assert writer.wait(30), "the writer did not stop within 30s"
+            stop_s = time.monotonic() - stopped_at
+
+            # Then it exits cleanly at once, having handed the rest of its batch back
+            assert writer.returncode == 0, writer.tail()
+            assert redis_client.get(split_key("big")) is not None, writer.tail()
+            assert "Warm shutdown" in writer.tail(200) or "warm shutdown" in writer.tail(200)
+
+            # When the writer runs again and the committer gets SIGTERM in the middle of a commit
+            restart(fleet, writer)
+            prepared = keys.prepared("*")
+            wait_for(lambda: bool(redis_client.keys(prepared)), 90, "a commit", poll_s=0.002)
+            committer.signal(signal.SIGTERM)
+            assert committer.wait(30), "the committer did not stop within 30s"
+
+            # Then it exits cleanly too; and once it is back, everything lands exactly once
+            assert committer.returncode == 0, committer.tail()
+            restart(fleet, committer)
+            wait_idle(redis_client, timeout_s=180)
+        print(f"writer stopped {stop_s:.1f}s after SIGTERM")
+
+    stack = make_stack(redis_url, home)
+    try:
+        for name, ids in expected_by_table(stack.settings, everything).items():
+            table = stack.table(name)
+            assert_exactly_once(ids_in(table), ids, name)
+            seqs = [
+                int(s.summary.additional_properties[SEQ_PROPERTY])
+                for s in table.snapshots()
+                if s.summary is not None and SEQ_PROPERTY in s.summary.additional_properties
+            ]
+            assert seqs == sorted(set(seqs)), seqs  # one snapshot per commit seq, in order
+        batches = set(ids_in(stack.table("events.order"), "_batch_id"))
+        assert any(b.startswith("big~") for b in batches), batches
+    finally:
+        stack.close()
