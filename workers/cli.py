@@ -358,5 +358,9 @@ from workers.cli_maintenance import register as register_maintenance  # noqa: E4
 
 register_maintenance(main)  # compact, expire-snapshots, remove-orphans, delete, verify, ...
 
+from workers.cli_deadletters import dead_letters  # noqa: E402
+
+main.add_command(dead_letters)
+
 if __name__ == "__main__":
     main()
