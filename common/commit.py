@@ -169,7 +169,7 @@ class Committer:
             if recovered is not None:
                 results.append(recovered)
             while True:
-                prepared = self._prepare(name)
+                prepared = self._prepare(name, lock)
                 if prepared is None:
                     break
                 results.append(self._commit_prepared(name, prepared, lock, recovered=False))
@@ -200,10 +200,13 @@ class Committer:
         if text is None:
             return None
         prepared = PreparedCommit.from_json(text)
+        if prepared.to_json() != text:
+            # finish_commit drops the record only if it is byte-equal to ours: store it as ours.
+            self.registry.prepare(str(name), prepared.to_json(), lock_token=lock.token)
         logger.warning("%s: resolving prepared commit seq %d", name, prepared.seq)
         return self._commit_prepared(name, prepared, lock, recovered=True)
 
-    def _prepare(self, name: TableName) -> PreparedCommit | None:
+    def _prepare(self, name: TableName, lock: TableLock) -> PreparedCommit | None:
         entries = self.registry.pending_entries(str(name))
         if not entries:
             return None
@@ -218,7 +221,7 @@ class Committer:
             files += n
         table = self.catalog.load_table(name.parts)
         prepared = PreparedCommit(committed_seq(table) + 1, tuple(chosen), int(time.time() * 1000))
-        self.registry.prepare(str(name), prepared.to_json())
+        self.registry.prepare(str(name), prepared.to_json(), lock_token=lock.token)
         self._fault("after_prepare")
         return prepared
 
@@ -264,14 +267,19 @@ class Committer:
                 # Out of the prepared record first, so they are never marked committed.
                 kept = tuple(b for b in prepared.batch_ids if b not in set(quarantined))
                 prepared = PreparedCommit(prepared.seq, kept, prepared.prepared_ms)
-                self.registry.prepare(str(name), prepared.to_json())
+                self.registry.prepare(str(name), prepared.to_json(), lock_token=lock.token)
                 self._quarantine(name, quarantined)
                 result.batches = len(kept)
             if files:
                 table = self._commit_with_retries(name, prepared, files, records, lock, result)
         snapshot = table.current_snapshot()
         result.snapshot_id = snapshot.snapshot_id if snapshot else None
-        self.registry.finish_commit(str(name), list(prepared.batch_ids), int(time.time() * 1000))
+        self.registry.finish_commit(
+            str(name),
+            list(prepared.batch_ids),
+            int(time.time() * 1000),
+            prepared_json=prepared.to_json(),
+        )
         self._fault("after_cleanup")
         result.duration_ms = (time.perf_counter() - started) * 1000
         logger.info(

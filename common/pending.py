@@ -23,6 +23,7 @@ import orjson
 import redis
 
 from common import keys
+from common.errors import LockLostError
 
 # KEYS: pending, committed, pending_tables; ARGV: batch_id, entry, table → 1 registered, 0 duplicate
 _REGISTER_LUA = """
@@ -36,18 +37,31 @@ redis.call('sadd', KEYS[3], ARGV[3])
 return 1
 """
 
-# KEYS: pending, committed, prepared, pending_tables; ARGV: table, committed_ms, batch ids...
+# KEYS: pending, committed, prepared, pending_tables;
+# ARGV: table, committed_ms, only_if ('1': drop the prepared record only if it equals the next
+# argument, '0': drop it whatever it is), expected prepared record, batch ids...
 # ZADD NX keeps the first commit time when the call is repeated.
 _FINISH_LUA = """
-for i = 3, #ARGV do
+for i = 5, #ARGV do
   redis.call('hdel', KEYS[1], ARGV[i])
   redis.call('zadd', KEYS[2], 'NX', ARGV[2], ARGV[i])
 end
-redis.call('del', KEYS[3])
+if ARGV[3] == '0' or redis.call('get', KEYS[3]) == ARGV[4] then
+  redis.call('del', KEYS[3])
+end
 if redis.call('hlen', KEYS[1]) == 0 then
   redis.call('srem', KEYS[4], ARGV[1])
 end
 return 0
+"""
+
+# KEYS: prepared, lock; ARGV: record, lock token → 1 stored, 0 the lock does not hold that token
+_PREPARE_FENCED_LUA = """
+if redis.call('get', KEYS[2]) ~= ARGV[2] then
+  return 0
+end
+redis.call('set', KEYS[1], ARGV[1])
+return 1
 """
 
 # KEYS: pending, pending_tables; ARGV: table, batch ids... → number of entries removed
@@ -90,6 +104,7 @@ class PendingRegistry:
         self._register = client.register_script(_REGISTER_LUA)
         self._finish = client.register_script(_FINISH_LUA)
         self._remove = client.register_script(_REMOVE_LUA)
+        self._prepare_fenced = client.register_script(_PREPARE_FENCED_LUA)
 
     # --- writers ----------------------------------------------------------------------------------
 
@@ -150,21 +165,42 @@ class PendingRegistry:
 
     # --- committer --------------------------------------------------------------------------------
 
-    def prepare(self, table: str, record_json: str) -> None:
-        """Store the prepared-commit record (seq, batch ids) before the catalog commit."""
-        self._client.set(keys.prepared(table), record_json)
+    def prepare(self, table: str, record_json: str, lock_token: str | None = None) -> None:
+        """Store the prepared-commit record (seq, batch ids) before the catalog commit.
+
+        With ``lock_token`` (the committer's :class:`~common.locks.TableLock` token) the record is
+        stored only while the table lock still holds that token, else :class:`LockLostError` is
+        raised: a committer that lost its lock never overwrites the record of the new owner.
+        """
+        if lock_token is None:
+            self._client.set(keys.prepared(table), record_json)
+            return
+        stored = self._prepare_fenced(
+            keys=[keys.prepared(table), keys.lock(table)], args=[record_json, lock_token]
+        )
+        if not stored:
+            raise LockLostError(keys.lock(table))
 
     def prepared(self, table: str) -> str | None:
         """The prepared-commit record of an unfinished commit, or ``None``."""
         record = self._client.get(keys.prepared(table))
         return None if record is None else _text(record)
 
-    def finish_commit(self, table: str, batch_ids: Iterable[str], committed_ms: int) -> None:
+    def finish_commit(
+        self,
+        table: str,
+        batch_ids: Iterable[str],
+        committed_ms: int,
+        prepared_json: str | None = None,
+    ) -> None:
         """Atomically move the batches from pending to committed and drop the prepared record.
 
-        Idempotent: repeating it changes nothing (the first commit time is kept). Ids that are
-        not pending are still remembered as committed.
+        With ``prepared_json``, the prepared record is dropped only if it is still that text: a
+        stale committer (one that lost its lock) finishing late never deletes the record of the
+        commit a newer committer has prepared since. Idempotent: repeating it changes nothing (the
+        first commit time is kept). Ids that are not pending are still remembered as committed.
         """
+        only_if = "0" if prepared_json is None else "1"
         self._finish(
             keys=[
                 keys.pending(table),
@@ -172,7 +208,7 @@ class PendingRegistry:
                 keys.prepared(table),
                 keys.pending_tables(),
             ],
-            args=[table, int(committed_ms), *batch_ids],
+            args=[table, int(committed_ms), only_if, prepared_json or "", *batch_ids],
         )
 
     def abandon_prepared(self, table: str) -> None:
