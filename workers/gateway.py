@@ -47,6 +47,7 @@ from urllib.parse import unquote
 
 import orjson
 import redis
+from kombu.exceptions import OperationalError as KombuOperationalError
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
@@ -375,7 +376,7 @@ async def post_events(request: Request) -> Response:
             outcome = await run_in_threadpool(gateway.enqueue, mode, headers, body, table, key)
     except RequestError as exc:
         return _error(exc.status, exc.reason)
-    except redis.RedisError as exc:
+    except (redis.RedisError, KombuOperationalError) as exc:
         logger.error("enqueue failed: Redis unavailable: %s", exc)
         return _error(503, f"the queue is unavailable: {redact_text(str(exc))}")
     gateway.record(outcome)

@@ -360,7 +360,7 @@ def test_health_and_metrics(gateway: Server, redis_client: redis.Redis) -> None:
     accepted = [line for line in lines if line.startswith("icefleet_events_accepted_total{")]
     assert any('table="events.http_order"' in line for line in accepted)
     assert "icefleet_outstanding_batches 1.0" in lines
-    assert 'icefleet_http_requests_total{route="/events",status="401"}' in metrics.text
+    assert 'icefleet_http_requests_total{route="/metrics",status="401"}' in metrics.text
 
 
 def test_logs_are_json_with_batch_ids(gateway: Server) -> None:
@@ -371,6 +371,35 @@ def test_logs_are_json_with_batch_ids(gateway: Server) -> None:
     ]
     assert any(line.get("batch_id") == reply.body["batch_id"] for line in lines)
     assert TOKEN not in gateway.log.read_text()
+
+
+def test_metrics_on_a_port_of_their_own(redis_url: str, tmp_path: Path) -> None:
+    # Given `icefleet serve --metrics-port` (the compose stack's layout: 9100 stays internal)
+    port, metrics_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ICEFLEET_", "PYICEBERG_"))}
+    env.update(ICEFLEET_REDIS_URL=redis_url, ICEFLEET_HOME=str(tmp_path), ICEFLEET_HTTP_TOKEN=TOKEN)
+    argv = [sys.executable, "-m", "workers.cli", "serve", "--port", str(port)]
+    same = subprocess.run(
+        [*argv, "--metrics-port", str(port)], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert same.returncode == 2 and "must differ from --port" in same.stderr
+    proc = subprocess.Popen(
+        [*argv, "--metrics-port", str(metrics_port)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port(port, timeout_s=30)
+
+        # Then the metrics are there, without the ingest token, and not on the ingest port
+        scraped = request(f"http://127.0.0.1:{metrics_port}/metrics", method="GET")
+        assert scraped.status == 200 and "icefleet_redis_up 1.0" in scraped.text
+        main_port = request(f"http://127.0.0.1:{port}/metrics", headers=AUTH, method="GET")
+        assert main_port.status == 404
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
 
 
 # --- a gateway in this process: no token, and Redis down ----------------------------------------------
