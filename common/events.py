@@ -13,10 +13,12 @@ to a float (orjson does that silently, ijl/orjson#308), so such integers stay ex
 from __future__ import annotations
 
 import base64
+import gc
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -47,7 +49,8 @@ _CONTEXT = frozenset(
 )
 _EXTENSION_NAME = re.compile(r"[a-z0-9]{1,20}")
 _NAMES_SEEN: set[str] = set()  # extension names known to be valid, to skip the regex
-_PLAIN = frozenset((str, bool, type(None)))  # extension value types with nothing more to check
+_PLAIN = frozenset((str, bool, type(None)))
+_STR_KINDS = frozenset((str,))  # extension value types with nothing more to check
 _RFC3339 = re.compile(
     r"([0-9]{4})-([0-9]{2})-([0-9]{2})[Tt]([01][0-9]|2[0-3]):([0-5][0-9]):([0-5][0-9]|60)"
     r"(?:\.([0-9]+))?"
@@ -137,10 +140,11 @@ def validate_event(obj: object) -> datetime | None:
     version = get("specversion")
     if version != "1.0" or type(version) is not str:
         raise _string_fault("specversion", version, missing="specversion" not in obj)
-    for name in ("id", "source", "type"):
-        value = get(name)
-        if type(value) is not str or not value:
-            raise _string_fault(name, value, missing=name not in obj)
+    # The common case in a few C-level steps; any doubt takes the attribute-by-attribute path,
+    # which finds the first attribute at fault.
+    required = (get("id"), get("source"), get("type"))
+    if not _STR_KINDS.issuperset(map(type, required)) or not all(required):
+        _raise_required_fault(obj)
     for name in _OPTIONAL:
         value = get(name)
         if value is not None and (type(value) is not str or not value):
@@ -148,15 +152,24 @@ def validate_event(obj: object) -> datetime | None:
     encoded = get("data_base64")
     if encoded is not None:
         _check_base64(encoded, has_data=get("data") is not None)
-    for key, value in obj.items():
-        if key not in _CONTEXT and (key not in _NAMES_SEEN or type(value) not in _PLAIN):
-            _check_extension(key, value)
+    if not _CONTEXT.issuperset(obj):
+        for key, value in obj.items():
+            if key not in _CONTEXT and (key not in _NAMES_SEEN or type(value) not in _PLAIN):
+                _check_extension(key, value)
     when = get("time")
     if when is None:
         return None
     if type(when) is not str:
         raise _fault("time", f"must be an RFC 3339 timestamp string, got {_describe(when)}")
     return parse_rfc3339(when)
+
+
+def _raise_required_fault(obj: dict[str, Any]) -> None:
+    """Raise for the first of ``id``, ``source``, ``type`` that is not a non-empty string."""
+    for name in ("id", "source", "type"):
+        value = obj.get(name)
+        if type(value) is not str or not value:
+            raise _string_fault(name, value, missing=name not in obj)
 
 
 def parse_rfc3339(value: str) -> datetime:
@@ -259,10 +272,20 @@ def _loads(data: bytes) -> tuple[Any, bool]:
         value = orjson.loads(data)
     except (orjson.JSONDecodeError, RecursionError):
         pass
-    else:  # orjson rounds integers over 64 bits: any run of 20 digits, or '-' and 19, may be one
-        digits = data.translate(_DIGITS_TO_ZERO)
-        if b"0" * 20 not in digits and b"-" + b"0" * 19 not in digits:
+    else:
+        if not _may_hold_big_int(data):
             return value, False
+    return _loads_stdlib(data)
+
+
+def _may_hold_big_int(data: bytes) -> bool:
+    """orjson rounds integers over 64 bits: any run of 20 digits, or '-' and 19, may be one."""
+    digits = data.translate(_DIGITS_TO_ZERO)
+    return b"0" * 20 in digits or b"-" + b"0" * 19 in digits
+
+
+def _loads_stdlib(data: bytes) -> tuple[Any, bool]:
+    """Parse with the standard library: exact big integers, precise reasons for bad input."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -385,6 +408,31 @@ def parse_batch(
     """
     if max_event_bytes <= 0:
         raise ConfigError("ICEFLEET_MAX_EVENT_BYTES", str(max_event_bytes), "a positive integer")
+    with paused_gc():
+        return _parse(payload, batch_id, max_event_bytes)
+
+
+@contextmanager
+def paused_gc() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a batch's objects are made.
+
+    Parsing a batch allocates hundreds of thousands of dicts and lists that all stay alive, and
+    every few hundred allocations Python's collector runs and traverses them again (and, as they
+    age, the whole heap): with it on, ``orjson.loads`` of 10,000 events takes three times as
+    long. Reference counting still frees everything as usual; the collector runs again as soon
+    as the outermost pause ends. Never turns on a collector that was off before.
+    """
+    if not gc.isenabled():
+        yield
+        return
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
+def _parse(payload: bytes | str, batch_id: str, max_event_bytes: int) -> ParsedBatch:
     received, body, layout = _body(payload)
     batch = ParsedBatch([], [])
     try:
@@ -394,12 +442,29 @@ def parse_batch(
         batch.dead_letters.append(DeadLetter(batch_id, 0, reason, None, received))
         return batch
     events, dead_letters = batch.events, batch.dead_letters
+    # One scan of the whole body instead of one per item: no item holds a run of digits that
+    # the body does not hold (items are slices of it, or re-serialised from one parse of it).
+    fast = not _may_hold_big_int(body)
+    loads, decode_error = orjson.loads, orjson.JSONDecodeError
     for position, raw, value, via_stdlib in items:
         try:
-            _check_size(raw, max_event_bytes)
-            if value is _UNPARSED:
-                value, via_stdlib = _loads(raw)
-            when = validate_event(_check_object(value, raw, via_stdlib))
+            if value is _UNPARSED and fast and len(raw) <= max_event_bytes:
+                try:
+                    value = loads(raw)
+                except (decode_error, RecursionError):
+                    value, via_stdlib = _loads_stdlib(raw)
+                if (
+                    type(value) is not dict
+                    or via_stdlib
+                    or raw.count(b"{") + raw.count(b"[") > MAX_NESTING_DEPTH
+                ):
+                    value = _check_object(value, raw, via_stdlib)
+            else:
+                _check_size(raw, max_event_bytes)
+                if value is _UNPARSED:
+                    value, via_stdlib = _loads(raw)
+                value = _check_object(value, raw, via_stdlib)
+            when = validate_event(value)
         except InvalidEventError as exc:
             dead_letters.append(DeadLetter(batch_id, position, exc.reason, exc.attribute, raw))
         else:

@@ -40,7 +40,7 @@ from pyiceberg.types import (
     TimestamptzType,
 )
 
-from common.events import Event
+from common.events import Event, paused_gc
 from common.inference import desired_data_struct, fits, misfits
 from common.settings import SchemaMode
 
@@ -195,12 +195,27 @@ def project(
     a renamed key, a ``data`` that is not an object) take the row-by-row path of
     :func:`_project_row`.
     """
+    with paused_gc():
+        return _project(events, schema, arrow_schema, batch_id, ingested_at, mode, renamed)
+
+
+def _project(
+    events: Sequence[Event],
+    schema: Schema,
+    arrow_schema: pa.Schema,
+    batch_id: str,
+    ingested_at: datetime,
+    mode: SchemaMode,
+    renamed: Mapping[str, str] | None,
+) -> Projection:
     n = len(events)
     field_types = (
         {f.name: f.field_type for f in data_columns(schema).fields} if mode != "raw" else {}
     )
-    slots: dict[str, list[Any]] = {name: [None] * n for name in field_types}
-    odd = _fill_data_columns(events, slots, renamed) if mode != "raw" else set()
+    slots: dict[str, list[Any]] = {}
+    odd: set[int] = set()
+    if mode != "raw":
+        slots, odd = _fill_data_columns(events, list(field_types), renamed)
     for name, values in slots.items():
         odd.update(misfits(values, field_types[name]))
 
@@ -238,30 +253,28 @@ def project(
 
 
 def _fill_data_columns(
-    events: Sequence[Event], slots: dict[str, list[Any]], renamed: Mapping[str, str] | None
-) -> set[int]:
-    """Put each event's ``data`` values in their column's list; return the events that need
-    :func:`_project_row` (a key without a column, a renamed key, ``data`` not an object)."""
-    odd: set[int] = set()
-    for i, event in enumerate(events):
-        attrs = event.attributes
-        if DATA not in attrs:
-            continue
-        data = attrs[DATA]
-        if type(data) is not dict:
-            if data is not None:
-                odd.add(i)
-            continue
-        if renamed and not renamed.keys().isdisjoint(data):
-            odd.add(i)
-            continue
-        for key, value in data.items():
-            column = slots.get(key)
-            if column is None:
-                odd.add(i)
-                break
-            column[i] = value
-    return odd
+    events: Sequence[Event], names: Sequence[str], renamed: Mapping[str, str] | None
+) -> tuple[dict[str, list[Any]], set[int]]:
+    """Each data column's values, one per event (None where an event has none), and the events
+    that need :func:`_project_row`: a key without a column, a renamed key, ``data`` that is not
+    an object (their values in the lists are to be replaced)."""
+    datas = [e.attributes.get(DATA) for e in events]
+    columns = frozenset(names)
+    odd = {
+        i
+        for i, data in enumerate(datas)
+        if data is not None and (type(data) is not dict or not columns.issuperset(data))
+    }
+    if renamed:
+        old = renamed.keys()
+        odd.update(
+            i for i, data in enumerate(datas) if type(data) is dict and not old.isdisjoint(data)
+        )
+    objects = [data if type(data) is dict else _NO_DATA for data in datas]
+    return {name: [data.get(name) for data in objects] for name in names}, odd
+
+
+_NO_DATA: dict[str, Any] = {}
 
 
 def _project_row(
