@@ -1,0 +1,252 @@
+"""Fleet scaling: 1 vs 2 writer processes end to end, against one plain-pyiceberg process.
+
+Each run starts a real local fleet (``workers.fleet.Fleet``: its own ``redis-server``, K Celery
+writer processes with concurrency 1, the committer with its beat, the embedded SQLite catalog and
+a local warehouse, all under a fresh temporary home), sends ``--events`` synthetic demo events
+(three types, three tables) in batches of ``--batch-size`` with :class:`common.producer.Producer`
+from this process, and stops the clock when every batch is committed (``common.backlog.Waiter``,
+polled every 50 ms). events/s = events / (first enqueue to last commit). Runs alternate
+1, 2, 1, 2... writers and the median per fleet size is reported, with the peak RSS (``VmHWM``)
+of each writer's processes read from ``/proc`` before the fleet stops.
+
+Baseline, same run, same events: ONE process doing what a user without icefleet does: for each
+batch, ``orjson.loads`` each event, group by type, ``pa.Table.from_pylist`` and one
+``table.append`` per table (schema fixed from the first batch).
+
+The machine has 2 cores for everything: the producer, Redis, the writers and the committer share
+them, so 2 writers cannot double 1 writer here. No seed target for the scaling itself; the ratio
+is printed. Run: ``python -m benchmarks fleet`` or
+``python -m benchmarks.bench_fleet --events 100000 --rounds 2``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pyarrow as pa
+
+from benchmarks._shared import environment, fmt_rate, median, now_iso, row, write_results
+from common.backlog import Waiter
+from common.catalog import TABLE_PROPERTIES, open_catalog
+from common.producer import Producer
+from common.settings import load_settings
+from workers.demo import synthetic_events
+from workers.fleet import Fleet
+
+NAME = "fleet"
+
+
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="bench_fleet", description=__doc__)
+    parser.add_argument("--events", type=int, default=100_000, help="events per run")
+    parser.add_argument("--batch-size", type=int, default=5_000, help="events per batch")
+    parser.add_argument("--writers", default="1,2", help="fleet sizes, comma-separated")
+    parser.add_argument("--rounds", type=int, default=2, help="runs per fleet size")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
+    parser.add_argument("--output", type=Path, default=None, help="JSON results file")
+    return parser.parse_args(argv)
+
+
+def batches_of(events: list[dict[str, Any]], size: int) -> list[list[dict[str, Any]]]:
+    return [events[i : i + size] for i in range(0, len(events), size)]
+
+
+def process_group_peak_rss_mb(pgid: int) -> dict[str, float]:
+    """``VmHWM`` (peak RSS) of every process in the process group ``pgid``, by pid, in MiB."""
+    out = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            # the field after the ")" that closes the command: state ppid pgrp ...
+            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            for line in (entry / "status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    out[entry.name] = int(line.split()[1]) / 1024
+        except (OSError, ValueError, IndexError):
+            continue
+    return out
+
+
+def run_fleet(
+    writers: int, batches: list[list[dict[str, Any]]], timeout_s: float
+) -> dict[str, Any]:
+    events = sum(len(b) for b in batches)
+    with tempfile.TemporaryDirectory(prefix="icefleet-bench-fleet-") as tmp:
+        settings = load_settings(None, home=Path(tmp) / "home")
+        fleet = Fleet(settings, writers=writers, spawn_redis=True, loglevel="WARNING")
+        try:
+            fleet.start()
+            fleet.wait_ready(timeout_s=120)
+            with Producer(fleet.settings) as producer:
+                started = time.monotonic()
+                for batch in batches:
+                    producer.enqueue_many(batch)
+                enqueued_s = time.monotonic() - started
+                waiter = Waiter(producer.client)
+                written_s = None
+                while not (state := waiter.poll()).done:
+                    if written_s is None and not state.not_written:
+                        written_s = time.monotonic() - started
+                    if time.monotonic() - started > timeout_s:
+                        raise TimeoutError(f"{writers} writer(s): not committed in {timeout_s}s")
+                    time.sleep(0.05)
+                seconds = time.monotonic() - started
+            rss = {
+                proc.name: process_group_peak_rss_mb(proc.pid)
+                for proc in fleet.processes
+                if proc.pid is not None
+            }
+            rows = committed_rows(fleet.settings)
+        finally:
+            fleet.stop()
+    assert rows == events, f"{rows} rows committed for {events} events"
+    return {
+        "writers": writers,
+        "events": events,
+        "seconds": seconds,
+        "enqueue_seconds": enqueued_s,
+        # every batch written and registered (not yet committed): the writers' share
+        "written_seconds": written_s if written_s is not None else seconds,
+        "events_per_s": events / seconds,
+        "written_events_per_s": events / (written_s if written_s is not None else seconds),
+        "peak_rss_mb": rss,
+    }
+
+
+def committed_rows(settings: Any) -> int:
+    catalog = open_catalog(settings)
+    total = 0
+    for ident in catalog.list_tables("events"):
+        snapshot = catalog.load_table(ident).current_snapshot()
+        if snapshot is not None and snapshot.summary is not None:
+            total += int(snapshot.summary.additional_properties.get("total-records", 0))
+    return total
+
+
+def run_plain(batches: list[list[dict[str, Any]]]) -> dict[str, Any]:
+    """One process, one ``table.append`` per table per batch, the simple way."""
+    with tempfile.TemporaryDirectory(prefix="icefleet-bench-plain-") as tmp:
+        catalog = open_catalog(load_settings({}, home=Path(tmp)))
+        catalog.create_namespace_if_not_exists("plain")
+        tables: dict[str, Any] = {}
+        schemas: dict[str, pa.Schema] = {}
+        payloads = ["\n".join(orjson.dumps(e).decode() for e in batch) for batch in batches]
+        started = time.monotonic()
+        for payload in payloads:
+            by_type: dict[str, list[dict[str, Any]]] = defaultdict(list)
+            for line in payload.splitlines():
+                event = orjson.loads(line)
+                by_type[event["type"]].append(event)
+            for event_type, rows in by_type.items():
+                if event_type not in tables:
+                    first = pa.Table.from_pylist(rows)
+                    schemas[event_type] = first.schema
+                    name = ("plain", event_type.rsplit(".", 1)[-1])
+                    tables[event_type] = catalog.create_table(
+                        name, schema=first.schema, properties=TABLE_PROPERTIES
+                    )
+                tables[event_type].append(pa.Table.from_pylist(rows, schema=schemas[event_type]))
+        seconds = time.monotonic() - started
+    events = sum(len(b) for b in batches)
+    return {"events": events, "seconds": seconds, "events_per_s": events / seconds}
+
+
+def run(
+    events: int, batch_size: int, sizes: list[int], rounds: int, timeout_s: float
+) -> dict[str, Any]:
+    runs: dict[int, list[dict[str, Any]]] = {k: [] for k in sizes}
+    for r in range(rounds):
+        for writers in sizes:
+            run_id = f"r{r}w{writers}-{os.getpid()}"
+            batches = batches_of(list(synthetic_events(events, seed=7, run_id=run_id)), batch_size)
+            runs[writers].append(run_fleet(writers, batches, timeout_s))
+    plain = run_plain(batches_of(list(synthetic_events(events, seed=7)), batch_size))
+    per_size = {
+        str(k): {
+            "events_per_s_median": median([x["events_per_s"] for x in v]),
+            "seconds_median": median([x["seconds"] for x in v]),
+            "written_events_per_s_median": median([x["written_events_per_s"] for x in v]),
+            "writer_peak_rss_mb_max": max(
+                (mb for x in v for name, by_pid in x["peak_rss_mb"].items()
+                 if name.startswith("writer") for mb in by_pid.values()),
+                default=None,
+            ),
+            "runs": v,
+        }
+        for k, v in runs.items()
+    }  # fmt: skip
+    base = per_size[str(sizes[0])]["events_per_s_median"]
+    return {
+        "benchmark": NAME,
+        "at": now_iso(),
+        "events": events,
+        "batch_size": batch_size,
+        "fleet": per_size,
+        "plain_pyiceberg_one_process": plain,
+        "ratios": {
+            **{
+                f"{k}_writers_vs_{sizes[0]}": per_size[str(k)]["events_per_s_median"] / base
+                for k in sizes[1:]
+            },
+            **{
+                f"{k}_writers_vs_plain": per_size[str(k)]["events_per_s_median"]
+                / plain["events_per_s"]
+                for k in sizes
+            },
+        },
+        "environment": environment(),
+    }
+
+
+def report(result: dict[str, Any]) -> str:
+    lines = [
+        f"fleet end to end: {result['events']:,} demo events (3 tables) in batches of "
+        f"{result['batch_size']:,}, enqueue -> committed (median of runs)"
+    ]
+    for k, v in result["fleet"].items():
+        rss = v["writer_peak_rss_mb_max"]
+        lines.append(
+            row(
+                f"  {k} writer(s) + committer",
+                f"{fmt_rate(v['events_per_s_median'])}  ({v['seconds_median']:.1f} s; all "
+                f"written at {v['written_events_per_s_median']:,.0f} ev/s; "
+                f"writer peak RSS {rss:.0f} MiB)"
+                if rss is not None
+                else f"{fmt_rate(v['events_per_s_median'])}",
+            )
+        )
+    plain = result["plain_pyiceberg_one_process"]
+    lines.append(
+        row(
+            "  plain pyiceberg, 1 process (baseline)",
+            f"{fmt_rate(plain['events_per_s'])}  ({plain['seconds']:.1f} s)",
+        )
+    )
+    for name, ratio in result["ratios"].items():
+        lines.append(row(f"  {name.replace('_', ' ')}", f"{ratio:9.2f}x"))
+    lines.append("  (no seed target for scaling; 2 cores shared by producer, Redis and workers)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args([] if argv is None else argv)
+    sizes = [int(s) for s in args.writers.split(",") if s]
+    result = run(args.events, args.batch_size, sizes, args.rounds, args.timeout)
+    print(report(result))
+    print(f"  results: {write_results(NAME, result, args.output)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
