@@ -39,7 +39,7 @@ REDIS_INSTALL_HINT = (
     "install it with `apt-get install redis-server` (Debian/Ubuntu), `brew install redis` "
     "(macOS) or `dnf install redis` (Fedora), or point ICEFLEET_REDIS_URL at a running Redis"
 )
-FLOWER_INSTALL_HINT = "install it with `pip install 'icefleet[flower]'`"
+FLOWER_INSTALL_HINT = "install it with `pip install 'flower>=2,<3'` (a dependency of icefleet)"
 
 
 def free_port() -> int:
