@@ -10,6 +10,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -173,6 +174,9 @@ def _rust_ids(identifier: list[str], metadata_location: str, file_io: dict[str, 
 
 # --- a real fleet ----------------------------------------------------------------------------------
 
+#: Held while a process is killed and restarted, and by the supervisor: never both at once.
+FLEET_LOCK = threading.RLock()
+
 
 def wait_idle(client: redis.Redis, timeout_s: float, settle_s: float = 1.0) -> None:
     """Until nothing is outstanding, pending, prepared or queued for ``settle_s`` in a row.
@@ -309,25 +313,30 @@ def running_fleet(settings: Settings, writers: int = 2, ready_s: float = 90) -> 
 
 
 def restart(fleet: Fleet, proc: ManagedProcess, on_tick: Callable[[], None] | None = None) -> None:
-    """Start a dead worker again (same name, same log) and wait until it answers."""
+    """Start a dead worker again (same name, same log) and wait until every worker answers."""
     proc.kill_group()
     proc.restarts += 1
     proc.start()
-    fleet.wait_ready(timeout_s=90, on_tick=on_tick)
+    for attempt in range(5):
+        try:
+            fleet.wait_ready(timeout_s=90, on_tick=on_tick)
+            return
+        except Exception:  # the broker connection of the ping itself failed: ask again
+            if attempt == 4:
+                raise
+            time.sleep(1.0)
 
 
 @contextmanager
 def supervised(fleet: Fleet, every_s: float = 0.5) -> Iterator[list[str]]:
     """Restart fleet processes that die, as ``icefleet up`` (and compose's restart policy) does;
     yields the names restarted so far."""
-    import threading
-
     restarted: list[str] = []
     stop = threading.Event()
 
     def loop() -> None:
         while not stop.wait(every_s):
-            with suppress(Exception):
+            with FLEET_LOCK, suppress(Exception):
                 restarted.extend(fleet.supervise_once())
 
     thread = threading.Thread(target=loop, name="supervisor", daemon=True)
@@ -371,10 +380,10 @@ class ChaosReport:
 
     def describe(self) -> str:
         faults = ", ".join(f"{n} {kind}" for kind, n in sorted(self.faults.items())) or "none"
+        rows = f"{self.rows_read:,} rows read back; " if self.rows_read else ""
         return (
             f"{self.events_sent:,} events in {self.batches_sent} batches sent "
-            f"({self.send_retries} resends), faults: {faults}; "
-            f"{self.rows_read:,} rows read back; {self.seconds:.0f}s"
+            f"({self.send_retries} resends), faults: {faults}; {rows}{self.seconds:.0f}s"
         )
 
 
@@ -385,8 +394,6 @@ class Feeder:
     def __init__(
         self, settings: Settings, batches: list[tuple[str, list[dict[str, Any]]]], interval_s: float
     ) -> None:
-        import threading
-
         self.settings = settings
         self.batches = batches
         self.interval_s = interval_s
@@ -459,18 +466,20 @@ def inject(fault: str, fleet: Fleet, client: redis.Redis, rng: Any, report: Chao
         report.faults[fault] += kill_pool_children(rng.choice(writers))
     elif fault == "writer":
         proc = rng.choice(writers)
-        killed_at = time.time()
-        kill_hard(proc)
-        report.faults[fault] += 1
-        restart(fleet, proc)
+        with FLEET_LOCK:
+            killed_at = time.time()
+            kill_hard(proc)
+            report.faults[fault] += 1
+            restart(fleet, proc)
         redeliver_unacked(client, before=killed_at)
     elif fault == "committer":
         deadline = time.monotonic() + 1.0
         while time.monotonic() < deadline and not pending_or_prepared(client):
             time.sleep(0.005)
-        kill_hard(fleet.process("committer"))
-        report.faults[fault] += 1
-        restart(fleet, fleet.process("committer"))
+        with FLEET_LOCK:
+            kill_hard(fleet.process("committer"))
+            report.faults[fault] += 1
+            restart(fleet, fleet.process("committer"))
     else:
         raise ValueError(f"unknown fault {fault!r}")
 

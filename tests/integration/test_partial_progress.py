@@ -371,3 +371,102 @@ def test_real_workers_split_batches_that_exceed_the_time_limit(
         print(f"batches that landed: {sorted(batch_ids)}")
     finally:
         stack.close()
+
+
+# --- the write task, in this process -------------------------------------------------------------------
+
+
+@pytest.fixture
+def task_runtime(
+    redis_client: redis.Redis, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Any]:
+    """The write task runs here on the real Redis; messages it sends stay in their queues."""
+    import workers.runtime
+    import workers.writer
+    from workers.app import create_app
+    from workers.runtime import Runtime
+
+    settings = load_settings(
+        {}, redis_url=redis_url, home=tmp_path / "home", commit_interval_ms=60_000
+    )
+    app = create_app(settings)
+    rt = Runtime(settings, redis_client)
+    monkeypatch.setattr(workers.runtime, "_runtime", rt)
+    monkeypatch.setattr(workers.writer, "backoff_s", lambda attempt: 0.0)
+    yield rt
+    app.close()
+
+
+def ingest_messages(client: redis.Redis) -> list[dict[str, Any]]:
+    import json
+
+    return [json.loads(raw) for raw in client.lrange("ingest", 0, -1)]
+
+
+def test_a_split_batch_given_up_dead_letters_only_its_part(
+    task_runtime: Any, redis_client: redis.Redis
+) -> None:
+    import base64
+    import json
+
+    from common.deadletters import DeadLetterStore
+    from workers.writer import MAX_ATTEMPTS, write_batch
+
+    # Given a batch split after 3 of its 5 events, then delivered too often
+    events = make_events("given-up", 5)
+    SplitRecords(redis_client, 3600).record("given-up", 3)
+    redis_client.hset(keys.deliveries(), "given-up", MAX_ATTEMPTS)
+    redis_client.zadd(keys.outstanding(), {"given-up": 1})
+
+    # When its task runs once more
+    result = write_batch.apply(
+        kwargs={"batch_id": "given-up", "payload": ndjson(events), "enqueued_at_ms": 1}
+    ).get()
+
+    # Then only its own three events are dead-lettered; the other two go on as its child
+    assert "without finishing" in result["dead_lettered"]
+    [letter] = DeadLetterStore(redis_client).list()
+    assert letter.raw.decode() == ndjson(events[:3])
+    [message] = ingest_messages(redis_client)
+    body = json.loads(base64.b64decode(message["body"]))
+    kwargs = body[1]
+    assert kwargs["batch_id"] == "given-up~3" and kwargs["enqueued_at_ms"] == 1
+    assert kwargs["payload"] == ndjson(events[3:])
+    assert redis_client.zrange(keys.outstanding(), 0, -1) == [b"given-up~3"]
+
+
+def test_the_time_limit_after_the_write_sends_the_batch_again(
+    task_runtime: Any, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from celery.exceptions import SoftTimeLimitExceeded
+
+    import workers.writer
+    from workers.writer import write_batch
+
+    # Given a hand-back that the soft time limit interrupts once
+    real = workers.writer.hand_back
+    calls = 0
+
+    def interrupted(*args: Any, **kwargs: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise SoftTimeLimitExceeded()
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(workers.writer, "hand_back", interrupted)
+    monkeypatch.setattr(
+        workers.writer, "deadline_for", lambda timeout_s, started=None: float("-inf")
+    )
+    monkeypatch.setattr(workers.writer, "chunk_events", lambda max_events, attempt=1: 2)
+    redis_client.zadd(keys.outstanding(), {"late": 1})
+    events = make_events("late", 6)
+
+    # When the batch is written (it splits at once: the deadline has passed)
+    write_batch.apply(kwargs={"batch_id": "late", "payload": ndjson(events)}).get()
+
+    # Then the retry followed the split record, and the child was handed back once it could be
+    assert calls == 2
+    assert SplitRecords(redis_client, 60).get("late") == 2
+    assert [m["headers"]["task"] for m in ingest_messages(redis_client)] == ["icefleet.write_batch"]
+    assert redis_client.zrange(keys.outstanding(), 0, -1) == [b"late~2"]
