@@ -36,10 +36,12 @@ from pyiceberg.exceptions import CommitFailedException
 from common import keys
 from common.backlog import INGEST_QUEUE
 from common.errors import RetriesExhaustedError, RetryableError
-from common.events import DeadLetter, parse_batch
+from common.events import DeadLetter, Event, parse_batch
 from common.partial import Remainder, SplitRecords, child_id, chunk_events, deadline_for
+from common.pending import PendingRegistry
 from common.producer import WRITE_TASK
 from common.retry import is_transient
+from common.routing import Router
 from common.writer import BatchResult
 from workers.committer import nudge
 from workers.runtime import Runtime, runtime
@@ -111,17 +113,16 @@ def dead_letter_batch(
     split_at: int | None = None,
     enqueued_at_ms: int | None = None,
 ) -> None:
-    """Keep the payload in the dead-letter store and stop tracking the batch.
+    """Keep what did not land in the dead-letter store and stop tracking the batch.
 
-    A batch split by an earlier attempt keeps only its events before the split point; the rest
-    is its child's, which is enqueued (again) instead.
+    Events of a table that already holds this batch (an earlier attempt registered it) are left
+    out, so a replay cannot land them twice. A batch split by an earlier attempt keeps only its
+    events before the split point; the rest is its child's, which is enqueued (again) instead.
     """
+    parsed = parse_batch(payload, batch_id=batch_id, max_event_bytes=rt.settings.max_event_bytes)
+    events = parsed.events
     if split_at is not None:
-        parsed = parse_batch(
-            payload, batch_id=batch_id, max_event_bytes=rt.settings.max_event_bytes
-        )
-        head, rest = parsed.events[:split_at], parsed.events[split_at:]
-        payload = "".join(f"{event.raw}\n" for event in head)
+        rest = events[split_at:]
         if rest:
             child = Remainder(
                 child_id(batch_id, split_at),
@@ -130,11 +131,35 @@ def dead_letter_batch(
                 "".join(f"{event.raw}\n" for event in rest),
             )
             hand_back(rt, child, table, enqueued_at_ms)
+        events = events[:split_at]
+    landed = _tables_holding(rt, batch_id, events, table)
+    if split_at is not None or landed:
+        kept = [e for e in events if _table_of(rt, e, table) not in landed]
+        items = sorted(
+            [(e.position, e.raw.encode()) for e in kept]
+            + ([(d.position, d.raw) for d in parsed.dead_letters] if split_at is None else [])
+        )
+        payload = b"".join(raw + b"\n" for _, raw in items)
     raw = payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload
     if raw:
         rt.dead_letters.add([DeadLetter(batch_id, 0, reason, None, raw)], table=table)
     rt.outstanding.done(batch_id)
     logger.error("batch %s dead-lettered whole: %s", batch_id, reason)
+
+
+def _table_of(rt: Runtime, event: Event, table: str | None) -> str:
+    if table is not None:
+        return table
+    return str(
+        Router(rt.settings.routes, rt.settings.namespace).table_for(event.attributes["type"])
+    )
+
+
+def _tables_holding(rt: Runtime, batch_id: str, events: list[Event], table: str | None) -> set[str]:
+    """The tables of ``events`` in which this batch is already pending or committed."""
+    registry = PendingRegistry(rt.client)
+    tables = {_table_of(rt, event, table) for event in events}
+    return {name for name in tables if registry.is_known(name, batch_id)}
 
 
 def hand_back(

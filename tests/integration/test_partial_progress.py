@@ -470,3 +470,25 @@ def test_the_time_limit_after_the_write_sends_the_batch_again(
     assert SplitRecords(redis_client, 60).get("late") == 2
     assert [m["headers"]["task"] for m in ingest_messages(redis_client)] == ["icefleet.write_batch"]
     assert redis_client.zrange(keys.outstanding(), 0, -1) == [b"late~2"]
+
+
+def test_a_batch_given_up_after_a_partial_registration_dead_letters_only_the_rest(
+    task_runtime: Any, redis_client: redis.Redis
+) -> None:
+    from common.deadletters import DeadLetterStore
+    from common.pending import PendingRegistry
+    from workers.writer import MAX_ATTEMPTS, write_batch
+
+    # Given a batch of orders and refunds whose orders an earlier attempt registered
+    events = make_events("half", 4, types=TYPES)
+    PendingRegistry(redis_client).register("events.order", "half", "{}")
+    redis_client.hset(keys.deliveries(), "half", MAX_ATTEMPTS)
+    bad = '{"specversion":"1.0","id":"","source":"/s","type":"t"}'
+
+    # When it is given up
+    write_batch.apply(kwargs={"batch_id": "half", "payload": ndjson(events) + bad + "\n"}).get()
+
+    # Then the dead letter keeps the refunds and the invalid line, not the orders (they landed)
+    [letter] = DeadLetterStore(redis_client).list()
+    kept = letter.raw.decode().splitlines()
+    assert kept == [*ndjson(events[1::2]).splitlines(), bad]
