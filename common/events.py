@@ -435,6 +435,12 @@ def paused_gc() -> Iterator[None]:
 def _parse(payload: bytes | str, batch_id: str, max_event_bytes: int) -> ParsedBatch:
     received, body, layout = _body(payload)
     batch = ParsedBatch([], [])
+    # One scan of the whole body instead of one per item: no item holds a run of digits that
+    # the body does not hold (items are slices of it, or re-serialised from one parse of it).
+    fast = not _may_hold_big_int(body)
+    if layout == "lines" and fast:
+        _parse_lines(body, batch_id, max_event_bytes, batch)
+        return batch
     try:
         items = _items(body, layout)
     except InvalidEventError as exc:
@@ -442,9 +448,6 @@ def _parse(payload: bytes | str, batch_id: str, max_event_bytes: int) -> ParsedB
         batch.dead_letters.append(DeadLetter(batch_id, 0, reason, None, received))
         return batch
     events, dead_letters = batch.events, batch.dead_letters
-    # One scan of the whole body instead of one per item: no item holds a run of digits that
-    # the body does not hold (items are slices of it, or re-serialised from one parse of it).
-    fast = not _may_hold_big_int(body)
     loads, decode_error = orjson.loads, orjson.JSONDecodeError
     for position, raw, value, via_stdlib in items:
         try:
@@ -470,6 +473,35 @@ def _parse(payload: bytes | str, batch_id: str, max_event_bytes: int) -> ParsedB
         else:
             events.append(Event(value, raw.decode("utf-8"), position, when))
     return batch
+
+
+def _parse_lines(body: bytes, batch_id: str, max_event_bytes: int, batch: ParsedBatch) -> None:
+    """The loop of :func:`_parse` for NDJSON that holds no integer beyond 64 bits: the same
+    items (:func:`_items`) and the same outcome, with less work per line."""
+    events, dead_letters = batch.events, batch.dead_letters
+    loads, decode_error = orjson.loads, orjson.JSONDecodeError
+    for position, line in enumerate(body.split(b"\n")):
+        raw = line[:-1] if line[-1:] == b"\r" else line
+        if raw[:1] != b"{" and not raw.strip(_JSON_WS):
+            continue  # a blank line
+        try:
+            if len(raw) > max_event_bytes:
+                _check_size(raw, max_event_bytes)  # raises
+            try:
+                value, via_stdlib = loads(raw), False
+            except (decode_error, RecursionError):
+                value, via_stdlib = _loads_stdlib(raw)
+            if (
+                type(value) is not dict
+                or via_stdlib
+                or raw.count(b"{") + raw.count(b"[") > MAX_NESTING_DEPTH
+            ):
+                value = _check_object(value, raw, via_stdlib)
+            when = validate_event(value)
+        except InvalidEventError as exc:
+            dead_letters.append(DeadLetter(batch_id, position, exc.reason, exc.attribute, raw))
+        else:
+            events.append(Event(value, raw.decode("utf-8"), position, when))
 
 
 def split_events(payload: bytes | str) -> list[bytes]:
