@@ -66,6 +66,9 @@ class _ProxyServer(ThreadingHTTPServer):
         self._lock = threading.Lock()
         self._local = threading.local()
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that dies mid-request (a killed worker) is part of the game
+
     def should_fail(self) -> bool:
         with self._lock:
             self.stats.requests += 1
