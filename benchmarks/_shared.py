@@ -73,8 +73,18 @@ def environment(catalog: str = "SQLite (embedded), local file warehouse") -> dic
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, in MiB (``ru_maxrss`` is KiB on Linux)."""
-    scale = 1 if sys.platform == "darwin" else 1024
+    """This process's peak resident set size so far, in MiB.
+
+    ``VmHWM`` from ``/proc/self/status`` where there is one: Linux keeps ``ru_maxrss`` across
+    ``exec``, so a child started by a big parent would report the parent's peak.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:  # pragma: no cover - not Linux
+        pass
+    scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
 
 

@@ -68,6 +68,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seconds", type=float, default=60.0, help="probing under load")
     parser.add_argument("--probe-every", type=float, default=0.5, help="seconds between probes")
     parser.add_argument("--poll-ms", type=float, default=50.0, help="catalog poll interval")
+    parser.add_argument(
+        "--rate", type=float, default=None, help="load events/s (default: half of the peak)"
+    )
     parser.add_argument("--output", type=Path, default=None, help="JSON results file")
     return parser.parse_args(argv)
 
@@ -232,7 +235,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             poll_s = args.poll_ms / 1000
             prober.send_for(1.0, poll_s)  # warm-up: creates the probe table
             idle = prober.send_for(args.seconds / 2, poll_s)
-            rate = peak["committed_events_per_s"] / 2
+            rate = args.rate or peak["committed_events_per_s"] / 2
             load = LoadThread(settings, rate, args.batch)
             load.start()
             time.sleep(3.0)  # let the load settle before probing

@@ -3,7 +3,8 @@
 Each contender runs in a fresh Python process (``python -m benchmarks.bench_memory --child
 KIND``), so its peak is its own: it imports what it needs, records its RSS, writes ``--batches``
 batches of ``--size`` events (the ``order_placed`` events of ``bench_writer``, ~4.9 MB of NDJSON
-per 10,000) and reports its peak RSS (``ru_maxrss``) and the RSS after each batch (``/proc``).
+per 10,000) and reports its peak RSS (``VmHWM``; not ``ru_maxrss``, which Linux carries over
+``exec`` from the parent) and its RSS after each batch (``VmRSS``), from ``/proc``.
 
 - **icefleet**: ``BatchWriter.write`` with the pending registry on a real ``redis-server``;
 - **plain pyiceberg** (baseline): ``orjson`` per line, ``pa.Table.from_pylist``, ``table.append``;
