@@ -59,6 +59,7 @@ logger = logging.getLogger(__name__)
 
 SEQ_PROPERTY = "icefleet.commit-seq"
 NO_RETRY = {"commit.retry.num-retries": "0"}
+MANIFEST_MERGE = "commit.manifest-merge.enabled"
 FaultHook = Callable[[str], None]
 
 
@@ -112,15 +113,17 @@ def committed_seq(table: Table) -> int:
     return best
 
 
-def without_library_retries(table: Table) -> Table:
+def without_library_retries(table: Table, *, merge_manifests: bool = False) -> Table:
     """The same table whose transactions do not retry by themselves.
 
-    pyiceberg reads ``commit.retry.num-retries`` from the metadata it holds; overriding it in
-    memory only (never committed) switches its retry off for our commits and leaves the table's
-    real properties, which outside writers use, as they are.
+    pyiceberg reads ``commit.retry.num-retries`` (and ``commit.manifest-merge.enabled``) from
+    the metadata it holds; overriding them in memory only (never committed) switches its retry
+    off for our commits, and its manifest merging on, and leaves the table's real properties,
+    which outside writers use, as they are.
     """
+    override = {**NO_RETRY, **({MANIFEST_MERGE: "true"} if merge_manifests else {})}
     metadata = table.metadata.model_copy(
-        update={"properties": {**table.metadata.properties, **NO_RETRY}}
+        update={"properties": {**table.metadata.properties, **override}}
     )
     return Table(table._identifier, metadata, table.metadata_location, table.io, table.catalog)
 
@@ -158,8 +161,14 @@ class Committer:
         )
 
     def commit_table(self, table: str, *, force: bool = True) -> list[CommitResult]:
-        """Recover, then commit everything pending for ``table`` (in snapshots of at most
-        ``commit_max_files`` files). Without ``force``, only when a threshold is passed."""
+        """Recover, then commit what was pending for ``table`` when the lock was taken (in
+        snapshots of at most ``commit_max_files`` files). Without ``force``, only when a threshold
+        is passed.
+
+        Batches registered while this runs wait for the next call (the follow-up commit task or
+        the sweep): a table under a steady stream would otherwise keep its committer forever and
+        starve every other table of commits.
+        """
         name = TableName.parse(table)
         if not force and not self.due(table):
             return []
@@ -168,10 +177,12 @@ class Committer:
             recovered = self._recover(name, lock)
             if recovered is not None:
                 results.append(recovered)
-            while True:
-                prepared = self._prepare(name, lock)
+            eligible = set(self.registry.pending_entries(str(name)))
+            while eligible:
+                prepared = self._prepare(name, lock, eligible)
                 if prepared is None:
                     break
+                eligible -= set(prepared.batch_ids)
                 results.append(self._commit_prepared(name, prepared, lock, recovered=False))
         return results
 
@@ -206,8 +217,12 @@ class Committer:
         logger.warning("%s: resolving prepared commit seq %d", name, prepared.seq)
         return self._commit_prepared(name, prepared, lock, recovered=True)
 
-    def _prepare(self, name: TableName, lock: TableLock) -> PreparedCommit | None:
-        entries = self.registry.pending_entries(str(name))
+    def _prepare(
+        self, name: TableName, lock: TableLock, eligible: set[str]
+    ) -> PreparedCommit | None:
+        entries = {
+            b: e for b, e in self.registry.pending_entries(str(name)).items() if b in eligible
+        }
         if not entries:
             return None
         limit = self.settings.commit_max_files
@@ -349,9 +364,15 @@ class Committer:
             "icefleet.batches": str(len(prepared.batch_ids)),
             "icefleet.records": str(records),
         }
-        tx = without_library_retries(table).transaction()
+        merge = table.metadata.properties.get(MANIFEST_MERGE, "true").strip().lower() != "false"
+        tx = without_library_retries(table, merge_manifests=merge).transaction()
         tx.set_properties({SEQ_PROPERTY: seq})
-        with tx.update_snapshot(snapshot_properties=summary).fast_append() as append:
+        update = tx.update_snapshot(snapshot_properties=summary)
+        # A merge append: one append snapshot like a fast append, but once a table has
+        # `commit.manifest.min-count-to-merge` (100) small manifests it merges them, so commit
+        # time stays flat as a table ages instead of growing with one manifest per commit
+        # (benchmarks/README.md). `commit.manifest-merge.enabled=false` on a table opts out.
+        with update.merge_append() if merge else update.fast_append() as append:
             for data_file in files:
                 append.append_data_file(data_file)
         self._fault("before_catalog_commit")
