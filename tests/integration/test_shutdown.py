@@ -61,7 +61,6 @@ def test_sigterm_mid_batch_and_mid_commit_loses_and_duplicates_nothing(
     producer_settings = load_settings({}, redis_url=redis_url, home=home, batch_max_events=BIG)
     big = make_events("big", BIG, types=("com.example.order", "com.example.refund"), days=2)
     small = [make_events(f"small{n}", 100) for n in range(30)]
-    everything = big + [e for batch in small for e in batch]
 
     with environment(env), running_fleet(settings, writers=1) as fleet:
         writer, committer = fleet.process("writer1"), fleet.process("committer")
@@ -72,6 +71,7 @@ def test_sigterm_mid_batch_and_mid_commit_loses_and_duplicates_nothing(
             for n, batch in enumerate(small):
                 producer.enqueue(batch, batch_id=f"small{n}")
             time.sleep(1.5)
+            sent_at = time.monotonic()
 
             # ... and the writer gets SIGTERM
             stopped_at = time.monotonic()
@@ -84,10 +84,20 @@ def test_sigterm_mid_batch_and_mid_commit_loses_and_duplicates_nothing(
             assert redis_client.get(split_key("big")) is not None, writer.tail()
             assert "Warm shutdown" in writer.tail(200) or "warm shutdown" in writer.tail(200)
 
-            # When the writer runs again and the committer gets SIGTERM in the middle of a commit
-            restart(fleet, writer)
+            # When the writer runs again (more batches keep coming) and the committer gets
+            # SIGTERM in the middle of a commit
+            writer.restarts += 1
+            writer.start()
             prepared = keys.prepared("*")
-            wait_for(lambda: bool(redis_client.keys(prepared)), 90, "a commit", poll_s=0.002)
+            deadline = time.monotonic() + 120
+            while not redis_client.keys(prepared):
+                assert time.monotonic() < deadline, "no commit seen in 120s"
+                if len(small) < 200 and time.monotonic() > sent_at + 0.3:
+                    more = make_events(f"small{len(small)}", 100)
+                    producer.enqueue(more, batch_id=f"small{len(small)}")
+                    small.append(more)
+                    sent_at = time.monotonic()
+                time.sleep(0.002)
             committer.signal(signal.SIGTERM)
             assert committer.wait(30), "the committer did not stop within 30s"
 
@@ -96,6 +106,7 @@ def test_sigterm_mid_batch_and_mid_commit_loses_and_duplicates_nothing(
             restart(fleet, committer)
             wait_idle(redis_client, timeout_s=180)
         print(f"writer stopped {stop_s:.1f}s after SIGTERM")
+    everything = big + [e for batch in small for e in batch]
 
     stack = make_stack(redis_url, home)
     try:
