@@ -7,7 +7,8 @@ Per table, under the table lock:
    landed, so finish it (clear pending); otherwise commit again, same seq, same batches.
 2. **Prepare.** Take the pending batches, pick ``seq = watermark + 1`` and write the prepared
    record (seq and batch ids) before touching the catalog.
-3. **Commit.** One fast-append snapshot for all their files, with ``icefleet.commit-seq`` in the
+3. **Commit.** One append snapshot (a merge append: small manifests are merged once there are
+   100, so commit time stays flat as the table ages) for all their files, with ``icefleet.commit-seq`` in the
    snapshot summary and in the table properties, in one catalog transaction that asserts the
    snapshot it was based on. Right before every attempt the lock is checked and the watermark is
    re-read, so a commit whose reply was lost is never applied twice. pyiceberg's own commit retry
