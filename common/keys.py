@@ -65,3 +65,26 @@ def outstanding() -> str:
 def deliveries() -> str:
     """How often each outstanding batch's write task has started (hash: batch id → count)."""
     return f"{PREFIX}deliveries"
+
+
+def split(batch_id: str) -> str:
+    """Where a writer recorded the point at which it split the batch (string: the offset, with
+    the dedup window as TTL; common/partial.py)."""
+    return f"{PREFIX}split:{batch_id}"
+
+
+def replays() -> str:
+    """Dead letters assigned to a replay batch (hash: dead-letter id → batch id, and
+    ``batch:<id>`` → the batch's members; workers/cli_deadletters.py)."""
+    return f"{PREFIX}replays"
+
+
+def replayed(digest: str) -> str:
+    """The dead-letter id replaying an input (string), by a digest of its batch, position and
+    bytes: a dead letter stored twice is replayed once."""
+    return f"{PREFIX}replayed:{digest}"
+
+
+def canary_last() -> str:
+    """The canary's last result (string: JSON; workers/canary.py, read by the metrics)."""
+    return f"{PREFIX}canary:last"

@@ -45,7 +45,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-CANARY_LAST_KEY = f"{keys.PREFIX}canary:last"
+CANARY_LAST_KEY = keys.canary_last()  # kept for importers; the name lives in common/keys.py
 # Batch writes and commits take from milliseconds (a few events) to minutes (a large group commit
 # on a REST catalog); the canary's end-to-end time is at least a commit interval.
 DURATION_BUCKETS_S = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
@@ -245,7 +245,7 @@ class RedisStateCollector(Collector):
         yield last
 
     def _canary(self) -> Iterator[Metric]:
-        raw = self._client.get(CANARY_LAST_KEY)
+        raw = self._client.get(keys.canary_last())
         if raw is None:
             return
         try:

@@ -90,7 +90,7 @@ def child_id(batch_id: str, offset: int) -> str:
 
 def split_key(batch_id: str) -> str:
     """``icefleet:split:<batch id>``: where a batch's split point is recorded (string, TTL)."""
-    return f"{keys.PREFIX}split:{batch_id}"
+    return keys.split(batch_id)
 
 
 def chunk_events(batch_max_events: int, attempt: int = 1) -> int:

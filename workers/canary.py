@@ -31,8 +31,8 @@ from celery import Task, shared_task
 from pyiceberg.catalog import Catalog
 from pyiceberg.exceptions import NoSuchTableError
 
+from common import keys
 from common.backlog import INGEST_QUEUE
-from common.metrics import CANARY_LAST_KEY
 from common.producer import Producer
 from common.routing import TableName
 from common.settings import Settings
@@ -114,7 +114,7 @@ def record_result(client: redis.Redis, probe: Probe, status: str, now_ms: int) -
         "checked_ms": now_ms,
         "latency_s": (now_ms - probe.sent_ms) / 1000 if status == "ok" else None,
     }
-    client.set(CANARY_LAST_KEY, orjson.dumps(result))
+    client.set(keys.canary_last(), orjson.dumps(result))
     return result
 
 
@@ -139,7 +139,7 @@ def check_probe(
 
 def last_result(client: redis.Redis) -> dict[str, Any] | None:
     """What ``icefleet:canary:last`` holds, or None before the first result."""
-    raw = client.get(CANARY_LAST_KEY)
+    raw = client.get(keys.canary_last())
     return None if raw is None else dict(orjson.loads(raw))
 
 

@@ -56,8 +56,7 @@ from common.settings import Settings, load_settings
 console = Console(stderr=True)
 out = Console(highlight=False, soft_wrap=True)
 
-REPLAYS_KEY = f"{keys.PREFIX}replays"  # hash: dead-letter id → batch id; batch:<id> → members
-REPLAYED_PREFIX = f"{keys.PREFIX}replayed:"  # + origin digest → the dead-letter id replaying it
+REPLAYS_KEY = keys.replays()  # hash: dead-letter id → batch id; batch:<id> → members
 REPLAY_BATCH_LETTERS = 1_000  # dead letters per replay batch (the producer splits large ones)
 PAGE = 1_000
 PREVIEW_CHARS = 80
@@ -191,7 +190,7 @@ def origin_key(letter: StoredDeadLetter) -> str:
     """Where the replay of this input is remembered: a digest of its batch, position and bytes."""
     digest = hashlib.sha256(f"{letter.batch_id}\0{letter.position}\0".encode())
     digest.update(letter.raw)
-    return REPLAYED_PREFIX + digest.hexdigest()[:32]
+    return keys.replayed(digest.hexdigest()[:32])
 
 
 @dataclass
