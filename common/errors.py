@@ -73,6 +73,18 @@ class InvalidIdentifierError(IcefleetError, ValueError):
         super().__init__(f"invalid identifier {name[:80]!r}: {reason}")
 
 
+class InvalidBatchIdError(IcefleetError, ValueError):
+    """Raised when a batch id (a producer's idempotency key) cannot be used; ``reason`` says why.
+
+    A ``ValueError`` too, so callers that refused a bad id by catching ``ValueError`` still do.
+    """
+
+    def __init__(self, batch_id: str, reason: str) -> None:
+        self.batch_id = batch_id
+        self.reason = reason
+        super().__init__(f"invalid batch id {batch_id[:80]!r}: {reason}")
+
+
 class SchemaConflictError(IcefleetError):
     """Raised in ``strict`` mode when an event does not fit the table's schema."""
 

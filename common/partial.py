@@ -30,7 +30,7 @@ point raises :class:`SplitConflictError` (retryable) and follows the record on i
 
 Ids: producer splits are ``<id>:<n>`` (common/producer.py), writer splits ``<id>~<k>``, so the two
 never collide with each other; a producer's batch id ending in ``~<digits>`` could collide with a
-writer's child of the same prefix, and should not be used.
+writer's child of the same prefix, so the producer refuses it (``InvalidBatchIdError``).
 
 Offsets count the batch's *valid* events in payload order; events that fail validation are
 dead-lettered by the parent, so a child carries only valid events.

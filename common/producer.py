@@ -11,6 +11,7 @@ committed; :mod:`common.backlog` says how that is decided.
 from __future__ import annotations
 
 import os
+import re
 import socket
 import time
 import uuid
@@ -21,12 +22,16 @@ import redis
 
 from common import keys
 from common.backlog import COMMIT_QUEUE, INGEST_QUEUE, Backlog, Waiter, WaitResult, read_backlog
+from common.errors import InvalidBatchIdError
 from common.events import encode_ndjson, split_events
 from common.routing import TableName
 from common.settings import Settings, load_settings
 
 WRITE_TASK = "icefleet.write_batch"
 MAX_BATCH_ID_CHARS = 200
+# A writer continues a batch it split as ``<id>~<offset>`` (common/partial.py): a producer's id of
+# that shape could be taken for, or collide with, the child of another batch.
+_CHILD_SUFFIX = re.compile(r"~[0-9]+\Z")
 __all__ = [
     "COMMIT_QUEUE",
     "INGEST_QUEUE",
@@ -35,6 +40,7 @@ __all__ = [
     "KombuPublisher",
     "Producer",
     "WaitResult",
+    "check_batch_id",
     "child_ids",
     "split_lines",
     "task_message",
@@ -143,6 +149,24 @@ def child_ids(batch_id: str, count: int) -> list[str]:
     return [batch_id] if count == 1 else [f"{batch_id}:{n}" for n in range(count)]
 
 
+def check_batch_id(batch_id: str) -> str:
+    """Return ``batch_id`` if a producer may use it, else raise :class:`InvalidBatchIdError`.
+
+    1 to :data:`MAX_BATCH_ID_CHARS` characters, not ending in ``~<digits>``: writers name the rest
+    of a batch they split ``<id>~<offset>``, so ``orders~12`` could be the child of ``orders``
+    (and be taken for a duplicate of it, or its events for that child's).
+    """
+    if not 0 < len(batch_id) <= MAX_BATCH_ID_CHARS:
+        raise InvalidBatchIdError(batch_id, f"it must be 1 to {MAX_BATCH_ID_CHARS} characters")
+    if _CHILD_SUFFIX.search(batch_id):
+        raise InvalidBatchIdError(
+            batch_id,
+            "it ends in '~<digits>', the form of the child batch a writer makes when it splits "
+            "a batch (<id>~<offset>), so it could collide with one; use another separator",
+        )
+    return batch_id
+
+
 def _as_lines(events: Iterable[EventLike] | str | bytes) -> list[str]:
     if isinstance(events, str | bytes):  # one payload: NDJSON, a JSON array or one event
         events = split_events(events)
@@ -206,8 +230,8 @@ class Producer:
     ) -> tuple[str, list[str]]:
         if table is not None:
             TableName.parse(table)  # InvalidIdentifierError says what is wrong with it
-        if batch_id is not None and not (0 < len(batch_id) <= MAX_BATCH_ID_CHARS):
-            raise ValueError(f"batch_id must be 1 to {MAX_BATCH_ID_CHARS} characters")
+        if batch_id is not None:
+            check_batch_id(batch_id)  # InvalidBatchIdError (a ValueError) says why not
         lines = _as_lines(events)
         if not lines:
             raise ValueError("nothing to enqueue: no events")

@@ -55,11 +55,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from common.errors import InvalidIdentifierError
+from common.errors import InvalidBatchIdError, InvalidIdentifierError
 from common.events import Event, parse_batch
 from common.logs import log_context
 from common.metrics import CONTENT_TYPE_LATEST, Metrics, create_metrics
-from common.producer import MAX_BATCH_ID_CHARS, Producer
+from common.producer import Producer, check_batch_id
 from common.redaction import redact_text
 from common.routing import Router, TableName
 from common.settings import Settings
@@ -358,8 +358,11 @@ def _options(request: Request) -> tuple[str | None, str | None]:
         except InvalidIdentifierError as exc:
             raise RequestError(400, f"table: {exc}") from None
     key = request.headers.get("idempotency-key")
-    if key is not None and not 0 < len(key) <= MAX_BATCH_ID_CHARS:
-        raise RequestError(400, f"Idempotency-Key must be 1 to {MAX_BATCH_ID_CHARS} characters")
+    if key is not None:
+        try:
+            check_batch_id(key)  # the producer's own rule: the batch id is the key
+        except InvalidBatchIdError as exc:
+            raise RequestError(400, f"Idempotency-Key: {exc}") from None
     return table, key
 
 

@@ -16,11 +16,17 @@ import pytest
 import common.backlog
 from common import keys
 from common.backlog import INGEST_QUEUE, Backlog, Outstanding, Waiter, read_backlog
-from common.errors import InvalidEventError, InvalidIdentifierError
+from common.errors import (
+    IcefleetError,
+    InvalidBatchIdError,
+    InvalidEventError,
+    InvalidIdentifierError,
+)
 from common.producer import (
     WRITE_TASK,
     KombuPublisher,
     Producer,
+    check_batch_id,
     child_ids,
     split_lines,
     task_message,
@@ -178,8 +184,34 @@ def test_enqueue_refuses_nothing_and_unencodable_events(client: fakeredis.FakeRe
         producer.enqueue([])
     with pytest.raises(InvalidEventError, match="event 1"):
         producer.enqueue([event(0), b"\xff\xfe"])
-    with pytest.raises(ValueError, match="batch_id"):
+    with pytest.raises(ValueError, match="batch id"):
         producer.enqueue([event(0)], batch_id="")
+
+
+@pytest.mark.parametrize("batch_id", ["orders~12", "a~0", "x~1~2", "~7"])
+def test_enqueue_refuses_an_id_shaped_like_a_writers_child_batch(
+    client: fakeredis.FakeRedis, batch_id: str
+) -> None:
+    # Given a batch id ending in ~<digits>, the form of a writer's child batch (<id>~<offset>)
+    recorder = Recorder()
+    producer = make_producer(client, recorder)
+
+    # When it is enqueued, Then it is refused with the reason, in icefleet's hierarchy
+    with pytest.raises(InvalidBatchIdError, match=r"ends in '~<digits>'.*child batch") as caught:
+        producer.enqueue([event(1)], batch_id=batch_id)
+    assert isinstance(caught.value, IcefleetError) and isinstance(caught.value, ValueError)
+    assert caught.value.batch_id == batch_id
+
+    # And nothing was sent or recorded as outstanding
+    assert recorder.sent == []
+    assert client.zcard(keys.outstanding()) == 0
+
+
+@pytest.mark.parametrize("batch_id", ["orders~", "orders~x1", "orders~12a", "o~12:3", "a-12", "~"])
+def test_ids_with_a_tilde_elsewhere_are_fine(client: fakeredis.FakeRedis, batch_id: str) -> None:
+    # Given ids with a tilde that do not end in ~<digits>, When enqueued, Then they are accepted
+    assert check_batch_id(batch_id) == batch_id
+    assert make_producer(client, Recorder()).enqueue([event(1)], batch_id=batch_id) == batch_id
 
 
 def test_enqueue_records_outstanding_batches_with_their_first_enqueue_time(
