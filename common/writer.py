@@ -1,13 +1,16 @@
 """The writer's core: a batch of CloudEvents in, Parquet data files and their DataFiles out.
 
-One file per (table, ``day(time)`` partition) per batch, at a path derived from the batch id: a
-redelivered batch rewrites the same objects instead of adding new ones. The file's content is
-deterministic too (``_ingested_at`` is the batch's enqueue time, not the write time), so two
-attempts of one batch racing each other write the same bytes.
-
-A batch that is already registered as pending, or already committed, for a table is not written
-again for that table: once a file is registered it is never overwritten, because the committer
-may be about to commit the DataFile that describes it.
+One file per (table, ``day(time)`` partition) per batch, at a path made of the batch id (hashed,
+so any id is path-safe) and a random tag of the attempt. Registration decides which attempt
+counts: a batch that is already registered as pending, or already committed, for a table is not
+written again for that table, and of two attempts racing each other only the first to register
+its files is kept (:meth:`common.pending.PendingRegistry.register` is atomic). So a file that is
+registered is never overwritten, not even by an attempt of the same batch running at the same
+time (a visibility timeout that ran out, a producer sending twice): with one path per batch, an
+attempt that saw a newer table schema would rewrite the file with other bytes under a DataFile
+that describes the old ones, and readers that trust the manifest's file size (iceberg-rust does)
+would fail on it. The price is a file left behind by an attempt that died or lost the race;
+orphan-file removal (:mod:`common.orphans`) deletes those once older than its minimum age.
 
 A batch may be written in chunks with a deadline and split when it cannot finish in time
 (:mod:`common.partial`); chunk files get paths of their own, derived from the batch id and the
@@ -17,12 +20,15 @@ chunk's event range. Storage and catalog calls are retried on transient errors
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import re
+import secrets
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
@@ -44,16 +50,17 @@ from pyiceberg.typedef import Record
 from common.catalog import TableStore
 from common.datafiles import data_file_to_dict
 from common.errors import LockError
-from common.events import DeadLetter, Event, parse_batch
+from common.events import DeadLetter, Event, parse_batch, paused_gc
 from common.partial import Remainder, SplitConflictError, child_id
 from common.retry import is_transient, policies_for
 from common.routing import Router, TableName
-from common.schema import Projection, aliases, desired_schema, project
+from common.schema import RESCUED, Projection, aliases, desired_schema, project
 from common.settings import SchemaMode, Settings
 
 logger = logging.getLogger(__name__)
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+FILE_WRITE_THREADS = 4  # files of one batch written at once (partitions; uploads to S3 overlap)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
 
@@ -95,20 +102,27 @@ def partition_day(event: Event) -> int | None:
     return (event.time - EPOCH) // timedelta(days=1)
 
 
-def data_file_path(table_location: str, batch_id: str, day: int | None) -> str:
+def attempt_token() -> str:
+    """A random tag for one attempt at writing a batch (48 bits): see the module docstring."""
+    return secrets.token_hex(6)
+
+
+def data_file_path(table_location: str, batch_id: str, day: int | None, attempt: str = "") -> str:
+    """Where the file of one ``day(time)`` partition of a batch goes, for one write attempt."""
     label = "null" if day is None else (date(1970, 1, 1) + timedelta(days=day)).isoformat()
-    return f"{table_location.rstrip('/')}/data/time_day={label}/{file_stem(batch_id)}.parquet"
+    stem = file_stem(batch_id) + (f"-{attempt}" if attempt else "")
+    return f"{table_location.rstrip('/')}/data/time_day={label}/{stem}.parquet"
 
 
 def chunk_file_path(
-    table_location: str, batch_id: str, day: int | None, start: int, end: int
+    table_location: str, batch_id: str, day: int | None, start: int, end: int, attempt: str = ""
 ) -> str:
     """The path of the file of events ``[start, end)`` of a batch written in chunks.
 
-    The stem ends in ``-<start>-<end>`` after the batch's digest: no whole-batch stem (which ends
-    in hex digits only after its last ``-``) can equal it.
+    The stem ends in ``-<start>-<end>`` (decimal) after the batch's digest and attempt tag (hex,
+    of fixed lengths): no whole-batch stem can equal it.
     """
-    whole = data_file_path(table_location, batch_id, day)
+    whole = data_file_path(table_location, batch_id, day, attempt)
     return f"{whole.removesuffix('.parquet')}-{start}-{end}.parquet"
 
 
@@ -122,6 +136,83 @@ class _Chunk:
     dead_letters: list[DeadLetter] = field(default_factory=list)
 
 
+# Columns whose values are (nearly) all distinct: a dictionary page would only be built, found
+# useless and dropped by the Parquet writer, which costs ~10% of a write; plain encoding + zstd.
+UNIQUE_COLUMNS = frozenset(("id", "raw_event", RESCUED))
+METRICS_PREFIX = "write.metadata.metrics."
+
+
+@dataclass(frozen=True)
+class FilePlan:
+    """What every file written with one schema shares, worked out once per schema.
+
+    pyiceberg's statistics plan and column mapping walk the whole schema; building them for each
+    file cost ~1 ms of a 1,000-event batch. They depend on the schema and on the table's
+    ``write.metadata.metrics.*`` properties only (not on the commit watermark property, which
+    changes with every commit), so that is the cache key.
+    """
+
+    stats_columns: dict[int, Any]
+    column_mapping: dict[str, int]
+    dictionary_columns: list[str]
+
+    @staticmethod
+    def key(table: Table) -> tuple[Any, ...]:
+        metadata = table.metadata
+        metrics = tuple(
+            sorted((k, v) for k, v in metadata.properties.items() if k.startswith(METRICS_PREFIX))
+        )
+        return (str(metadata.table_uuid), metadata.current_schema_id, metrics)
+
+    @classmethod
+    def build(cls, table: Table) -> FilePlan:
+        schema = table.schema()
+        return cls(
+            stats_columns=compute_statistics_plan(schema, table.metadata.properties),
+            column_mapping=parquet_path_to_id_mapping(schema),
+            dictionary_columns=[
+                path
+                for path in leaf_paths(schema_to_pyarrow(schema))
+                if path.split(".", 1)[0] not in UNIQUE_COLUMNS
+            ],
+        )
+
+
+class FilePlans:
+    """A small per-process cache of :class:`FilePlan` (a handful of tables and schemas)."""
+
+    def __init__(self, size: int = 256) -> None:
+        self._plans: dict[tuple[Any, ...], FilePlan] = {}
+        self._size = size
+
+    def for_table(self, table: Table) -> FilePlan:
+        key = FilePlan.key(table)
+        plan = self._plans.get(key)
+        if plan is None:
+            if len(self._plans) >= self._size:
+                self._plans.pop(next(iter(self._plans)))  # oldest first
+            plan = self._plans[key] = FilePlan.build(table)
+        return plan
+
+
+def leaf_paths(schema: pa.Schema) -> list[str]:
+    """The Parquet column paths of ``schema``'s leaves, as pyarrow names them (``a.list.element``,
+    ``m.key_value.key``): what ``use_dictionary`` takes."""
+
+    def walk(prefix: str, data_type: pa.DataType) -> list[str]:
+        if pa.types.is_struct(data_type):
+            return [p for f in data_type for p in walk(f"{prefix}.{f.name}", f.type)]
+        if pa.types.is_map(data_type):
+            return walk(f"{prefix}.key_value.key", data_type.key_type) + walk(
+                f"{prefix}.key_value.value", data_type.item_type
+            )
+        if pa.types.is_list(data_type) or pa.types.is_large_list(data_type):
+            return walk(f"{prefix}.list.element", data_type.value_type)
+        return [prefix]
+
+    return [p for f in schema for p in walk(f.name, f.type)]
+
+
 def write_data_file(
     table: Table,
     rows: pa.Table,
@@ -130,9 +221,10 @@ def write_data_file(
     *,
     row_group_rows: int,
     compression: str,
+    plan: FilePlan | None = None,
 ) -> DataFile:
     """Write ``rows`` as one Parquet file at ``path`` and describe it from its own footer."""
-    schema = table.schema()
+    plan = plan or FilePlan.build(table)
     output = table.io.new_output(path)
     with output.create(overwrite=True) as stream:
         writer = pq.ParquetWriter(
@@ -140,6 +232,7 @@ def write_data_file(
             rows.schema,
             compression=None if compression == "none" else compression,
             write_statistics=True,
+            use_dictionary=plan.dictionary_columns,
         )
         try:
             writer.write_table(rows, row_group_size=row_group_rows)
@@ -148,8 +241,8 @@ def write_data_file(
         size = stream.tell()
     stats = data_file_statistics_from_parquet_metadata(
         parquet_metadata=writer.writer.metadata,
-        stats_columns=compute_statistics_plan(schema, table.metadata.properties),
-        parquet_column_mapping=parquet_path_to_id_mapping(schema),
+        stats_columns=plan.stats_columns,
+        parquet_column_mapping=plan.column_mapping,
     )
     data_file = DataFile.from_args(
         content=DataFileContent.DATA,
@@ -197,6 +290,8 @@ class BatchWriter:
         self.dead_letter_sink = dead_letter_sink
         self.storage_retry, self.catalog_retry = policies_for(settings.retry_base_ms)
         self.clock: Callable[[], float] = time.monotonic  # tests may slow time down
+        self.plans = FilePlans()
+        self._pool: ThreadPoolExecutor | None = None  # made on first use, in the worker process
 
     def write(
         self,
@@ -223,7 +318,39 @@ class BatchWriter:
         the events before it, and returns the rest in :attr:`BatchResult.remainder`. Without
         ``on_split`` it never stops early. ``split_at`` (an earlier attempt's split) writes only
         the events before it and hands back the rest.
+
+        The cyclic garbage collector is paused for the whole batch (see
+        :func:`~common.events.paused_gc`): a batch's events stay alive until its files are
+        written, and each collection in between would traverse all of them again.
         """
+        with paused_gc():
+            return self._write(
+                batch_id,
+                payload,
+                table=table,
+                enqueued_at_ms=enqueued_at_ms,
+                chunk_events=chunk_events,
+                deadline=deadline,
+                stop=stop,
+                interrupt=interrupt,
+                split_at=split_at,
+                on_split=on_split,
+            )
+
+    def _write(
+        self,
+        batch_id: str,
+        payload: bytes | str,
+        *,
+        table: str | None,
+        enqueued_at_ms: int | None,
+        chunk_events: int | None,
+        deadline: float | None,
+        stop: Callable[[], bool] | None,
+        interrupt: tuple[type[BaseException], ...],
+        split_at: int | None,
+        on_split: Callable[[int], int] | None,
+    ) -> BatchResult:
         parsed = parse_batch(
             payload, batch_id=batch_id, max_event_bytes=self.settings.max_event_bytes
         )
@@ -243,6 +370,7 @@ class BatchWriter:
         can_split = on_split is not None and split_at is None
         chunks: list[_Chunk] = []  # appended whole: the truth about what is written
         known: dict[TableName, bool] = {}
+        attempt = attempt_token()
         last_s = 0.0
         for start, end in bounds:
             if start and can_split and self._must_stop(deadline, stop, last_s):
@@ -258,6 +386,7 @@ class BatchWriter:
                         fixed=fixed,
                         ingested_at=ingested_at,
                         known=known,
+                        attempt=attempt,
                     )
                 )
             except interrupt:
@@ -312,6 +441,7 @@ class BatchWriter:
         fixed: TableName | None,
         ingested_at: datetime,
         known: dict[TableName, bool],
+        attempt: str,
     ) -> _Chunk:
         """Write the files of one chunk of events; register nothing yet."""
         chunk = _Chunk(*bounds)
@@ -326,7 +456,7 @@ class BatchWriter:
             if known[name]:
                 continue
             chunk.files[name], rejected = self._write_table(
-                name, table_events, batch_id, ingested_at, None if whole else bounds
+                name, table_events, batch_id, ingested_at, attempt, None if whole else bounds
             )
             chunk.dead_letters.extend(rejected)
         return chunk
@@ -360,6 +490,7 @@ class BatchWriter:
         events: list[Event],
         batch_id: str,
         ingested_at: datetime,
+        attempt: str,
         chunk: tuple[int, int] | None = None,
     ) -> tuple[list[DataFile], list[DeadLetter]]:
         mode = self.settings.mode_for(str(name))
@@ -378,8 +509,9 @@ class BatchWriter:
             if evolved.metadata_location != table.metadata_location:
                 table = evolved
                 projections = self._project(table, by_day, batch_id, ingested_at, mode)
-        files = []
         rejected = []
+        plan = self.plans.for_table(table)
+        jobs: list[Callable[[], DataFile]] = []
         for day, projection in projections.items():
             for event, reason in projection.rejected:
                 rejected.append(
@@ -388,12 +520,13 @@ class BatchWriter:
             if projection.table.num_rows == 0:
                 continue
             path = (
-                data_file_path(table.location(), batch_id, day)
+                data_file_path(table.location(), batch_id, day, attempt)
                 if chunk is None
-                else chunk_file_path(table.location(), batch_id, day, *chunk)
+                else chunk_file_path(table.location(), batch_id, day, *chunk, attempt=attempt)
             )
-            files.append(
-                self.storage_retry.call(
+            jobs.append(
+                functools.partial(
+                    self.storage_retry.call,
                     f"write {path}",
                     write_data_file,
                     table,
@@ -402,8 +535,10 @@ class BatchWriter:
                     Record(day),
                     row_group_rows=self.settings.row_group_rows,
                     compression=self.settings.compression,
+                    plan=plan,
                 )
             )
+        files = self._run_all(jobs)
         logger.info(
             "batch %s: wrote %d file(s), %d rows to %s",
             batch_id,
@@ -412,6 +547,28 @@ class BatchWriter:
             name,
         )
         return files, rejected
+
+    def _run_all(self, jobs: list[Callable[[], DataFile]]) -> list[DataFile]:
+        """Run the file writes of one table's chunk, in parallel, results in order.
+
+        Parquet encoding and compression run in Arrow's C++ without the GIL, and uploads wait on
+        the network, so a batch that spans several ``day(time)`` partitions writes its files
+        side by side (as pyiceberg's own writer does). The first file is written in the calling
+        thread. On an error (or Celery's soft time limit, raised in the calling thread) writes
+        not yet started are cancelled; those under way finish in the background, harmlessly:
+        nothing registers them, and a retry writes the same bytes to the same paths.
+        """
+        if len(jobs) <= 1:
+            return [job() for job in jobs]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(FILE_WRITE_THREADS, thread_name_prefix="icefleet-file")
+        futures = [self._pool.submit(job) for job in jobs[1:]]
+        try:
+            first = jobs[0]()
+            return [first, *(future.result() for future in futures)]
+        finally:
+            for future in futures:
+                future.cancel()
 
     def _ensure(self, name: TableName, desired: Callable[[Table | None, Schema], Schema]) -> Table:
         """Create or evolve the table, retrying catalog hiccups (not a lock held elsewhere)."""

@@ -64,17 +64,54 @@ def test_one_file_per_table_and_day_at_a_path_derived_from_the_batch(tmp_path: P
     events = [event(i * 30) for i in range(4)] + [event(1, "com.example.signup")]
     no_time = event(99)
     del no_time["time"]
-    # When written twice under the same batch id
+    # When written twice under the same batch id (no registry: both attempts write)
     first = writer.write("batch/../1", encode_ndjson([*events, no_time]))
     second = writer.write("batch/../1", encode_ndjson([*events, no_time]))
-    # Then files are per (table, day), deterministic, and inside the table location
+    # Then files are per (table, day), inside the table location, named after the batch
     paths = sorted(f.file_path for fs in first.files.values() for f in fs)
-    assert paths == sorted(f.file_path for fs in second.files.values() for f in fs)
     assert len(first.files["events.order"]) == 5  # 4 days (0h, 30h, 60h, 90h) + null
     assert len(first.files["events.signup"]) == 1
     assert all("/../" not in p and file_stem("batch/../1") in p for p in paths)
     assert any("time_day=null" in p for p in paths)
     assert first.records == 6
+    # And each attempt has paths of its own: one never overwrites another's files
+    assert not set(paths) & {f.file_path for fs in second.files.values() for f in fs}
+
+
+class FirstWins:
+    """A pending registry as two racing attempts see it: neither knows the batch yet when it
+    checks, and the first to register wins (as the real one's atomic registration does)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[tuple[str, str], str] = {}
+
+    def is_known(self, table: str, batch_id: str) -> bool:
+        return False
+
+    def register(self, table: str, batch_id: str, entry_json: str) -> bool:
+        return self.entries.setdefault((table, batch_id), entry_json) is entry_json
+
+
+def test_racing_attempts_across_a_schema_change_never_touch_the_registered_file(
+    tmp_path: Path,
+) -> None:
+    # Given attempt A of a batch registered its file, then the table gained a column
+    writer, _ = make_writer(tmp_path)
+    writer.registry = FirstWins()
+    payload = encode_ndjson([event(i) for i in range(20)])
+    attempt_a = writer.write("dup", payload)
+    (registered,) = attempt_a.files["events.order"]
+    before = Path(registered.file_path.removeprefix("file://")).read_bytes()
+    writer.write("other", encode_ndjson([event(0, extra="new column")]))
+    # When attempt B of the same batch, which checked before A registered, writes under the
+    # new schema
+    attempt_b = writer.write("dup", payload)
+    # Then B loses the registration and A's file is byte for byte what its DataFile describes
+    assert attempt_b.files == {} and attempt_b.skipped_tables == ["events.order"]
+    after = Path(registered.file_path.removeprefix("file://"))
+    assert after.read_bytes() == before
+    assert after.stat().st_size == registered.file_size_in_bytes
+    assert pq.read_metadata(after).num_rows == registered.record_count == 20
 
 
 def test_datafile_json_round_trip_is_lossless(tmp_path: Path) -> None:
