@@ -11,6 +11,21 @@ worker from sitting on messages another could run, and Redis' visibility timeout
 unacknowledged message is delivered again) is set above the longest task so a slow task is never
 run twice at once.
 
+**Time limits are per task** (:func:`task_time_limits`, applied as ``task_annotations`` when the
+app is created, so nothing is global and nothing is read at import):
+
+* ``icefleet.write_batch``: soft ``ICEFLEET_WRITE_TIMEOUT_S``, hard 30 s later. The writer splits a
+  batch that does not fit (common/partial.py), so the limit bounds how long a batch holds a writer.
+* ``icefleet.commit_table`` and the sweep ``icefleet.commit_all``: soft ``ICEFLEET_LOCK_WAIT_S`` +
+  :data:`COMMIT_WORK_S` (the wait for the table lock, then five minutes for the commit and its
+  retries), hard 30 s later. Independent of the write timeout: a small write timeout must not cut
+  a group commit short. A commit cut short is safe (the prepared record decides at the next run);
+  the limit only keeps a hung catalog call from holding the one committer for ever. (The sweep
+  logs the table its soft limit interrupts and goes on with the next until the hard limit.)
+* the canary's tasks: :data:`CANARY_SOFT_LIMIT_S` (a probe, or one small table scan).
+* maintenance tasks (workers/maintenance.py): their own limits, set on their decorators (an hour);
+  they are acknowledged when they start, so they do not count for the visibility timeout.
+
 No result backend: correctness never reads task results. Batches are tracked in Redis keys of our
 own (``icefleet:outstanding``, the pending registry, prepared records: see
 :mod:`common.producer`), producers never block on a result, and a backend would write one key per
@@ -19,6 +34,7 @@ task. Flower still sees every task, its result and its failure through task even
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from celery import Celery
@@ -32,8 +48,27 @@ COMMIT_TASK = "icefleet.commit_table"
 SWEEP_TASK = "icefleet.commit_all"
 SWEEP_INTERVAL_S = 5.0
 CANARY_TASK = "icefleet.canary.send"
+CANARY_CHECK_TASK = "icefleet.canary.check"
+CANARY_CHECK_COUNTDOWN_S = 1.0  # the canary schedules its checks this far ahead
 # A task may run this long past its soft limit (cleaning up, dead-lettering) before it is killed.
 HARD_LIMIT_GRACE_S = 30
+#: A commit task's time once it holds the table lock: a group commit takes seconds (a large one on
+#: a REST catalog up to a minute or two), plus the commit retries' backoff.
+COMMIT_WORK_S = 300
+#: The canary's tasks send one probe or scan the small canary table once.
+CANARY_SOFT_LIMIT_S = 60
+#: kombu's Redis transport puts a message back on its queue when the visibility timeout has passed
+#: since its delivery *and* a restore sweep runs; by default the sweep scans every 10 s x 10 (the
+#: throttle) = 100 s. A message of a worker killed hard therefore came back up to 100 s after the
+#: timeout. One scan every 10 s bounds that to 10 s, for one SET NX (kombu's restore mutex) and a
+#: ZRANGE BYSCORE on ``unacked_index`` per 10 s per worker (not per pool process): negligible even
+#: for hundreds of workers. Lower is possible but gains little next to the visibility timeout
+#: itself (minutes, see :func:`visibility_timeout_s`), which is what really decides; that one is
+#: not shortened below the longest task, or a slow task would run twice at once. (A throttle of 1
+#: also makes a synchronous consumer, such as the reply queue of ``celery inspect``, scan on each
+#: empty poll, about once a second while it waits: negligible as well.)
+UNACKED_RESTORE_INTERVAL_S = 10
+UNACKED_RESTORE_THROTTLE = 1
 
 
 class IcefleetCelery(Celery):
@@ -42,10 +77,51 @@ class IcefleetCelery(Celery):
     icefleet_settings: Settings
 
 
+def task_time_limits(settings: Settings) -> dict[str, tuple[int, int]]:
+    """Soft and hard time limit (seconds) of each task name that has icefleet-chosen limits."""
+    write_soft = settings.write_timeout_s
+    commit_soft = math.ceil(settings.lock_wait_s) + COMMIT_WORK_S
+    limits = {
+        WRITE_TASK: write_soft,
+        COMMIT_TASK: commit_soft,
+        SWEEP_TASK: commit_soft,
+        CANARY_TASK: CANARY_SOFT_LIMIT_S,
+        CANARY_CHECK_TASK: CANARY_SOFT_LIMIT_S,
+    }
+    return {name: (soft, soft + HARD_LIMIT_GRACE_S) for name, soft in limits.items()}
+
+
+def task_annotations(settings: Settings) -> dict[str, dict[str, int]]:
+    """``task_annotations``: each task's own limits, set on its class when the app binds it."""
+    return {
+        name: {"soft_time_limit": soft, "time_limit": hard}
+        for name, (soft, hard) in task_time_limits(settings).items()
+    }
+
+
 def visibility_timeout_s(settings: Settings) -> int:
-    """Longer than any task may run (soft + hard limit) and than a commit task's countdown, so
-    neither a running task nor a scheduled one is delivered a second time."""
-    return max(2 * settings.write_timeout_s, settings.commit_interval_ms // 1000) + 60
+    """Longer than any acknowledged-late task may run (its hard limit) plus its countdown, and than
+    twice the write timeout, so neither a running task nor a scheduled one is delivered a second
+    time. With the defaults: 2 x 300 s + 60 s = 660 s."""
+    limits = task_time_limits(settings)
+    commit_countdown_s = math.ceil(settings.commit_interval_ms / 1000)
+    longest = max(
+        2 * settings.write_timeout_s,
+        limits[WRITE_TASK][1],
+        limits[COMMIT_TASK][1] + commit_countdown_s,
+        limits[SWEEP_TASK][1],
+        limits[CANARY_CHECK_TASK][1] + math.ceil(CANARY_CHECK_COUNTDOWN_S),
+    )
+    return longest + 60
+
+
+def broker_transport_options(settings: Settings) -> dict[str, Any]:
+    """kombu's Redis transport options: the visibility timeout and the restore sweep's pace."""
+    return {
+        "visibility_timeout": visibility_timeout_s(settings),
+        "unacked_restore_interval": UNACKED_RESTORE_INTERVAL_S,
+        "unacked_restore_throttle": UNACKED_RESTORE_THROTTLE,
+    }
 
 
 def _queue(name: str) -> Queue:
@@ -67,11 +143,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings derived from icefleet's settings."""
     from workers.maintenance import beat_schedule as maintenance_schedule
 
-    soft_s = settings.write_timeout_s
     return {
         "broker_url": settings.redis_url,
         "broker_connection_retry_on_startup": True,
-        "broker_transport_options": {"visibility_timeout": visibility_timeout_s(settings)},
+        "broker_transport_options": broker_transport_options(settings),
         "result_backend": None,
         "task_ignore_result": True,
         "result_expires": 3600,
@@ -85,8 +160,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_on_timeout": False,
         "worker_prefetch_multiplier": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
-        "task_soft_time_limit": soft_s,
-        "task_time_limit": soft_s + HARD_LIMIT_GRACE_S,
+        # No global time limit: each task has its own (task_time_limits, module docstring).
+        "task_annotations": task_annotations(settings),
         "task_queues": [_queue(INGEST_QUEUE), _queue(COMMIT_QUEUE)],
         "task_default_queue": INGEST_QUEUE,
         "task_routes": {

@@ -36,16 +36,16 @@ from common.backlog import INGEST_QUEUE
 from common.producer import Producer
 from common.routing import TableName
 from common.settings import Settings
+from workers.app import CANARY_CHECK_COUNTDOWN_S as CHECK_EVERY_S
+from workers.app import CANARY_CHECK_TASK as CHECK_TASK
 from workers.app import CANARY_TASK as SEND_TASK
 from workers.runtime import runtime
 
 logger = logging.getLogger(__name__)
 
 CANARY_TABLE = "icefleet.canary"
-CHECK_TASK = "icefleet.canary.check"
 PROBE_TYPE = "io.icefleet.canary.probe"
 PROBE_SOURCE = "/icefleet/canary"
-CHECK_EVERY_S = 1.0
 MIN_TIMEOUT_S = 60.0
 _PROBE_ID = re.compile(r"canary-[0-9a-f-]{36}")
 

@@ -1,0 +1,95 @@
+"""Time limits are per task: the write timeout limits the write task, and only it.
+
+The Celery app is built in this process (no worker, no broker connection): what is checked is
+the limit each task class carries once bound to the app, which is what a worker enforces
+(``celery.worker.request``: the message's limits, else the task's).
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from common.producer import WRITE_TASK
+from common.settings import Settings, load_settings
+from workers.app import (
+    CANARY_CHECK_TASK,
+    CANARY_TASK,
+    COMMIT_TASK,
+    COMMIT_WORK_S,
+    HARD_LIMIT_GRACE_S,
+    SWEEP_TASK,
+    IcefleetCelery,
+    create_app,
+    task_time_limits,
+    visibility_timeout_s,
+)
+from workers.maintenance import COMPACT_TABLE_TASK, EXPIRE_ALL_TASK, SOFT_LIMIT_S
+
+pytestmark = pytest.mark.unit
+
+
+def limits(app: IcefleetCelery, name: str) -> tuple[int | None, int | None]:
+    app.finalize()
+    task = app.tasks[name]
+    return task.soft_time_limit, task.time_limit
+
+
+def settings(**overrides: object) -> Settings:
+    return load_settings({}, **overrides)
+
+
+def test_a_tiny_write_timeout_limits_the_write_task_only() -> None:
+    # Given a write timeout of one second
+    app = create_app(settings(write_timeout_s=1, lock_wait_s=120.0))
+
+    # When the app binds its tasks
+    # Then the write task has that limit (hard: 30 s later) ...
+    assert limits(app, WRITE_TASK) == (1, 1 + HARD_LIMIT_GRACE_S)
+    # ... the commit tasks have their own: the lock wait plus the commit's budget
+    commit = (120 + COMMIT_WORK_S, 120 + COMMIT_WORK_S + HARD_LIMIT_GRACE_S)
+    assert limits(app, COMMIT_TASK) == commit
+    assert limits(app, SWEEP_TASK) == commit
+    # ... maintenance keeps its hour, the canary its minute
+    assert limits(app, COMPACT_TABLE_TASK) == (SOFT_LIMIT_S, SOFT_LIMIT_S + 60)
+    assert limits(app, EXPIRE_ALL_TASK) == (SOFT_LIMIT_S, SOFT_LIMIT_S + 60)
+    assert limits(app, CANARY_TASK)[0] == limits(app, CANARY_CHECK_TASK)[0] == 60
+    # ... and nothing is limited globally (a task without limits of its own runs unlimited)
+    assert app.conf.task_soft_time_limit is None
+    assert app.conf.task_time_limit is None
+
+
+def test_commit_limits_do_not_follow_the_write_timeout() -> None:
+    # Given two apps in one process whose write timeouts differ
+    small = create_app(settings(write_timeout_s=2))
+    large = create_app(settings(write_timeout_s=900))
+
+    # Then each write task has its own app's limit, and the commit task the same in both
+    assert limits(small, WRITE_TASK)[0] == 2
+    assert limits(large, WRITE_TASK)[0] == 900
+    assert limits(small, COMMIT_TASK) == limits(large, COMMIT_TASK)
+
+
+@pytest.mark.parametrize("write_timeout_s", [1, 2, 300, 3600])
+def test_the_visibility_timeout_outlasts_every_late_acknowledged_task(write_timeout_s: int) -> None:
+    # Given any write timeout
+    s = settings(write_timeout_s=write_timeout_s, commit_interval_ms=5_000)
+
+    # Then an unacknowledged message is delivered again only after its task's hard limit (and a
+    # commit task's countdown) has passed: a slow task never runs twice at once
+    visibility = visibility_timeout_s(s)
+    hard = {name: limit[1] for name, limit in task_time_limits(s).items()}
+    assert visibility > hard[WRITE_TASK] and visibility >= 2 * write_timeout_s
+    assert visibility > hard[COMMIT_TASK] + 5
+    assert visibility > max(hard.values())
+
+
+def test_defaults_keep_the_documented_visibility_timeout_and_restore_every_ten_seconds() -> None:
+    # Given the default settings, When the app is configured
+    app = create_app(settings())
+
+    # Then the visibility timeout is 2 x the write timeout + 60 s, as the README says, and kombu
+    # scans for expired unacknowledged messages every 10 s (not 10 s x its throttle of 10)
+    options = app.conf.broker_transport_options
+    assert options["visibility_timeout"] == 2 * 300 + 60
+    assert options["unacked_restore_interval"] == 10
+    assert options["unacked_restore_throttle"] == 1
