@@ -185,3 +185,7 @@ class LockLostError(LockError):
     def __init__(self, name: str) -> None:
         self.name = name
         super().__init__(f"lock {name} was lost (expired or taken over) before it was released")
+
+
+class PayloadEncodingError(IcefleetError):
+    """A write task's payload is not in the encoding it says (:mod:`common.payloads`)."""

@@ -24,6 +24,7 @@ from common import keys
 from common.backlog import COMMIT_QUEUE, INGEST_QUEUE, Backlog, Waiter, WaitResult, read_backlog
 from common.errors import InvalidBatchIdError
 from common.events import encode_ndjson, split_events
+from common.payloads import pack
 from common.routing import TableName
 from common.settings import Settings, load_settings
 
@@ -252,11 +253,13 @@ class Producer:
         # A batch resent while still outstanding reuses its first enqueue time: both deliveries
         # then write byte-identical files (``_ingested_at`` is the enqueue time).
         enqueued_at_ms = int(score) if score is not None else now_ms
+        packed, encoding = pack(payload)  # see common/payloads.py: a sixth of the message
         kwargs = {
             "batch_id": batch_id,
-            "payload": payload,
+            "payload": packed,
             "table": table,
             "enqueued_at_ms": enqueued_at_ms,
+            "encoding": encoding,
         }
         try:
             self._publish(WRITE_TASK, kwargs, INGEST_QUEUE)

@@ -164,15 +164,22 @@ def _record_write(
         return
     if seconds is not None:
         metrics.batch_write_seconds.observe(seconds)
+    # The task reports its payload's size once decoded (common/payloads.py); what a message
+    # carries is compressed.
     payload = kwargs.get("payload") or ""
     table = kwargs.get("table") or "unrouted"
     if "dead_lettered" in retval:
         metrics.batches.labels("dead_lettered").inc()
-        lines = sum(1 for line in payload.split("\n") if line.strip())
-        metrics.events_dead_lettered.labels(table).inc(lines)
+        lines = retval.get("payload_lines")
+        if lines is None:
+            lines = sum(1 for line in str(payload).split("\n") if line.strip())
+        metrics.events_dead_lettered.labels(table).inc(int(lines))
         return
     metrics.batches.labels("written").inc()
-    metrics.batch_bytes.inc(len(payload.encode("utf-8", "surrogatepass")))
+    size = retval.get("payload_bytes")
+    if size is None:
+        size = len(str(payload).encode("utf-8", "surrogatepass"))
+    metrics.batch_bytes.inc(int(size))
     if retval.get("dead_letters"):
         metrics.events_dead_lettered.labels(table).inc(int(retval["dead_letters"]))
 

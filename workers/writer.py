@@ -35,9 +35,10 @@ from pyiceberg.exceptions import CommitFailedException
 
 from common import keys
 from common.backlog import INGEST_QUEUE
-from common.errors import RetriesExhaustedError, RetryableError
+from common.errors import PayloadEncodingError, RetriesExhaustedError, RetryableError
 from common.events import DeadLetter, Event, parse_batch
 from common.partial import Remainder, SplitRecords, child_id, chunk_events, deadline_for
+from common.payloads import pack, unpack
 from common.pending import PendingRegistry
 from common.producer import WRITE_TASK
 from common.retry import is_transient
@@ -168,12 +169,14 @@ def hand_back(
     """Enqueue the rest of a split batch as its child: outstanding first, then the message."""
     now_ms = int(time.time() * 1000)
     rt.client.zadd(keys.outstanding(), {remainder.batch_id: enqueued_at_ms or now_ms}, nx=True)
+    packed, encoding = pack(remainder.payload)
     write_batch.apply_async(
         kwargs={
             "batch_id": remainder.batch_id,
-            "payload": remainder.payload,
+            "payload": packed,
             "table": table,
             "enqueued_at_ms": enqueued_at_ms,
+            "encoding": encoding,
         },
         queue=INGEST_QUEUE,
     )
@@ -199,11 +202,23 @@ def write_batch(
     payload: str,
     table: str | None = None,
     enqueued_at_ms: int | None = None,
+    encoding: str | None = None,
 ) -> dict[str, Any]:
-    """Write one batch to Parquet, register its files as pending and nudge the committer."""
+    """Write one batch to Parquet, register its files as pending and nudge the committer.
+
+    ``payload`` is NDJSON (or any payload :func:`~common.events.parse_batch` reads), as text or
+    packed as ``encoding`` says (:mod:`common.payloads`).
+    """
     rt = runtime(self.app)
     try:
-        return _write(self, rt, batch_id, payload, table, enqueued_at_ms)
+        try:
+            text = unpack(payload, encoding)
+        except PayloadEncodingError as exc:
+            return _refuse_payload(rt, batch_id, payload, table, str(exc))
+        result = _write(self, rt, batch_id, text, table, enqueued_at_ms)
+        result["payload_bytes"] = len(text)
+        result["payload_lines"] = text.count(b"\n") if isinstance(text, bytes) else text.count("\n")
+        return result
     except Retry:
         raise
     except SoftTimeLimitExceeded as exc:
@@ -218,11 +233,22 @@ def write_batch(
         raise Reject(exc, requeue=True) from exc
 
 
+def _refuse_payload(
+    rt: Runtime, batch_id: str, payload: str | bytes, table: str | None, reason: str
+) -> dict[str, Any]:
+    """Keep a payload that cannot be decoded, as it came, in the dead-letter store."""
+    raw = payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload
+    rt.dead_letters.add([DeadLetter(batch_id, 0, reason, None, raw)], table=table)
+    rt.outstanding.done(batch_id)
+    logger.error("batch %s dead-lettered whole: %s", batch_id, reason)
+    return {"batch_id": batch_id, "dead_lettered": reason}
+
+
 def _write(
     task: Task,
     rt: Runtime,
     batch_id: str,
-    payload: str,
+    payload: str | bytes,
     table: str | None,
     enqueued_at_ms: int | None,
 ) -> dict[str, Any]:

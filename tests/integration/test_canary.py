@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import base64
 import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import redis
 
-import workers.runtime
 from common.metrics import create_metrics
 from common.producer import WRITE_TASK
 from common.settings import load_settings
@@ -34,21 +32,6 @@ from workers.runtime import Runtime
 from workers.writer import write_batch
 
 pytestmark = pytest.mark.integration
-
-
-@pytest.fixture
-def rt(
-    redis_client: redis.Redis, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Runtime]:
-    """The worker runtime of this process: test Redis, SQLite catalog, commits due at once."""
-    settings = load_settings(
-        {}, redis_url=redis_url, home=tmp_path / "home", commit_interval_ms=1, canary_interval_s=90
-    )
-    app = create_app(settings)
-    runtime = Runtime(settings, redis_client)
-    monkeypatch.setattr(workers.runtime, "_runtime", runtime)
-    yield runtime
-    app.close()
 
 
 def take_messages(client: redis.Redis, queue: str = "ingest") -> list[tuple[str, dict[str, Any]]]:

@@ -32,6 +32,7 @@ import pytest
 import redis
 
 from common.catalog import open_catalog
+from common.payloads import unpack
 from common.producer import Producer
 from common.settings import load_settings
 from tests.integration.test_fleet import (  # noqa: F401  (fixtures: the fleet of real workers)
@@ -106,7 +107,7 @@ def queued_batches(client: redis.Redis) -> dict[str, list[dict[str, Any]]]:
         if message["headers"]["task"] != "icefleet.write_batch":
             continue
         _, kwargs, _ = json.loads(base64.b64decode(message["body"]))
-        lines = kwargs["payload"].splitlines()
+        lines = unpack(kwargs["payload"], kwargs.get("encoding")).splitlines()
         batches[kwargs["batch_id"]] = [json.loads(line) for line in lines]
     return batches
 

@@ -16,6 +16,7 @@ import redis
 
 from common import keys
 from common.partial import SplitConflictError, SplitRecords, child_id, chunk_events, split_key
+from common.payloads import unpack
 from common.producer import Producer
 from common.settings import load_settings
 from tests.chaos.harness import (
@@ -431,7 +432,7 @@ def test_a_split_batch_given_up_dead_letters_only_its_part(
     body = json.loads(base64.b64decode(message["body"]))
     kwargs = body[1]
     assert kwargs["batch_id"] == "given-up~3" and kwargs["enqueued_at_ms"] == 1
-    assert kwargs["payload"] == ndjson(events[3:])
+    assert unpack(kwargs["payload"], kwargs["encoding"]) == ndjson(events[3:]).encode()
     assert redis_client.zrange(keys.outstanding(), 0, -1) == [b"given-up~3"]
 
 

@@ -22,6 +22,7 @@ from common.errors import (
     InvalidEventError,
     InvalidIdentifierError,
 )
+from common.payloads import ZSTD, unpack
 from common.producer import (
     WRITE_TASK,
     KombuPublisher,
@@ -47,14 +48,22 @@ def event(n: int, size: int = 0) -> dict[str, Any]:
 
 
 class Recorder:
+    """Records what a producer publishes, with each payload as the writer will read it."""
+
     def __init__(self, fail: bool = False) -> None:
         self.sent: list[tuple[str, dict[str, Any], str]] = []
+        self.packed: list[str] = []
         self.fail = fail
 
     def __call__(self, task: str, kwargs: dict[str, Any], queue: str) -> str:
         if self.fail:
             raise ConnectionError("broker down")
-        self.sent.append((task, kwargs, queue))
+        assert kwargs["encoding"] == ZSTD  # the producer always packs (common/payloads.py)
+        self.packed.append(kwargs["payload"])
+        text = unpack(kwargs["payload"], kwargs["encoding"])
+        assert isinstance(text, bytes)
+        readable = {**kwargs, "payload": text.decode("utf-8", "surrogatepass"), "encoding": None}
+        self.sent.append((task, readable, queue))
         return f"task-{len(self.sent)}"
 
 
