@@ -16,6 +16,17 @@ when a wait begins and waits for exactly those batches: "everything enqueued so 
 committed" while producers keep sending. A batch whose message was lost (Redis restarted without
 its AOF) stays outstanding; the wait then times out naming it instead of pretending it landed.
 
+**Split batches.** A writer that cannot write a batch in time splits it (common/partial.py):
+it records the split point (``icefleet:split:<id>``), registers the part it wrote under the
+batch's id, enqueues the rest as the child batch ``<id>~<offset>`` (outstanding first) and only
+then drops the parent from *outstanding*. A batch waited for is done only when its split
+descendants are: every poll reads the split records of the batches it follows in the same
+MULTI/EXEC as their state, adds the children it finds (and reads again until no new one
+appears), and counts a child as "not written yet" while its parent is still outstanding, since
+the child may not be enqueued yet. Once the parent has left *outstanding*, its child is in
+*outstanding* or a *pending* hash, or already committed or dead-lettered: nothing in between is
+missed.
+
 :func:`read_backlog` is the global picture ``icefleet status`` shows (queues, counts, prepared
 records); its :attr:`Backlog.idle` means nothing at all is in flight.
 """
@@ -30,6 +41,7 @@ from typing import Any
 import redis
 
 from common import keys
+from common.partial import child_id
 
 INGEST_QUEUE = "ingest"
 COMMIT_QUEUE = "commit"
@@ -144,6 +156,7 @@ class WaitResult:
     waited_for: int
     not_written: tuple[str, ...] = ()
     not_committed: dict[str, tuple[str, ...]] = field(default_factory=dict)  # table → batch ids
+    children: int = 0  # split children (``<id>~<offset>``) followed besides ``waited_for``
 
     @property
     def done(self) -> bool:
@@ -154,9 +167,11 @@ class WaitResult:
         return len(set(self.not_written) | {b for ids in self.not_committed.values() for b in ids})
 
     def describe(self) -> str:
+        split = f" (and {self.children} split child batch(es))" if self.children else ""
         if self.done:
-            return f"all {self.waited_for} batch(es) enqueued before the wait are committed"
-        parts = [f"{self.remaining} of {self.waited_for} batch(es) not committed"]
+            return f"all {self.waited_for} batch(es) enqueued before the wait{split} are committed"
+        total = self.waited_for + self.children
+        parts = [f"{self.remaining} of {total} batch(es) not committed"]
         if self.not_written:
             shown = ", ".join(self.not_written[:3]) + (", ..." if len(self.not_written) > 3 else "")
             parts.append(f"{len(self.not_written)} not written yet ({shown})")
@@ -174,28 +189,57 @@ def _chunks(items: list[str]) -> Iterable[list[str]]:
 
 
 class Waiter:
-    """Waits for the batches that are outstanding or pending when it is created."""
+    """Waits for the batches that are outstanding or pending when it is created (or for
+    ``batch_ids``), and for the split children of each (see the module docstring).
 
-    def __init__(self, client: redis.Redis) -> None:
+    A batch id given that is neither outstanding nor pending counts as done (committed,
+    dead-lettered, or never enqueued): only Redis' present state is known.
+    """
+
+    def __init__(self, client: redis.Redis, batch_ids: Iterable[str] | None = None) -> None:
         self._client = client
-        outstanding, pending = self._read(None)
-        self._ids = sorted(set(outstanding) | {b for ids in pending.values() for b in ids})
+        if batch_ids is None:
+            outstanding, pending, _ = self._read(None)
+            self._ids = sorted(set(outstanding) | {b for ids in pending.values() for b in ids})
+        else:
+            self._ids = sorted(set(batch_ids))
         self.waited_for = len(self._ids)
+        self.children = 0  # split children found so far
+        self._seen = set(self._ids)  # every id followed at some point
 
     def poll(self) -> WaitResult:
-        """One consistent reading; batches seen committed are not asked about again."""
+        """One consistent reading of the batches followed and their split children; batches
+        seen done are not asked about again."""
         if not self._ids:
-            return WaitResult(self.waited_for)
-        outstanding, pending = self._read(self._ids)
-        self._ids = sorted(set(outstanding) | {b for ids in pending.values() for b in ids})
+            return WaitResult(self.waited_for, children=self.children)
+        ids = list(self._ids)
+        while True:
+            outstanding, pending, splits = self._read(ids)
+            found = sorted({child_id(b, at) for b, at in splits.items()} - set(ids))
+            if not found:
+                break
+            # read again with them: a child's state must come from the same reading as its
+            # parent's, or a child enqueued and written in between would be missed
+            ids.extend(found)
+            fresh = [b for b in found if b not in self._seen]
+            self._seen.update(fresh)
+            self.children += len(fresh)
+        in_flight = set(outstanding) | {b for batch in pending.values() for b in batch}
+        # the rest of a batch split while still outstanding: its child may not be enqueued yet
+        coming = {child_id(b, splits[b]) for b in outstanding if b in splits} - in_flight
+        self._ids = sorted(in_flight | coming)
         return WaitResult(
             self.waited_for,
-            tuple(outstanding),
-            {table: tuple(ids) for table, ids in pending.items()},
+            tuple(sorted(set(outstanding) | coming)),
+            {table: tuple(batch) for table, batch in pending.items()},
+            children=self.children,
         )
 
-    def _read(self, ids: list[str] | None) -> tuple[list[str], dict[str, list[str]]]:
-        """Which of ``ids`` (None: all) are outstanding, and which pending where, read together."""
+    def _read(
+        self, ids: list[str] | None
+    ) -> tuple[list[str], dict[str, list[str]], dict[str, int]]:
+        """Which of ``ids`` (None: all) are outstanding, which pending where, and where each of
+        ``ids`` was split (none for None), read together."""
         tables = {_text(t) for t in self._client.smembers(keys.pending_tables())}
         while True:
             order = sorted(tables)
@@ -211,6 +255,8 @@ class Waiter:
                 for table in order:
                     for chunk in _chunks(ids):
                         pipe.hmget(keys.pending(table), chunk)
+                for chunk in _chunks(ids):
+                    pipe.mget([keys.split(b) for b in chunk])
             replies = pipe.execute()
             now_tables = {_text(t) for t in replies[0]}
             if now_tables <= tables:
@@ -219,18 +265,20 @@ class Waiter:
         if ids is None:
             outstanding = [_text(b) for b in replies[1]]
             pending = {t: [_text(b) for b in r] for t, r in zip(order, replies[2:], strict=True)}
-            return outstanding, {t: b for t, b in pending.items() if b}
-        chunks = list(_chunks(ids))
-        scores = [s for reply in replies[1 : 1 + len(chunks)] for s in reply]
+            return outstanding, {t: b for t, b in pending.items() if b}, {}
+        n = len(list(_chunks(ids)))
+        scores = [s for reply in replies[1 : 1 + n] for s in reply]
         outstanding = [b for b, score in zip(ids, scores, strict=True) if score is not None]
-        rest = replies[1 + len(chunks) :]
+        rest = replies[1 + n : 1 + n + len(order) * n]
         pending = {}
         for i, table in enumerate(order):
-            values = [v for reply in rest[i * len(chunks) : (i + 1) * len(chunks)] for v in reply]
+            values = [v for reply in rest[i * n : (i + 1) * n] for v in reply]
             found = [b for b, v in zip(ids, values, strict=True) if v is not None]
             if found:
                 pending[table] = found
-        return outstanding, pending
+        offsets = [v for reply in replies[1 + n + len(order) * n :] for v in reply]
+        splits = {b: int(v) for b, v in zip(ids, offsets, strict=True) if v is not None}
+        return outstanding, pending, splits
 
 
 # --- the writer's side of the bookkeeping ----------------------------------------------------------

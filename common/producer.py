@@ -253,7 +253,7 @@ class Producer:
         # A batch resent while still outstanding reuses its first enqueue time: both deliveries
         # then write byte-identical files (``_ingested_at`` is the enqueue time).
         enqueued_at_ms = int(score) if score is not None else now_ms
-        packed, encoding = pack(payload)  # see common/payloads.py: a sixth of the message
+        packed, encoding = pack(payload)  # an eighth of the message: common/payloads.py
         kwargs = {
             "batch_id": batch_id,
             "payload": packed,
@@ -277,11 +277,13 @@ class Producer:
         timeout_s: float | None = None,
         poll_s: float = 0.2,
         on_poll: Callable[[WaitResult], None] | None = None,
+        batch_ids: Iterable[str] | None = None,
     ) -> WaitResult:
-        """Block until every batch enqueued so far (by any producer) is committed or
-        dead-lettered, or until the timeout; check :attr:`WaitResult.done`."""
+        """Block until every batch enqueued so far (by any producer), or each of ``batch_ids``,
+        is committed or dead-lettered, the split children writers made of them
+        (``<id>~<offset>``) included, or until the timeout; check :attr:`WaitResult.done`."""
         deadline = None if timeout_s is None else time.monotonic() + timeout_s
-        waiter = Waiter(self.client)
+        waiter = Waiter(self.client, batch_ids)
         while True:
             result = waiter.poll()
             if on_poll is not None:
