@@ -60,6 +60,7 @@ from common.settings import SchemaMode, Settings
 logger = logging.getLogger(__name__)
 
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_ORDINAL = EPOCH.toordinal()
 FILE_WRITE_THREADS = 4  # files of one batch written at once (partitions; uploads to S3 overlap)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -99,7 +100,7 @@ def partition_day(event: Event) -> int | None:
     """``day(time)`` as Iceberg stores it: days since 1970-01-01, or None without a time."""
     if event.time is None:
         return None
-    return (event.time - EPOCH) // timedelta(days=1)
+    return event.time.toordinal() - _EPOCH_ORDINAL  # times are in UTC (common/events.py)
 
 
 def attempt_token() -> str:
@@ -152,6 +153,7 @@ class FilePlan:
     changes with every commit), so that is the cache key.
     """
 
+    arrow_schema: pa.Schema
     stats_columns: dict[int, Any]
     column_mapping: dict[str, int]
     dictionary_columns: list[str]
@@ -167,12 +169,14 @@ class FilePlan:
     @classmethod
     def build(cls, table: Table) -> FilePlan:
         schema = table.schema()
+        arrow_schema = schema_to_pyarrow(schema)
         return cls(
+            arrow_schema=arrow_schema,
             stats_columns=compute_statistics_plan(schema, table.metadata.properties),
             column_mapping=parquet_path_to_id_mapping(schema),
             dictionary_columns=[
                 path
-                for path in leaf_paths(schema_to_pyarrow(schema))
+                for path in leaf_paths(arrow_schema)
                 if path.split(".", 1)[0] not in UNIQUE_COLUMNS
             ],
         )
@@ -601,7 +605,7 @@ class BatchWriter:
         mode: SchemaMode,
     ) -> dict[int | None, Projection]:
         schema = table.schema()
-        arrow_schema = schema_to_pyarrow(schema)
+        arrow_schema = self.plans.for_table(table).arrow_schema
         renamed = aliases(table.metadata.properties)
         days = sorted(by_day, key=lambda day: (day is None, day or 0))
         return {
