@@ -6,19 +6,23 @@ child-process entry points at the bottom take only plain values (URL, path, name
 with the ``spawn`` start method.
 
 Events are synthetic CloudEvents whose ``id`` says which batch they belong to
-(``<batch id>-<n>``), so reading a table back tells which batches landed and how often.
+(``<batch id>-<n>``), so reading a table back (with pyiceberg, or with iceberg-rust as an
+independent reader) tells which batches landed and how often. :func:`in_process_tasks` runs the
+Celery tasks themselves in the test's process.
 """
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlparse
 
 import orjson
@@ -36,6 +40,11 @@ from common.pending import PendingRegistry
 from common.routing import Router, TableName
 from common.settings import Settings, load_settings
 from common.writer import BatchResult, BatchWriter
+
+if TYPE_CHECKING:
+    import pytest
+
+    from workers.runtime import Runtime
 
 TABLE = "events.order"
 COMMITTERS_KEY = "test:committers"  # names of the looping committers that have committed
@@ -166,6 +175,28 @@ def read_ids(table: Table, column: str = "id") -> list[str]:
     return [str(v) for v in arrow.column(column).to_pylist()]
 
 
+def rust_ids(table: Table, file_io: dict[str, str] | None = None) -> list[str]:
+    """The ids iceberg-rust reads (pyiceberg-core's DataFusion provider), in a process of its own:
+    the Rust reader holds the GIL while it waits on S3, which moto may serve from this process."""
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(
+            _rust_ids, (list(table.name()), table.metadata_location, dict(file_io or {}))
+        )
+
+
+def _rust_ids(identifier: list[str], metadata_location: str, file_io: dict[str, str]) -> list[str]:
+    from datafusion import SessionContext
+    from pyiceberg_core.datafusion import IcebergDataFusionTable
+
+    ctx = SessionContext()
+    provider = IcebergDataFusionTable(
+        identifier=identifier, metadata_location=metadata_location, file_io_properties=file_io
+    )
+    ctx.register_table("t", provider)
+    result = ctx.sql("SELECT id FROM t").to_arrow_table()
+    return [str(value) for value in result.column("id").to_pylist()]
+
+
 def outside_rows(table: Table, ids: Sequence[str]) -> pa.Table:
     """Rows with the given ids that fit the table's current schema, as another tool would write."""
     schema = schema_to_pyarrow(table.schema())
@@ -211,12 +242,40 @@ def local_path(uri: str) -> Path:
     return Path(unquote(parsed.path)) if parsed.scheme in ("file", "") else Path(uri)
 
 
-def wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+def wait_until(
+    predicate: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.02
+) -> None:
+    """Ask ``predicate`` every ``poll_s`` seconds until it is true; ``TimeoutError`` naming
+    ``what`` once ``timeout_s`` have passed."""
     deadline = time.monotonic() + timeout_s
     while not predicate():
         if time.monotonic() > deadline:
             raise TimeoutError(f"gave up waiting for {what} after {timeout_s}s")
-        time.sleep(0.02)
+        time.sleep(poll_s)
+
+
+# --- the Celery tasks in this process ------------------------------------------------------
+
+
+@contextmanager
+def in_process_tasks(
+    client: redis.Redis, redis_url: str, home: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Runtime]:
+    """The tasks run in this process (``task.apply``) against ``client``'s Redis, with a runtime
+    of their own and writer retries that do not back off; the messages they send (commit tasks,
+    child batches) stay in their queues. The commit interval is 60 s."""
+    import workers.runtime
+    import workers.writer
+    from workers.app import create_app
+    from workers.runtime import Runtime
+
+    settings = load_settings({}, redis_url=redis_url, home=home, commit_interval_ms=60_000)
+    app = create_app(settings)
+    rt = Runtime(settings, client)
+    monkeypatch.setattr(workers.runtime, "_runtime", rt)
+    monkeypatch.setattr(workers.writer, "backoff_s", lambda attempt: 0.0)
+    yield rt
+    app.close()
 
 
 # --- child-process entry points (spawn imports them by name) ----------------------------------

@@ -5,36 +5,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-import sys
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 from rich.console import Console
-from rich.markup import escape
 
-from common.errors import IcefleetError, InvalidIdentifierError
+from common.errors import InvalidIdentifierError
 from common.settings import Settings, load_settings
+from workers.cli_errors import errors as _errors
+from workers.cli_errors import fail as _fail
 
 console = Console(stderr=True)
 out = Console()
 POOLS = ("prefork", "solo")  # one BatchWriter per process: no thread pools
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    sys.exit(code)
-
-
-@contextmanager
-def _errors() -> Iterator[None]:
-    """Turn icefleet's own errors into one readable line and a non-zero exit."""
-    try:
-        yield
-    except IcefleetError as exc:
-        _fail(str(exc))
 
 
 def _settings(**overrides: Any) -> Settings:

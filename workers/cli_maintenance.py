@@ -9,28 +9,23 @@ up; the same operations run on a schedule in the committer (:mod:`workers.mainte
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
 from rich.markup import escape
 
 from common.durations import format_duration, parse_duration
+from workers.cli_errors import errors
+from workers.cli_errors import fail as _fail
 
 if TYPE_CHECKING:
     from workers.maintenance import Maintainer
 
-console = Console(stderr=True)
 out = Console(highlight=False, soft_wrap=True)
-
-
-def _fail(message: str, code: int = 1) -> NoReturn:
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    sys.exit(code)
 
 
 @contextmanager
@@ -38,12 +33,8 @@ def _errors() -> Iterator[None]:
     """icefleet's own errors, bad table names and unknown tables: one line and exit 1."""
     from pyiceberg.exceptions import NoSuchTableError
 
-    from common.errors import IcefleetError
-
-    try:
+    with errors(NoSuchTableError, ValueError):
         yield
-    except (IcefleetError, NoSuchTableError, ValueError) as exc:
-        _fail(str(exc))
 
 
 @contextmanager

@@ -7,7 +7,6 @@ Used by ``tests/chaos/`` (marker ``chaos``), the fault tests in ``tests/integrat
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import signal
 import threading
@@ -18,7 +17,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 import redis
@@ -34,7 +33,11 @@ from common.pending import PendingRegistry
 from common.routing import Router, TableName
 from common.settings import Settings, load_settings
 from common.writer import BatchWriter
-from workers.fleet import Fleet, ManagedProcess
+from tests.pipeline import rust_ids
+from workers.fleet import Fleet, ManagedProcess, group_exists
+
+if TYPE_CHECKING:
+    import pytest
 
 BASE_TIME = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 # Fast and small: the tests kill committers, so a dead owner's lock must free quickly.
@@ -150,26 +153,15 @@ def assert_exactly_once(found: Iterable[str], expected: Iterable[str], what: str
     assert not problems, f"{what}: " + "; ".join(problems)
 
 
-def rust_ids(table: Table, file_io: dict[str, str] | None = None) -> list[str]:
-    """The ids iceberg-rust reads (pyiceberg-core's DataFusion provider), in a process of its own:
-    the Rust reader holds the GIL while it waits on S3, which moto may serve from this process."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(
-            _rust_ids, (list(table.name()), table.metadata_location, dict(file_io or {}))
-        )
+def commit_seqs(table: Table) -> list[int]:
+    """The commit seq of each snapshot icefleet's committer made, in the table's snapshot order."""
+    from common.commit import SEQ_PROPERTY
 
-
-def _rust_ids(identifier: list[str], metadata_location: str, file_io: dict[str, str]) -> list[str]:
-    from datafusion import SessionContext
-    from pyiceberg_core.datafusion import IcebergDataFusionTable
-
-    ctx = SessionContext()
-    provider = IcebergDataFusionTable(
-        identifier=identifier, metadata_location=metadata_location, file_io_properties=file_io
-    )
-    ctx.register_table("t", provider)
-    result = ctx.sql("SELECT id FROM t").to_arrow_table()
-    return [str(value) for value in result.column("id").to_pylist()]
+    return [
+        int(s.summary.additional_properties[SEQ_PROPERTY])
+        for s in table.snapshots()
+        if s.summary is not None and SEQ_PROPERTY in s.summary.additional_properties
+    ]
 
 
 # --- a real fleet ----------------------------------------------------------------------------------
@@ -297,9 +289,38 @@ def environment(values: dict[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
+def settings_for(env: dict[str, str]) -> Settings:
+    """The settings the fleet's processes load from ``env`` (on top of this process's)."""
+    with environment(env):
+        return load_settings()
+
+
+def fleet_config(
+    monkeypatch: pytest.MonkeyPatch, redis_url: str, home: Path, **extra: str
+) -> tuple[dict[str, str], Settings]:
+    """The environment of a test's fleet (:func:`fleet_env`: on ``redis_url``, everything else
+    under ``home``, plus ``extra``) and the settings it loads; ``ICEFLEET_CATALOG`` is unset, so
+    the catalog is the embedded SQLite one."""
+    env = fleet_env(ICEFLEET_REDIS_URL=redis_url, ICEFLEET_HOME=str(home), **extra)
+    monkeypatch.delenv("ICEFLEET_CATALOG", raising=False)
+    return env, settings_for(env)
+
+
 @contextmanager
-def running_fleet(settings: Settings, writers: int = 2, ready_s: float = 90) -> Iterator[Fleet]:
-    """A fleet on ``settings`` (its Redis given, not spawned), stopped and reaped afterwards."""
+def running_fleet(
+    settings: Settings,
+    writers: int = 2,
+    ready_s: float = 90,
+    *,
+    log_lines: int | None = None,
+    check_reaped: bool = False,
+) -> Iterator[Fleet]:
+    """A fleet on ``settings`` (its Redis given, not spawned), stopped and reaped afterwards.
+
+    Afterwards the last ``log_lines`` lines of each process's log are printed (default:
+    ``$CHAOS_LOG_LINES`` or 25); ``check_reaped`` also asserts that every process exited and
+    left nothing in its process group.
+    """
     fleet = Fleet(settings, writers=writers, spawn_redis=False)
     try:
         fleet.start()
@@ -308,8 +329,11 @@ def running_fleet(settings: Settings, writers: int = 2, ready_s: float = 90) -> 
     finally:
         fleet.stop()
         for proc in fleet.processes:
-            lines = int(os.environ.get("CHAOS_LOG_LINES", "25"))
+            lines = int(os.environ.get("CHAOS_LOG_LINES", "25")) if log_lines is None else log_lines
             print(f"--- {proc.name} (exit {proc.returncode}) ---\n{proc.tail(lines)}")
+        if check_reaped:
+            assert all(proc.returncode is not None for proc in fleet.processes)
+            assert all(not group_exists(proc.pid) for proc in fleet.processes if proc.pid)
 
 
 def restart(fleet: Fleet, proc: ManagedProcess, on_tick: Callable[[], None] | None = None) -> None:
@@ -587,7 +611,6 @@ def verify_tables(
 ) -> None:
     """Every event exactly once, read with pyiceberg (and iceberg-rust when ``rust_file_io`` is
     given), no dead letters, and one snapshot per commit seq."""
-    from common.commit import SEQ_PROPERTY
     from common.deadletters import DeadLetterStore
 
     dead = DeadLetterStore(stack.client).list(5)
@@ -599,9 +622,5 @@ def verify_tables(
         report.rows_read += len(found)
         if rust_file_io is not None:
             assert_exactly_once(rust_ids(table, rust_file_io), ids, f"{name} (iceberg-rust)")
-        seqs = [
-            int(s.summary.additional_properties[SEQ_PROPERTY])
-            for s in table.snapshots()
-            if s.summary is not None and SEQ_PROPERTY in s.summary.additional_properties
-        ]
+        seqs = commit_seqs(table)
         assert seqs == sorted(set(seqs)), f"{name}: commit seqs {seqs}"

@@ -27,7 +27,6 @@ from pathlib import Path
 import pytest
 import redis
 
-from common.settings import Settings, load_settings
 from tests.chaos.faults import SlowDownProxy, TcpProxy
 from tests.chaos.harness import (
     ChaosReport,
@@ -37,6 +36,7 @@ from tests.chaos.harness import (
     make_stack,
     redeliver_unacked,
     running_fleet,
+    settings_for,
     supervised,
     verify_tables,
 )
@@ -53,11 +53,6 @@ def catalog_env(name: str, **properties: str) -> dict[str, str]:
 @pytest.fixture
 def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("ICEFLEET_CATALOG", raising=False)
-
-
-def settings_for(env: dict[str, str]) -> Settings:
-    with environment(env):
-        return load_settings()
 
 
 def report(name: str, outcome: ChaosReport) -> None:

@@ -29,7 +29,7 @@ from tests.chaos.harness import (
     assert_exactly_once,
     environment,
     expected_by_table,
-    fleet_env,
+    fleet_config,
     ids_in,
     make_events,
     make_stack,
@@ -244,12 +244,7 @@ def test_replayed_events_land_exactly_once_through_real_workers(
 ) -> None:
     # Given writers that accept events of at most 2 KiB
     home = tmp_path / "home"
-    env = fleet_env(
-        ICEFLEET_REDIS_URL=redis_url, ICEFLEET_HOME=str(home), ICEFLEET_MAX_EVENT_BYTES="2048"
-    )
-    monkeypatch.delenv("ICEFLEET_CATALOG", raising=False)
-    with environment(env):
-        settings = load_settings()
+    env, settings = fleet_config(monkeypatch, redis_url, home, ICEFLEET_MAX_EVENT_BYTES="2048")
     normal = make_events("ok", 300, types=("com.example.order", "com.example.refund"))
     oversized = [{**e, "data": {"blob": "z" * 3_000}} for e in make_events("big", 5)]
     lost = make_events("lost", 40)  # a batch that kept failing: whole, in the dead letters

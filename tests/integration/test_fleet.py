@@ -15,14 +15,13 @@ started may be left.
 from __future__ import annotations
 
 import json
-import multiprocessing
 import os
 import signal
 import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,8 +32,9 @@ import redis
 from common.catalog import open_catalog
 from common.deadletters import DeadLetterStore
 from common.producer import Producer
-from common.routing import Router
 from common.settings import Settings, load_settings
+from tests.chaos.harness import expected_by_table, running_fleet
+from tests.pipeline import in_process_tasks, rust_ids, wait_until
 from tests.services import S3Endpoint, free_port
 from workers.app import create_app
 from workers.demo import synthetic_events
@@ -110,25 +110,8 @@ def fleet_settings(
 
 @pytest.fixture
 def fleet(fleet_settings: Settings) -> Iterator[Fleet]:
-    fleet = Fleet(fleet_settings, writers=2, spawn_redis=False)
-    try:
-        fleet.start()
-        fleet.wait_ready(timeout_s=90)
+    with running_fleet(fleet_settings, writers=2, log_lines=40, check_reaped=True) as fleet:
         yield fleet
-    finally:
-        fleet.stop()
-        for proc in fleet.processes:
-            print(f"--- {proc.name} (exit {proc.returncode}) ---\n{proc.tail(40)}")
-        assert all(proc.returncode is not None for proc in fleet.processes)
-        assert all(not group_alive(proc.pid) for proc in fleet.processes if proc.pid)
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def processes_with(marker: str) -> list[int]:
@@ -143,34 +126,6 @@ def processes_with(marker: str) -> list[int]:
         except OSError:
             continue
     return found
-
-
-def ids_by_table(settings: Settings, events: list[dict[str, Any]]) -> dict[str, set[str]]:
-    router = Router(settings.routes, settings.namespace)
-    expected: dict[str, set[str]] = {}
-    for event in events:
-        expected.setdefault(str(router.table_for(event["type"])), set()).add(event["id"])
-    return expected
-
-
-def read_ids_with_iceberg_rust(table: Any, file_io: dict[str, str]) -> list[str]:
-    """The ids iceberg-rust reads, in a process of its own: the Rust reader keeps the GIL while
-    it waits on S3, and moto's server answers from a thread of this process."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_rust_ids, (list(table.name()), table.metadata_location, file_io))
-
-
-def _rust_ids(identifier: list[str], metadata_location: str, file_io: dict[str, str]) -> list[str]:
-    from datafusion import SessionContext
-    from pyiceberg_core.datafusion import IcebergDataFusionTable
-
-    ctx = SessionContext()
-    provider = IcebergDataFusionTable(
-        identifier=identifier, metadata_location=metadata_location, file_io_properties=file_io
-    )
-    ctx.register_table("t", provider)
-    result = ctx.sql("SELECT id FROM t").to_arrow_table()
-    return [str(value) for value in result.column("id").to_pylist()]
 
 
 def run_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[str]:
@@ -188,7 +143,7 @@ def test_fleet_lands_every_event_exactly_once(
     # Given 50,000 events of three types, and a running fleet of 2 writers and a committer
     settings = fleet.settings
     events = list(synthetic_events(BATCHES * PER_BATCH, seed=11, run_id=backend.name))
-    expected = ids_by_table(settings, events)
+    expected = {name: set(ids) for name, ids in expected_by_table(settings, events).items()}
     assert len(expected) == 3
     batches = [events[n * PER_BATCH : (n + 1) * PER_BATCH] for n in range(BATCHES)]
     started = time.monotonic()
@@ -218,7 +173,7 @@ def test_fleet_lands_every_event_exactly_once(
         with_pyiceberg = table.scan(selected_fields=("id",)).to_arrow().column("id").to_pylist()
         assert len(with_pyiceberg) == len(ids), name
         assert set(with_pyiceberg) == ids, name
-        with_rust = read_ids_with_iceberg_rust(table, backend.file_io)
+        with_rust = rust_ids(table, backend.file_io)
         assert sorted(with_rust) == sorted(ids), name
     assert DeadLetterStore(redis_client).count() == 0
 
@@ -241,14 +196,6 @@ def cli_env(home: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ICEFLEET_", "PYICEBERG_"))}
     env.update({"ICEFLEET_HOME": str(home), **extra})
     return env
-
-
-def wait_for(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
-        time.sleep(0.2)
 
 
 def test_demo_runs_end_to_end_and_leaves_no_process(tmp_path: Path) -> None:
@@ -285,7 +232,7 @@ def test_demo_interrupted_stops_everything(tmp_path: Path) -> None:
             stderr=err,
         )
     try:
-        wait_for(lambda: "fleet up" in stderr.read_text(), 90, "the fleet to start")
+        wait_until(lambda: "fleet up" in stderr.read_text(), 90, "the fleet to start", poll_s=0.2)
         time.sleep(1.0)
         assert len(processes_with(str(home))) >= 4  # redis, 2 writers, committer (+ children)
 
@@ -319,16 +266,18 @@ def test_up_restarts_a_dead_worker_and_serves_flower(
         )
     app = create_app(settings)
     try:
-        wait_for(lambda: "Ctrl-C stops everything" in stderr.read_text(), 90, "the fleet")
+        wait_until(
+            lambda: "Ctrl-C stops everything" in stderr.read_text(), 90, "the fleet", poll_s=0.2
+        )
         first = writer_pid(app)
 
         # When the writer process is killed
         os.kill(first, signal.SIGKILL)
 
         # Then `up` starts a new one, and Flower lists the workers
-        wait_for(lambda: writer_pid(app) not in (None, first), 60, "a new writer1")
+        wait_until(lambda: writer_pid(app) not in (None, first), 60, "a new writer1", poll_s=0.2)
         assert "restarted writer1" in stderr.read_text()
-        wait_for(lambda: flower_lists(port, ("writer1@", "committer@")), 60, "Flower")
+        wait_until(lambda: flower_lists(port, ("writer1@", "committer@")), 60, "Flower", poll_s=0.2)
 
         # And Ctrl-C stops all of it
         proc.send_signal(signal.SIGINT)
@@ -392,19 +341,8 @@ def eager(
     redis_client: redis.Redis, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Any]:
     """The tasks run in this process against the test Redis; commit tasks they send stay queued."""
-    import workers.runtime
-    import workers.writer
-    from workers.runtime import Runtime
-
-    settings = load_settings(
-        {}, redis_url=redis_url, home=tmp_path / "home", commit_interval_ms=60_000
-    )
-    app = create_app(settings)
-    rt = Runtime(settings, redis_client)
-    monkeypatch.setattr(workers.runtime, "_runtime", rt)
-    monkeypatch.setattr(workers.writer, "backoff_s", lambda attempt: 0.0)
-    yield rt
-    app.close()
+    with in_process_tasks(redis_client, redis_url, tmp_path / "home", monkeypatch) as rt:
+        yield rt
 
 
 def enqueue_outstanding(client: redis.Redis, batch_id: str) -> None:

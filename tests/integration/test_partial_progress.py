@@ -24,7 +24,7 @@ from tests.chaos.harness import (
     assert_exactly_once,
     environment,
     expected_by_table,
-    fleet_env,
+    fleet_config,
     ids_in,
     make_events,
     make_stack,
@@ -32,6 +32,7 @@ from tests.chaos.harness import (
     running_fleet,
     wait_idle,
 )
+from tests.pipeline import in_process_tasks
 
 pytestmark = pytest.mark.integration
 
@@ -78,8 +79,12 @@ def write_all(stack: Stack, batch_id: str, payload: str, **options: Any) -> list
     return written
 
 
-def all_ids(stack: Stack) -> dict[str, list[str]]:
-    return {name: ids_in(stack.table(name)) for name in ("events.order", "events.refund")}
+def commit_and_check(stack: Stack, events: list[dict[str, Any]]) -> None:
+    """Commit everything pending; then each of ``events`` is in its table exactly once."""
+    stack.commit_all()
+    expected = expected_by_table(stack.settings, events)
+    for name in ("events.order", "events.refund"):
+        assert_exactly_once(ids_in(stack.table(name)), expected[name], name)
 
 
 def test_a_batch_stopped_between_chunks_is_split_and_lands_exactly_once(stack: Stack) -> None:
@@ -110,10 +115,7 @@ def test_a_batch_stopped_between_chunks_is_split_and_lands_exactly_once(stack: S
         "b1~300", result.remainder.payload, enqueued_at_ms=0, chunk_events=100
     )
     assert child.records == 700 and child.remainder is None
-    stack.commit_all()
-    expected = expected_by_table(stack.settings, events)
-    for name, ids in all_ids(stack).items():
-        assert_exactly_once(ids, expected[name], name)
+    commit_and_check(stack, events)
     batches = ids_in(stack.table("events.order"), "_batch_id")
     assert set(batches) == {"b1", "b1~300"}
 
@@ -156,10 +158,7 @@ def test_a_redelivered_parent_repeats_its_split_and_duplicates_nothing(stack: St
     # ... and the refunds table, which has nothing before the split, gets each refund once
     write_all(stack, first.remainder.batch_id, first.remainder.payload)
     write_all(stack, first.remainder.batch_id, first.remainder.payload)  # the child twice too
-    stack.commit_all()
-    expected = expected_by_table(stack.settings, events)
-    for name, ids in all_ids(stack).items():
-        assert_exactly_once(ids, expected[name], name)
+    commit_and_check(stack, events)
 
 
 def test_a_parent_redelivered_after_a_partial_registration_completes_it(stack: Stack) -> None:
@@ -192,10 +191,7 @@ def test_a_parent_redelivered_after_a_partial_registration_completes_it(stack: S
     assert set(again.files) == {"events.refund"} and again.skipped_tables == ["events.order"]
     assert again.records == sum(f.record_count for f in first.files["events.refund"])
     write_all(stack, first.remainder.batch_id, first.remainder.payload)
-    stack.commit_all()
-    expected = expected_by_table(stack.settings, events)
-    for name, ids in all_ids(stack).items():
-        assert_exactly_once(ids, expected[name], name)
+    commit_and_check(stack, events)
 
 
 class FakeSoftTimeLimit(Exception):
@@ -237,10 +233,7 @@ def test_an_interrupt_inside_a_chunk_abandons_it_and_splits_before_it(
     assert result.remainder is not None and result.remainder.offset == 200
     monkeypatch.setattr(common.writer, "write_data_file", real)
     write_all(stack, result.remainder.batch_id, result.remainder.payload, chunk_events=100)
-    stack.commit_all()
-    expected = expected_by_table(stack.settings, events)
-    for name, ids in all_ids(stack).items():
-        assert_exactly_once(ids, expected[name], name)
+    commit_and_check(stack, events)
 
 
 def test_an_interrupt_in_the_first_chunk_propagates_and_registers_nothing(
@@ -335,15 +328,13 @@ def test_real_workers_split_batches_that_exceed_the_time_limit(
     redis_client: redis.Redis, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given writers with a 2 s time limit that write in chunks of 50 events (batches of 100)
-    env = fleet_env(
-        ICEFLEET_REDIS_URL=redis_url,
-        ICEFLEET_HOME=str(tmp_path / "home"),
+    env, settings = fleet_config(
+        monkeypatch,
+        redis_url,
+        tmp_path / "home",
         ICEFLEET_WRITE_TIMEOUT_S="2",
         ICEFLEET_BATCH_MAX_EVENTS="100",
     )
-    monkeypatch.delenv("ICEFLEET_CATALOG", raising=False)
-    with environment(env):
-        settings = load_settings()
     # ... and a producer whose batches are 200 times larger: 20,000 events each
     producer_settings = load_settings(
         {}, redis_url=redis_url, home=tmp_path / "home", batch_max_events=20_000
@@ -382,20 +373,8 @@ def task_runtime(
     redis_client: redis.Redis, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> Iterator[Any]:
     """The write task runs here on the real Redis; messages it sends stay in their queues."""
-    import workers.runtime
-    import workers.writer
-    from workers.app import create_app
-    from workers.runtime import Runtime
-
-    settings = load_settings(
-        {}, redis_url=redis_url, home=tmp_path / "home", commit_interval_ms=60_000
-    )
-    app = create_app(settings)
-    rt = Runtime(settings, redis_client)
-    monkeypatch.setattr(workers.runtime, "_runtime", rt)
-    monkeypatch.setattr(workers.writer, "backoff_s", lambda attempt: 0.0)
-    yield rt
-    app.close()
+    with in_process_tasks(redis_client, redis_url, tmp_path / "home", monkeypatch) as rt:
+        yield rt
 
 
 def ingest_messages(client: redis.Redis) -> list[dict[str, Any]]:

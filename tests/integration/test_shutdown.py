@@ -17,15 +17,15 @@ import pytest
 import redis
 
 from common import keys
-from common.commit import SEQ_PROPERTY
 from common.partial import split_key
 from common.producer import Producer
 from common.settings import load_settings
 from tests.chaos.harness import (
     assert_exactly_once,
+    commit_seqs,
     environment,
     expected_by_table,
-    fleet_env,
+    fleet_config,
     ids_in,
     make_events,
     make_stack,
@@ -33,18 +33,11 @@ from tests.chaos.harness import (
     running_fleet,
     wait_idle,
 )
+from tests.pipeline import wait_until
 
 pytestmark = pytest.mark.integration
 
 BIG = 12_000  # written in chunks of 50: several seconds of work
-
-
-def wait_for(predicate: object, timeout_s: float, what: str, poll_s: float = 0.02) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s}s waiting for {what}")
-        time.sleep(poll_s)
 
 
 def test_sigterm_mid_batch_and_mid_commit_loses_and_duplicates_nothing(
@@ -52,12 +45,7 @@ def test_sigterm_mid_batch_and_mid_commit_loses_and_duplicates_nothing(
 ) -> None:
     # Given one writer (chunks of 50 events) and a committer
     home = tmp_path / "home"
-    env = fleet_env(
-        ICEFLEET_REDIS_URL=redis_url, ICEFLEET_HOME=str(home), ICEFLEET_BATCH_MAX_EVENTS="100"
-    )
-    monkeypatch.delenv("ICEFLEET_CATALOG", raising=False)
-    with environment(env):
-        settings = load_settings()
+    env, settings = fleet_config(monkeypatch, redis_url, home, ICEFLEET_BATCH_MAX_EVENTS="100")
     producer_settings = load_settings({}, redis_url=redis_url, home=home, batch_max_events=BIG)
     big = make_events("big", BIG, types=("com.example.order", "com.example.refund"), days=2)
     small = [make_events(f"small{n}", 100) for n in range(30)]
@@ -67,7 +55,7 @@ def test_sigterm_mid_batch_and_mid_commit_loses_and_duplicates_nothing(
         with Producer(producer_settings) as producer:
             # When a big batch is being written, then more batches wait behind it
             producer.enqueue(big, batch_id="big")
-            wait_for(lambda: redis_client.hexists(keys.deliveries(), "big"), 60, "big to start")
+            wait_until(lambda: redis_client.hexists(keys.deliveries(), "big"), 60, "big to start")
             for n, batch in enumerate(small):
                 producer.enqueue(batch, batch_id=f"small{n}")
             time.sleep(1.5)
@@ -113,11 +101,7 @@ def test_sigterm_mid_batch_and_mid_commit_loses_and_duplicates_nothing(
         for name, ids in expected_by_table(stack.settings, everything).items():
             table = stack.table(name)
             assert_exactly_once(ids_in(table), ids, name)
-            seqs = [
-                int(s.summary.additional_properties[SEQ_PROPERTY])
-                for s in table.snapshots()
-                if s.summary is not None and SEQ_PROPERTY in s.summary.additional_properties
-            ]
+            seqs = commit_seqs(table)
             assert seqs == sorted(set(seqs)), seqs  # one snapshot per commit seq, in order
         batches = set(ids_in(stack.table("events.order"), "_batch_id"))
         assert any(b.startswith("big~") for b in batches), batches
