@@ -20,6 +20,7 @@ from common import keys
 from common.partial import split_key
 from common.producer import Producer
 from common.settings import load_settings
+from common.writer import file_stem
 from tests.chaos.harness import (
     assert_exactly_once,
     commit_seqs,
@@ -37,7 +38,7 @@ from tests.pipeline import wait_until
 
 pytestmark = pytest.mark.integration
 
-BIG = 12_000  # written in chunks of 50: several seconds of work
+BIG = 60_000  # written in chunks of 50: 1,200 chunks, several seconds of work
 
 
 def test_sigterm_mid_batch_and_mid_commit_loses_and_duplicates_nothing(
@@ -46,7 +47,14 @@ def test_sigterm_mid_batch_and_mid_commit_loses_and_duplicates_nothing(
     # Given one writer (chunks of 50 events) and a committer
     home = tmp_path / "home"
     env, settings = fleet_config(monkeypatch, redis_url, home, ICEFLEET_BATCH_MAX_EVENTS="100")
-    producer_settings = load_settings({}, redis_url=redis_url, home=home, batch_max_events=BIG)
+    producer_settings = load_settings(
+        {},
+        redis_url=redis_url,
+        home=home,
+        batch_max_events=BIG,
+        batch_max_bytes=2**28,  # one batch, not split by the producer
+        commit_max_bytes=2**28,
+    )
     big = make_events("big", BIG, types=("com.example.order", "com.example.refund"), days=2)
     small = [make_events(f"small{n}", 100) for n in range(30)]
 
@@ -58,7 +66,11 @@ def test_sigterm_mid_batch_and_mid_commit_loses_and_duplicates_nothing(
             wait_until(lambda: redis_client.hexists(keys.deliveries(), "big"), 60, "big to start")
             for n, batch in enumerate(small):
                 producer.enqueue(batch, batch_id=f"small{n}")
-            time.sleep(1.5)
+            # ... until its first chunks are on disk (the signal must find it mid-batch)
+            stem = file_stem("big")
+            wait_until(
+                lambda: len(list(home.rglob(f"{stem}-*.parquet"))) >= 2, 60, "big's first chunks"
+            )
             sent_at = time.monotonic()
 
             # ... and the writer gets SIGTERM
