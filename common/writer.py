@@ -28,7 +28,7 @@ import secrets
 import time
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any, Protocol
@@ -276,6 +276,37 @@ def pending_entry(batch_id: str, files: Sequence[DataFile]) -> str:
     ).decode()
 
 
+class _FileWrites:
+    """The file writes of one table's chunk, each started as soon as its rows are ready.
+
+    With a pool, each write runs on it while the caller goes on (projecting the next day):
+    Parquet encoding and compression run in Arrow's C++ without the GIL, and uploads wait on the
+    network, so the files of a batch that spans several ``day(time)`` partitions are written
+    side by side (as pyiceberg's own writer does). Without one (a single file), the write runs
+    in the caller's thread when the results are asked for. On an error, or Celery's soft time
+    limit (raised in the caller's thread), :meth:`cancel` drops the writes not started yet;
+    those under way finish in the background, harmlessly: nothing registers their files, which
+    have paths of this attempt only (orphan removal deletes them).
+    """
+
+    def __init__(self, pool: Callable[[], ThreadPoolExecutor] | None) -> None:
+        self._pool = pool
+        self._started: list[tuple[int | None, Future[DataFile] | Callable[[], DataFile]]] = []
+
+    def start(self, day: int | None, job: Callable[[], DataFile]) -> None:
+        self._started.append((day, self._pool().submit(job) if self._pool else job))
+
+    def results(self) -> list[DataFile]:
+        """The DataFiles, by day (as the days sort), once every write has finished."""
+        ordered = sorted(self._started, key=lambda item: (item[0] is None, item[0] or 0))
+        return [job.result() if isinstance(job, Future) else job() for _, job in ordered]
+
+    def cancel(self) -> None:
+        for _, job in self._started:
+            if isinstance(job, Future):
+                job.cancel()
+
+
 class BatchWriter:
     """Turns batches into registered Parquet files; one instance per worker process."""
 
@@ -295,7 +326,7 @@ class BatchWriter:
         self.storage_retry, self.catalog_retry = policies_for(settings.retry_base_ms)
         self.clock: Callable[[], float] = time.monotonic  # tests may slow time down
         self.plans = FilePlans()
-        self._pool: ThreadPoolExecutor | None = None  # made on first use, in the worker process
+        self._pool: ThreadPoolExecutor | None = None
 
     def write(
         self,
@@ -504,31 +535,24 @@ class BatchWriter:
         by_day: dict[int | None, list[Event]] = defaultdict(list)
         for event in events:
             by_day[partition_day(event)].append(event)
-        projections = self._project(table, by_day, batch_id, ingested_at, mode)
-        # Fast path: inference runs only on the events that spilled a value (a key without a
-        # column, a value that does not fit); in a stream whose schema is settled that is none.
-        spilled = [e for p in projections.values() for e in p.spilled]
-        if spilled and mode == "evolve":
-            evolved = self._ensure(name, self._desired(mode, spilled))
-            if evolved.metadata_location != table.metadata_location:
-                table = evolved
-                projections = self._project(table, by_day, batch_id, ingested_at, mode)
-        rejected = []
-        plan = self.plans.for_table(table)
-        jobs: list[Callable[[], DataFile]] = []
-        for day, projection in projections.items():
+        days = sorted(by_day, key=lambda day: (day is None, day or 0))
+        writes = _FileWrites(self._file_pool if len(days) > 1 else None)
+        rejected: list[DeadLetter] = []
+
+        def write(table: Table, day: int | None, projection: Projection) -> None:
             for event, reason in projection.rejected:
                 rejected.append(
                     DeadLetter(batch_id, event.position, reason, "data", event.raw.encode())
                 )
             if projection.table.num_rows == 0:
-                continue
+                return
             path = (
                 data_file_path(table.location(), batch_id, day, attempt)
                 if chunk is None
                 else chunk_file_path(table.location(), batch_id, day, *chunk, attempt=attempt)
             )
-            jobs.append(
+            writes.start(
+                day,
                 functools.partial(
                     self.storage_retry.call,
                     f"write {path}",
@@ -539,10 +563,37 @@ class BatchWriter:
                     Record(day),
                     row_group_rows=self.settings.row_group_rows,
                     compression=self.settings.compression,
-                    plan=plan,
-                )
+                    plan=self.plans.for_table(table),
+                ),
             )
-        files = self._run_all(jobs)
+
+        try:
+            # A day's file is written while the next day is projected. Fast path: inference
+            # runs only on the events that spilled a value (a key without a column, a value that
+            # does not fit); in a stream whose schema is settled that is none. A day that spilled
+            # waits for the table to evolve and is projected again; the days written before keep
+            # the schema they were written with (their events had nothing the new columns take).
+            held: dict[int | None, Projection] = {}
+            for day in days:
+                projection = self._project(table, by_day[day], batch_id, ingested_at, mode)
+                if projection.spilled and mode == "evolve":
+                    held[day] = projection
+                else:
+                    write(table, day, projection)
+            if held:
+                spilled = [e for projection in held.values() for e in projection.spilled]
+                evolved = self._ensure(name, self._desired(mode, spilled))
+                if evolved.metadata_location != table.metadata_location:
+                    table = evolved
+                    held = {
+                        day: self._project(table, by_day[day], batch_id, ingested_at, mode)
+                        for day in held
+                    }
+                for day, projection in held.items():
+                    write(table, day, projection)
+            files = writes.results()
+        finally:
+            writes.cancel()
         logger.info(
             "batch %s: wrote %d file(s), %d rows to %s",
             batch_id,
@@ -552,27 +603,10 @@ class BatchWriter:
         )
         return files, rejected
 
-    def _run_all(self, jobs: list[Callable[[], DataFile]]) -> list[DataFile]:
-        """Run the file writes of one table's chunk, in parallel, results in order.
-
-        Parquet encoding and compression run in Arrow's C++ without the GIL, and uploads wait on
-        the network, so a batch that spans several ``day(time)`` partitions writes its files
-        side by side (as pyiceberg's own writer does). The first file is written in the calling
-        thread. On an error (or Celery's soft time limit, raised in the calling thread) writes
-        not yet started are cancelled; those under way finish in the background, harmlessly:
-        nothing registers them, and a retry writes the same bytes to the same paths.
-        """
-        if len(jobs) <= 1:
-            return [job() for job in jobs]
-        if self._pool is None:
+    def _file_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:  # made on first use: in the worker process, after Celery forks
             self._pool = ThreadPoolExecutor(FILE_WRITE_THREADS, thread_name_prefix="icefleet-file")
-        futures = [self._pool.submit(job) for job in jobs[1:]]
-        try:
-            first = jobs[0]()
-            return [first, *(future.result() for future in futures)]
-        finally:
-            for future in futures:
-                future.cancel()
+        return self._pool
 
     def _ensure(self, name: TableName, desired: Callable[[Table | None, Schema], Schema]) -> Table:
         """Create or evolve the table, retrying catalog hiccups (not a lock held elsewhere)."""
@@ -599,24 +633,17 @@ class BatchWriter:
     def _project(
         self,
         table: Table,
-        by_day: dict[int | None, list[Event]],
+        events: list[Event],
         batch_id: str,
         ingested_at: datetime,
         mode: SchemaMode,
-    ) -> dict[int | None, Projection]:
-        schema = table.schema()
-        arrow_schema = self.plans.for_table(table).arrow_schema
-        renamed = aliases(table.metadata.properties)
-        days = sorted(by_day, key=lambda day: (day is None, day or 0))
-        return {
-            day: project(
-                by_day[day],
-                schema,
-                arrow_schema,
-                batch_id=batch_id,
-                ingested_at=ingested_at,
-                mode=mode,
-                renamed=renamed,
-            )
-            for day in days
-        }
+    ) -> Projection:
+        return project(
+            events,
+            table.schema(),
+            self.plans.for_table(table).arrow_schema,
+            batch_id=batch_id,
+            ingested_at=ingested_at,
+            mode=mode,
+            renamed=aliases(table.metadata.properties),
+        )
