@@ -229,16 +229,24 @@ def send(file: Any, table: str | None, batch_id: str | None) -> None:
 
 @main.command()
 @click.option("--timeout", "timeout_s", type=click.FloatRange(0), help="Give up after S seconds.")
-def wait(timeout_s: float | None) -> None:
+@click.option(
+    "--batch-id",
+    "batch_ids",
+    multiple=True,
+    metavar="ID",
+    help="Wait for these batches only (the ids `icefleet send` printed); repeatable.",
+)
+def wait(timeout_s: float | None, batch_ids: tuple[str, ...]) -> None:
     """Block until everything enqueued so far is committed; exit 1 with what is still pending.
 
     "So far" is the moment `wait` starts: batches enqueued later (producers keep sending) are
-    not waited for. Batches that were dead-lettered count as done (see `icefleet status`).
+    not waited for. Batches that were dead-lettered count as done (see `icefleet status`), and
+    the rest of a batch a writer split (`<id>~<offset>`) is waited for with it.
     """
     from common.producer import Producer
 
     with _errors(), Producer(_settings()) as producer:
-        result = producer.wait(timeout_s)
+        result = producer.wait(timeout_s, batch_ids=batch_ids or None)
     if not result.done:
         _fail(f"not committed after {timeout_s}s: " + result.describe())
     out.print(result.describe())

@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import sys
 import time
 import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 import orjson
@@ -52,6 +51,7 @@ from common.errors import IcefleetError
 from common.events import DeadLetter, parse_batch, split_events
 from common.routing import Router, TableName
 from common.settings import Settings, load_settings
+from workers.cli_errors import fail
 
 console = Console(stderr=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -76,26 +76,21 @@ return 1
 """
 
 
-def _fail(message: str, code: int = 1) -> NoReturn:
-    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
-    sys.exit(code)
-
-
 @contextmanager
 def _connected() -> Iterator[tuple[Settings, redis.Redis]]:
     try:
         settings = load_settings()
     except IcefleetError as exc:
-        _fail(str(exc))
+        fail(str(exc))
     client = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
     try:
         client.ping()
     except redis.RedisError as exc:
-        _fail(f"Redis not reachable: {exc}")
+        fail(f"Redis not reachable: {exc}")
     try:
         yield settings, client
     except (IcefleetError, redis.RedisError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     finally:
         client.close()
 

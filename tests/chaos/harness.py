@@ -173,8 +173,9 @@ FLEET_LOCK = threading.RLock()
 def wait_idle(client: redis.Redis, timeout_s: float, settle_s: float = 1.0) -> None:
     """Until nothing is outstanding, pending, prepared or queued for ``settle_s`` in a row.
 
-    The global picture, not ``Producer.wait``: a batch split by a writer hands its rest to a
-    child batch that a waiter started before the split does not follow (see common/partial.py).
+    The global picture, stricter than ``Producer.wait`` (which follows the batches enqueued
+    before it was called, and their split children): chaos tests also want every queue empty
+    and no prepared commit left, for ``settle_s`` in a row.
     """
     deadline = time.monotonic() + timeout_s
     idle_since: float | None = None

@@ -151,6 +151,32 @@ def test_waiting_for_given_batch_ids_follows_their_children(redis_client: redis.
         assert p.wait(timeout_s=1, batch_ids=["x"]).done
 
 
+def test_the_cli_waits_for_the_given_batch_ids_and_names_what_is_missing(
+    redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Given batch x split with its child not written yet, and an unrelated batch y
+    from click.testing import CliRunner
+
+    from workers.cli import main
+
+    enqueue(redis_client, "x")
+    child = split(redis_client, "x", 3)
+    commit(redis_client, "x")
+    enqueue(redis_client, "y")
+    monkeypatch.setenv("ICEFLEET_REDIS_URL", _url(redis_client))
+    runner = CliRunner()
+
+    # When `icefleet wait --batch-id x` times out, Then it exits 1 naming x's child
+    waited = runner.invoke(main, ["wait", "--batch-id", "x", "--timeout", "0.3"])
+    assert waited.exit_code == 1
+    assert child in waited.output
+
+    # When the child is done, Then waiting for x succeeds although y is still outstanding
+    Outstanding(redis_client).done(child)
+    assert runner.invoke(main, ["wait", "--batch-id", "x", "--timeout", "5"]).exit_code == 0
+    assert runner.invoke(main, ["wait", "--timeout", "0.3"]).exit_code == 1  # y
+
+
 def _url(client: redis.Redis) -> str:
     kwargs = client.connection_pool.connection_kwargs
     return f"redis://{kwargs['host']}:{kwargs['port']}/{kwargs.get('db', 0)}"

@@ -19,7 +19,7 @@ COMMANDS = {
     "demo": ["--events", "--writers"],
     "up": ["--writers", "--flower"],
     "send": ["FILE", "--table", "--batch-id"],
-    "wait": ["--timeout"],
+    "wait": ["--timeout", "--batch-id"],
     "status": ["--json"],
     "worker": ["writer|committer", "--pool", "--beat"],
 }
