@@ -22,6 +22,7 @@ from common.deadletters import DeadLetterStore
 from common.producer import Producer
 from common.routing import Router
 from common.settings import Settings, load_settings
+from tests.chaos.harness import running_fleet
 from workers.fleet import Fleet
 
 pytestmark = pytest.mark.integration
@@ -36,13 +37,8 @@ def github_fleet(
     monkeypatch.setenv("ICEFLEET_REDIS_URL", redis_url)
     monkeypatch.setenv("ICEFLEET_HOME", str(tmp_path / "home"))
     monkeypatch.setenv("ICEFLEET_COMMIT_INTERVAL_MS", "300")
-    fleet = Fleet(load_settings(), writers=2, spawn_redis=False)
-    try:
-        fleet.start()
-        fleet.wait_ready(timeout_s=90)
+    with running_fleet(load_settings(), writers=2) as fleet:
         yield fleet
-    finally:
-        fleet.stop()
 
 
 def without_nulls(value: Any) -> Any:

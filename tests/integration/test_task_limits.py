@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import re
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +18,8 @@ import redis
 from common.locks import TableLock
 from common.producer import Producer
 from common.settings import Settings, load_settings
+from tests.chaos.harness import running_fleet
 from workers.app import create_app, visibility_timeout_s
-from workers.fleet import Fleet
 
 pytestmark = pytest.mark.integration
 
@@ -60,19 +58,6 @@ def fleet_settings(
     return load_settings()
 
 
-@contextmanager
-def running_fleet(settings: Settings, writers: int = 1) -> Iterator[Fleet]:
-    fleet = Fleet(settings, writers=writers, spawn_redis=False)
-    try:
-        fleet.start()
-        fleet.wait_ready(timeout_s=90)
-        yield fleet
-    finally:
-        fleet.stop()
-        for proc in fleet.processes:
-            print(f"--- {proc.name} (exit {proc.returncode}) ---\n{proc.tail(30)}")
-
-
 def test_the_broker_channel_takes_the_restore_options(redis_url: str, tmp_path: Path) -> None:
     # Given an app on the real Redis
     settings = load_settings({}, redis_url=redis_url, home=tmp_path / "home")
@@ -97,7 +82,7 @@ def test_a_commit_task_is_not_cut_short_by_a_tiny_write_timeout(
         ICEFLEET_WRITE_TIMEOUT_S="2",
         ICEFLEET_LOCK_WAIT_S="60",
     )
-    with running_fleet(settings) as fleet:
+    with running_fleet(settings, writers=1, log_lines=30) as fleet:
         with Producer(settings) as producer:
             producer.enqueue(events("first", 3), batch_id="first")
             assert producer.wait(timeout_s=60).done

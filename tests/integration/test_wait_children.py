@@ -10,8 +10,6 @@ each; then a real fleet whose write timeout forces splits.
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +21,8 @@ from common.backlog import Outstanding, Waiter
 from common.catalog import open_catalog
 from common.partial import SplitRecords, child_id
 from common.producer import Producer
-from common.settings import Settings, load_settings
-from workers.fleet import Fleet
+from common.settings import load_settings
+from tests.chaos.harness import running_fleet
 
 pytestmark = pytest.mark.integration
 
@@ -199,19 +197,6 @@ def events(prefix: str, count: int) -> list[dict[str, Any]]:
     ]
 
 
-@contextmanager
-def running_fleet(settings: Settings, writers: int) -> Iterator[Fleet]:
-    fleet = Fleet(settings, writers=writers, spawn_redis=False)
-    try:
-        fleet.start()
-        fleet.wait_ready(timeout_s=90)
-        yield fleet
-    finally:
-        fleet.stop()
-        for proc in fleet.processes:
-            print(f"--- {proc.name} (exit {proc.returncode}) ---\n{proc.tail(30)}")
-
-
 def test_wait_returns_only_when_the_split_children_are_committed(
     redis_client: redis.Redis, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -230,7 +215,7 @@ def test_wait_returns_only_when_the_split_children_are_committed(
         monkeypatch.setenv(key, value)
     settings = load_settings()
     sent = events("big", 10_000)
-    with running_fleet(settings, writers=1):
+    with running_fleet(settings, writers=1, log_lines=30):
         producer_settings = load_settings(batch_max_events=20_000)
         with Producer(producer_settings) as producer:
             # When the batch is enqueued and the wait begins at once
