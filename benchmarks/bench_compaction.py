@@ -52,11 +52,11 @@ from common.compaction import (
     compact_table,
     plan_compaction,
 )
+from common.datafile_writer import data_file_path, write_data_file
 from common.invariants import validate_lineage
 from common.locks import TableLock
 from common.maintenance import live_data_files
 from common.verify import verify_table
-from common.writer import data_file_path, write_data_file
 from tests.pipeline import TABLE, Pipeline, local_path, make_events, make_pipeline
 from tests.services import redis_server
 

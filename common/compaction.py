@@ -9,7 +9,7 @@
   input bytes add up to at most the target (compressed input size is a good estimate of the
   output's); each bin is read through the table's FileIO (pyiceberg's ArrowScan, which projects
   older files onto the current schema by field id), and written as one Parquet file, zstd, with the
-  table's field ids, described by its own footer (:func:`common.writer.write_data_file`). Output
+  table's field ids, described by its own footer (:func:`common.datafile_writer.write_data_file`). Output
   names are deterministic: ``data/<partition>/compacted-<uuid5 of the input paths>.parquet``.
 - **Swap** (under the table lock): refresh, check that every input file is still live (else
   :class:`~common.errors.ConcurrentModificationError`, the outputs are deleted and the group is
@@ -253,7 +253,7 @@ def rewrite_bin(
     compression: str = "zstd",
 ) -> DataFile:
     """Read ``inputs`` (projected onto the current schema) and write them as one data file."""
-    from common.writer import write_data_file
+    from common.datafile_writer import write_data_file
 
     schema = table.schema()
     scan = ArrowScan(table.metadata, table.io, schema, AlwaysTrue())

@@ -17,10 +17,10 @@ import pytest
 import redis
 
 from common import keys
+from common.datafile_writer import file_stem
 from common.partial import split_key
 from common.producer import Producer
 from common.settings import load_settings
-from common.writer import file_stem
 from tests.chaos.harness import (
     assert_exactly_once,
     commit_seqs,
