@@ -65,7 +65,7 @@ class Settings:
     schema_modes: tuple[tuple[str, SchemaMode], ...] = ()
     max_columns: int = 1_000
     max_depth: int = 8
-    write_timeout_s: int = 300
+    write_timeout_s: int = 60  # a 10,000-event batch takes well under a second; see workers/app.py
     log_level: str = "INFO"
     # HTTP ingest, metrics, canary, log format (workers/gateway.py, canary.py, common/logs.py)
     http_max_body_bytes: int = 10_485_760

@@ -8,8 +8,8 @@ with settings of their own.
 Delivery is at least once and every step is idempotent (design.md §3): ``acks_late`` with
 ``reject_on_worker_lost`` puts a task back on the queue when its process dies, prefetch 1 keeps a
 worker from sitting on messages another could run, and Redis' visibility timeout (after which an
-unacknowledged message is delivered again) is set above the longest task so a slow task is never
-run twice at once.
+unacknowledged message is delivered again) is set above the longest write task so a slow write is
+never run twice at once (:func:`visibility_timeout_s`).
 
 **Time limits are per task** (:func:`task_time_limits`, applied as ``task_annotations`` when the
 app is created, so nothing is global and nothing is read at import):
@@ -24,7 +24,8 @@ app is created, so nothing is global and nothing is read at import):
   logs the table its soft limit interrupts and goes on with the next until the hard limit.)
 * the canary's tasks: :data:`CANARY_SOFT_LIMIT_S` (a probe, or one small table scan).
 * maintenance tasks (workers/maintenance.py): their own limits, set on their decorators (an hour);
-  they are acknowledged when they start, so they do not count for the visibility timeout.
+  they are acknowledged when they start, so they do not count for the visibility timeout (nor do
+  commit tasks: see :func:`visibility_timeout_s`).
 
 No result backend: correctness never reads task results. Batches are tracked in Redis keys of our
 own (``icefleet:outstanding``, the pending registry, prepared records: see
@@ -52,6 +53,9 @@ CANARY_CHECK_TASK = "icefleet.canary.check"
 CANARY_CHECK_COUNTDOWN_S = 1.0  # the canary schedules its checks this far ahead
 # A task may run this long past its soft limit (cleaning up, dead-lettering) before it is killed.
 HARD_LIMIT_GRACE_S = 30
+#: The longest backoff before a failed write is tried again (workers/writer.py): the retried task
+#: waits that long, unacknowledged, in a worker.
+WRITE_RETRY_MAX_BACKOFF_S = 60.0
 #: A commit task's time once it holds the table lock: a group commit takes seconds (a large one on
 #: a REST catalog up to a minute or two), plus the commit retries' backoff.
 COMMIT_WORK_S = 300
@@ -63,8 +67,9 @@ CANARY_SOFT_LIMIT_S = 60
 #: timeout. One scan every 10 s bounds that to 10 s, for one SET NX (kombu's restore mutex) and a
 #: ZRANGE BYSCORE on ``unacked_index`` per 10 s per worker (not per pool process): negligible even
 #: for hundreds of workers. Lower is possible but gains little next to the visibility timeout
-#: itself (minutes, see :func:`visibility_timeout_s`), which is what really decides; that one is
-#: not shortened below the longest task, or a slow task would run twice at once. (A throttle of 1
+#: itself (3 minutes by default, see :func:`visibility_timeout_s`), which is what really decides;
+#: that one is not shortened below the longest write, or a slow write would run twice at once.
+#: (A throttle of 1
 #: also makes a synchronous consumer, such as the reply queue of ``celery inspect``, scan on each
 #: empty poll, about once a second while it waits: negligible as well.)
 UNACKED_RESTORE_INTERVAL_S = 10
@@ -100,17 +105,26 @@ def task_annotations(settings: Settings) -> dict[str, dict[str, int]]:
 
 
 def visibility_timeout_s(settings: Settings) -> int:
-    """Longer than any acknowledged-late task may run (its hard limit) plus its countdown, and than
-    twice the write timeout, so neither a running task nor a scheduled one is delivered a second
-    time. With the defaults: 2 x 300 s + 60 s = 660 s."""
+    """How long a delivered, unacknowledged message waits before it is delivered again.
+
+    This is how long the batches of a writer killed outright (its main process: a killed pool
+    process is seen at once) wait to be written by another, so it is kept as short as is safe:
+    longer than a write task may run (its hard limit; twice the write timeout) and than any
+    countdown a worker holds a message for (a write retry's backoff, a commit's interval), so a
+    write is never delivered again while it runs. With the defaults: 2 x 60 s + 60 s = 180 s.
+
+    Commit, sweep and canary tasks may run longer (a commit waits for its table's lock): one
+    delivered again while it runs is harmless, as the copy waits for the lock and commits what
+    is left, if anything, from the prepared record and the pending registry. They do not hold
+    every killed writer's batches back for their limits (the commit's is 7 minutes).
+    """
     limits = task_time_limits(settings)
-    commit_countdown_s = math.ceil(settings.commit_interval_ms / 1000)
     longest = max(
         2 * settings.write_timeout_s,
         limits[WRITE_TASK][1],
-        limits[COMMIT_TASK][1] + commit_countdown_s,
-        limits[SWEEP_TASK][1],
-        limits[CANARY_CHECK_TASK][1] + math.ceil(CANARY_CHECK_COUNTDOWN_S),
+        math.ceil(WRITE_RETRY_MAX_BACKOFF_S),
+        math.ceil(settings.commit_interval_ms / 1000),
+        math.ceil(CANARY_CHECK_COUNTDOWN_S),
     )
     return longest + 60
 

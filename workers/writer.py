@@ -44,6 +44,7 @@ from common.producer import WRITE_TASK
 from common.retry import is_transient
 from common.routing import Router
 from common.writer import BatchResult
+from workers.app import WRITE_RETRY_MAX_BACKOFF_S
 from workers.committer import nudge
 from workers.runtime import Runtime, runtime
 
@@ -51,7 +52,7 @@ logger = logging.getLogger(__name__)
 
 MAX_ATTEMPTS = 10
 MAX_ATTEMPTS_UNEXPECTED = 3
-MAX_BACKOFF_S = 60.0
+MAX_BACKOFF_S = WRITE_RETRY_MAX_BACKOFF_S
 TRANSIENT = (
     RetryableError,
     CommitFailedException,  # a schema change raced another process; evolve again

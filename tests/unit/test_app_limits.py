@@ -18,6 +18,7 @@ from workers.app import (
     COMMIT_WORK_S,
     HARD_LIMIT_GRACE_S,
     SWEEP_TASK,
+    WRITE_RETRY_MAX_BACKOFF_S,
     IcefleetCelery,
     create_app,
     task_time_limits,
@@ -69,27 +70,38 @@ def test_commit_limits_do_not_follow_the_write_timeout() -> None:
     assert limits(small, COMMIT_TASK) == limits(large, COMMIT_TASK)
 
 
-@pytest.mark.parametrize("write_timeout_s", [1, 2, 300, 3600])
-def test_the_visibility_timeout_outlasts_every_late_acknowledged_task(write_timeout_s: int) -> None:
+@pytest.mark.parametrize("write_timeout_s", [1, 2, 60, 300, 3600])
+def test_the_visibility_timeout_outlasts_every_write_and_every_held_countdown(
+    write_timeout_s: int,
+) -> None:
     # Given any write timeout
     s = settings(write_timeout_s=write_timeout_s, commit_interval_ms=5_000)
 
-    # Then an unacknowledged message is delivered again only after its task's hard limit (and a
-    # commit task's countdown) has passed: a slow task never runs twice at once
+    # Then an unacknowledged write is delivered again only after its hard limit has passed (a
+    # slow write never runs twice at once), and no message a worker holds for a countdown (a
+    # write's retry backoff, a commit's interval) is delivered again while it waits
     visibility = visibility_timeout_s(s)
     hard = {name: limit[1] for name, limit in task_time_limits(s).items()}
     assert visibility > hard[WRITE_TASK] and visibility >= 2 * write_timeout_s
-    assert visibility > hard[COMMIT_TASK] + 5
-    assert visibility > max(hard.values())
+    assert visibility > WRITE_RETRY_MAX_BACKOFF_S + 30 and visibility > 5 + 30
+
+
+def test_a_killed_writers_batches_wait_minutes_not_a_commits_limit() -> None:
+    # Given a long lock wait (commit tasks may then run for many minutes)
+    s = settings(lock_wait_s=600)
+    # Then the visibility timeout, which a killed writer's batches wait out, does not follow the
+    # commit task's limit: a commit delivered again waits for the lock and finds little to do
+    assert task_time_limits(s)[COMMIT_TASK][1] > 900
+    assert visibility_timeout_s(s) == 2 * 60 + 60
 
 
 def test_defaults_keep_the_documented_visibility_timeout_and_restore_every_ten_seconds() -> None:
     # Given the default settings, When the app is configured
     app = create_app(settings())
 
-    # Then the visibility timeout is 2 x the write timeout + 60 s, as the README says, and kombu
-    # scans for expired unacknowledged messages every 10 s (not 10 s x its throttle of 10)
+    # Then the visibility timeout is 2 x the write timeout (60 s) + 60 s, as the README says, and
+    # kombu scans for expired unacknowledged messages every 10 s (not 10 s x its throttle of 10)
     options = app.conf.broker_transport_options
-    assert options["visibility_timeout"] == 2 * 300 + 60
+    assert options["visibility_timeout"] == 2 * 60 + 60
     assert options["unacked_restore_interval"] == 10
     assert options["unacked_restore_throttle"] == 1
