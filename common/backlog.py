@@ -113,6 +113,14 @@ class Backlog:
         }
 
 
+def queued(client: redis.Redis, queue: str) -> int:
+    """How many messages wait in a Celery queue (kombu's lists of every priority)."""
+    pipe = client.pipeline(transaction=False)
+    for suffix in _PRIORITY_SUFFIXES:
+        pipe.llen(queue + suffix)
+    return sum(int(n) for n in pipe.execute())
+
+
 def read_backlog(client: redis.Redis) -> Backlog:
     """Read the global backlog; outstanding, pending tables and queues in one MULTI/EXEC."""
     queues = (INGEST_QUEUE, COMMIT_QUEUE)
@@ -295,8 +303,10 @@ class Outstanding:
         return int(self._client.hincrby(keys.deliveries(), batch_id, 1))
 
     def done(self, batch_id: str) -> None:
-        """The batch is registered as pending (or dead-lettered): it no longer holds up a wait."""
+        """The batch is registered as pending (or dead-lettered): it no longer holds up a wait,
+        and the copy of its task kept in case its message is lost (common/resend.py) goes."""
         pipe = self._client.pipeline(transaction=True)
         pipe.zrem(keys.outstanding(), batch_id)
         pipe.hdel(keys.deliveries(), batch_id)
+        pipe.delete(keys.payload(batch_id))
         pipe.execute()

@@ -67,6 +67,17 @@ def deliveries() -> str:
     return f"{PREFIX}deliveries"
 
 
+def payload(batch_id: str) -> str:
+    """A copy of an outstanding batch's write-task arguments, kept until the batch is written
+    (string: JSON), so a message lost on its way can be sent again (common/resend.py)."""
+    return f"{PREFIX}payload:{batch_id}"
+
+
+def resent(batch_id: str) -> str:
+    """Marks a batch sent again by the sweep, for a while (string with a TTL)."""
+    return f"{PREFIX}resent:{batch_id}"
+
+
 def split(batch_id: str) -> str:
     """Where a writer recorded the point at which it split the batch (string: the offset, with
     the dedup window as TTL; common/partial.py)."""

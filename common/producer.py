@@ -25,6 +25,7 @@ from common.backlog import COMMIT_QUEUE, INGEST_QUEUE, Backlog, Waiter, WaitResu
 from common.errors import InvalidBatchIdError
 from common.events import encode_ndjson, split_events
 from common.payloads import pack
+from common.resend import retain
 from common.routing import TableName
 from common.settings import Settings, load_settings
 
@@ -261,11 +262,14 @@ class Producer:
             "enqueued_at_ms": enqueued_at_ms,
             "encoding": encoding,
         }
+        # A copy until the batch is written: a message lost on its way is sent again from it
+        retain(self.client, batch_id, kwargs, self.settings.dedup_window_s)
         try:
             self._publish(WRITE_TASK, kwargs, INGEST_QUEUE)
         except BaseException:
             if added:
                 self.client.zrem(keys.outstanding(), batch_id)
+                self.client.delete(keys.payload(batch_id))
             raise
 
     def backlog(self) -> Backlog:

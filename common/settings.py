@@ -66,6 +66,7 @@ class Settings:
     max_columns: int = 1_000
     max_depth: int = 8
     write_timeout_s: int = 60  # a 10,000-event batch takes well under a second; see workers/app.py
+    resend_after_s: float = 0.0  # 0: the visibility timeout + 60 s (common/resend.py)
     log_level: str = "INFO"
     # HTTP ingest, metrics, canary, log format (workers/gateway.py, canary.py, common/logs.py)
     http_max_body_bytes: int = 10_485_760
@@ -266,6 +267,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], bool]] = {
     "MAX_COLUMNS": ("max_columns", _positive_int, False),
     "MAX_DEPTH": ("max_depth", _positive_int, False),
     "WRITE_TIMEOUT_S": ("write_timeout_s", _positive_int, False),
+    "RESEND_AFTER": ("resend_after_s", _duration_s, False),
     "LOG_LEVEL": ("log_level", _log_level, False),
     "HTTP_MAX_BODY_BYTES": ("http_max_body_bytes", _positive_int, False),
     "HTTP_TOKEN": ("http_token", _nonempty, True),

@@ -33,7 +33,7 @@ from celery import Task, shared_task
 from celery.signals import worker_ready
 
 from common import keys
-from common.backlog import COMMIT_QUEUE
+from common.backlog import COMMIT_QUEUE, INGEST_QUEUE
 from common.commit import CommitResult
 from common.errors import (
     CommitStateUnknownError,
@@ -42,8 +42,10 @@ from common.errors import (
     RetriesExhaustedError,
     RetryableError,
 )
+from common.producer import WRITE_TASK
+from common.resend import resend_lost
 from common.retry import is_transient, policies_for
-from workers.app import COMMIT_TASK, SWEEP_TASK
+from workers.app import COMMIT_TASK, SWEEP_TASK, visibility_timeout_s
 from workers.runtime import Runtime, runtime
 
 logger = logging.getLogger(__name__)
@@ -157,6 +159,7 @@ def commit_table(self: Task, table: str) -> list[dict[str, Any]]:
 def commit_all(self: Task) -> list[dict[str, Any]]:
     """Commit every table with pending batches or a prepared record (the safety sweep)."""
     rt = runtime(self.app)
+    _resend_lost(self, rt)
     summaries: list[dict[str, Any]] = []
     for table in sorted(rt.committer.pending_tables()):
         try:
@@ -164,6 +167,25 @@ def commit_all(self: Task) -> list[dict[str, Any]]:
         except Exception:  # one table's trouble must not stop the sweep of the others
             logger.exception("sweep: commit of %s failed; next sweep retries", table)
     return summaries
+
+
+def _resend_lost(task: Task, rt: Runtime) -> None:
+    """Send again the write tasks whose message was lost on its way (common/resend.py)."""
+    older_than_s = rt.settings.resend_after_s or visibility_timeout_s(rt.settings) + 60
+    try:
+        lost = resend_lost(
+            rt.client,
+            lambda kwargs: task.app.send_task(WRITE_TASK, kwargs=kwargs, queue=INGEST_QUEUE),
+            older_than_s=older_than_s,
+        )
+    except redis.RedisError:
+        logger.exception("sweep: could not look for lost write tasks; next sweep retries")
+        return
+    if lost:
+        shown = ", ".join(b[:80] for b in lost[:5]) + (", ..." if len(lost) > 5 else "")
+        logger.warning(
+            "sweep: sent %d batch(es) again, their message was lost: %s", len(lost), shown
+        )
 
 
 @worker_ready.connect

@@ -41,6 +41,7 @@ from common.partial import Remainder, SplitRecords, child_id, chunk_events, dead
 from common.payloads import pack, unpack
 from common.pending import PendingRegistry
 from common.producer import WRITE_TASK
+from common.resend import retain
 from common.retry import is_transient
 from common.routing import Router
 from common.writer import BatchResult
@@ -171,16 +172,15 @@ def hand_back(
     now_ms = int(time.time() * 1000)
     rt.client.zadd(keys.outstanding(), {remainder.batch_id: enqueued_at_ms or now_ms}, nx=True)
     packed, encoding = pack(remainder.payload)
-    write_batch.apply_async(
-        kwargs={
-            "batch_id": remainder.batch_id,
-            "payload": packed,
-            "table": table,
-            "enqueued_at_ms": enqueued_at_ms,
-            "encoding": encoding,
-        },
-        queue=INGEST_QUEUE,
-    )
+    kwargs = {
+        "batch_id": remainder.batch_id,
+        "payload": packed,
+        "table": table,
+        "enqueued_at_ms": enqueued_at_ms,
+        "encoding": encoding,
+    }
+    retain(rt.client, remainder.batch_id, kwargs, rt.settings.dedup_window_s)
+    write_batch.apply_async(kwargs=kwargs, queue=INGEST_QUEUE)
     logger.info("handed back %d event(s) as batch %s", remainder.events, remainder.batch_id[:200])
 
 
