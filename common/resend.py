@@ -3,8 +3,8 @@
 kombu's Redis transport takes a message off its queue with ``BRPOP`` and records it as
 unacknowledged only once the worker has read it: a worker killed in between loses the message,
 and no visibility timeout brings it back. The batch then stays *outstanding* for ever. So the
-producer keeps a copy of every write task's arguments (the payload is zstd-compressed, a few
-kB per thousand events: :mod:`common.payloads`) under :func:`common.keys.payload` until the
+producer keeps a copy of every write task's arguments (the payload zstd-compressed,
+~90 kB per thousand demo events: :mod:`common.payloads`) under :func:`common.keys.payload` until the
 batch is written or dead-lettered (:meth:`common.backlog.Outstanding.done` deletes it), and the
 committer's periodic sweep calls :func:`resend_lost`.
 
