@@ -448,20 +448,10 @@ def _parse(payload: bytes | str, batch_id: str, max_event_bytes: int) -> ParsedB
         batch.dead_letters.append(DeadLetter(batch_id, 0, reason, None, received))
         return batch
     events, dead_letters = batch.events, batch.dead_letters
-    loads, decode_error = orjson.loads, orjson.JSONDecodeError
     for position, raw, value, via_stdlib in items:
         try:
             if value is _UNPARSED and fast and len(raw) <= max_event_bytes:
-                try:
-                    value = loads(raw)
-                except (decode_error, RecursionError):
-                    value, via_stdlib = _loads_stdlib(raw)
-                if (
-                    type(value) is not dict
-                    or via_stdlib
-                    or raw.count(b"{") + raw.count(b"[") > MAX_NESTING_DEPTH
-                ):
-                    value = _check_object(value, raw, via_stdlib)
+                value = _decode(raw)
             else:
                 _check_size(raw, max_event_bytes)
                 if value is _UNPARSED:
@@ -475,11 +465,27 @@ def _parse(payload: bytes | str, batch_id: str, max_event_bytes: int) -> ParsedB
     return batch
 
 
+def _decode(raw: bytes) -> Any:
+    """One item within the size limit, from a payload with no integer beyond 64 bits: orjson,
+    the standard library only for what orjson refuses (precise reasons), and the object checks
+    only where they can fail (not an object, parsed by the standard library, maybe too deep)."""
+    try:
+        value, via_stdlib = orjson.loads(raw), False
+    except (orjson.JSONDecodeError, RecursionError):
+        value, via_stdlib = _loads_stdlib(raw)
+    if (
+        type(value) is not dict
+        or via_stdlib
+        or raw.count(b"{") + raw.count(b"[") > MAX_NESTING_DEPTH
+    ):
+        value = _check_object(value, raw, via_stdlib)
+    return value
+
+
 def _parse_lines(body: bytes, batch_id: str, max_event_bytes: int, batch: ParsedBatch) -> None:
     """The loop of :func:`_parse` for NDJSON that holds no integer beyond 64 bits: the same
     items (:func:`_items`) and the same outcome, with less work per line."""
     events, dead_letters = batch.events, batch.dead_letters
-    loads, decode_error = orjson.loads, orjson.JSONDecodeError
     for position, line in enumerate(body.split(b"\n")):
         raw = line[:-1] if line[-1:] == b"\r" else line
         if raw[:1] != b"{" and not raw.strip(_JSON_WS):
@@ -487,16 +493,7 @@ def _parse_lines(body: bytes, batch_id: str, max_event_bytes: int, batch: Parsed
         try:
             if len(raw) > max_event_bytes:
                 _check_size(raw, max_event_bytes)  # raises
-            try:
-                value, via_stdlib = loads(raw), False
-            except (decode_error, RecursionError):
-                value, via_stdlib = _loads_stdlib(raw)
-            if (
-                type(value) is not dict
-                or via_stdlib
-                or raw.count(b"{") + raw.count(b"[") > MAX_NESTING_DEPTH
-            ):
-                value = _check_object(value, raw, via_stdlib)
+            value = _decode(raw)
             when = validate_event(value)
         except InvalidEventError as exc:
             dead_letters.append(DeadLetter(batch_id, position, exc.reason, exc.attribute, raw))

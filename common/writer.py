@@ -130,6 +130,7 @@ class BatchWriter:
         self.plans = FilePlans()
         self._pool: ThreadPoolExecutor | None = None
 
+    @paused_gc()  # a fresh pause per call (contextlib's context managers work as decorators)
     def write(
         self,
         batch_id: str,
@@ -160,34 +161,6 @@ class BatchWriter:
         :func:`~common.events.paused_gc`): a batch's events stay alive until its files are
         written, and each collection in between would traverse all of them again.
         """
-        with paused_gc():
-            return self._write(
-                batch_id,
-                payload,
-                table=table,
-                enqueued_at_ms=enqueued_at_ms,
-                chunk_events=chunk_events,
-                deadline=deadline,
-                stop=stop,
-                interrupt=interrupt,
-                split_at=split_at,
-                on_split=on_split,
-            )
-
-    def _write(
-        self,
-        batch_id: str,
-        payload: bytes | str,
-        *,
-        table: str | None,
-        enqueued_at_ms: int | None,
-        chunk_events: int | None,
-        deadline: float | None,
-        stop: Callable[[], bool] | None,
-        interrupt: tuple[type[BaseException], ...],
-        split_at: int | None,
-        on_split: Callable[[int], int] | None,
-    ) -> BatchResult:
         parsed = parse_batch(
             payload, batch_id=batch_id, max_event_bytes=self.settings.max_event_bytes
         )
