@@ -10,7 +10,6 @@ from __future__ import annotations
 import re
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -18,27 +17,13 @@ import redis
 from common.locks import TableLock
 from common.producer import Producer
 from common.settings import Settings, load_settings
-from tests.chaos.harness import running_fleet
+from tests.chaos.harness import make_events, running_fleet
 from workers.app import create_app, visibility_timeout_s
 
 pytestmark = pytest.mark.integration
 
 TABLE = "events.limits_probe"
 HOLD_S = 6.0
-
-
-def events(batch_id: str, count: int) -> list[dict[str, Any]]:
-    return [
-        {
-            "specversion": "1.0",
-            "id": f"{batch_id}-{n}",
-            "source": "/tests/limits",
-            "type": "com.example.limits_probe",
-            "time": "2024-05-01T12:00:00Z",
-            "data": {"n": n},
-        }
-        for n in range(count)
-    ]
 
 
 def fleet_settings(
@@ -84,14 +69,18 @@ def test_a_commit_task_is_not_cut_short_by_a_tiny_write_timeout(
     )
     with running_fleet(settings, writers=1, log_lines=30) as fleet:
         with Producer(settings) as producer:
-            producer.enqueue(events("first", 3), batch_id="first")
+            producer.enqueue(
+                make_events("first", 3, types=("com.example.limits_probe",)), batch_id="first"
+            )
             assert producer.wait(timeout_s=60).done
             routed = redis_client.zrange(f"icefleet:committed:{TABLE}", 0, -1)
             assert routed == [b"first"], "the events are routed to another table than expected"
 
             # When a batch is written while the table's lock is held for longer than that
             with TableLock(redis_client, TABLE, ttl_ms=3_000, wait_s=10):
-                producer.enqueue(events("second", 3), batch_id="second")
+                producer.enqueue(
+                    make_events("second", 3, types=("com.example.limits_probe",)), batch_id="second"
+                )
                 time.sleep(HOLD_S)
                 assert redis_client.hexists(f"icefleet:pending:{TABLE}", "second")
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
 
 import pytest
 import redis
@@ -22,7 +21,7 @@ from common.catalog import open_catalog
 from common.partial import SplitRecords, child_id
 from common.producer import Producer
 from common.settings import load_settings
-from tests.chaos.harness import running_fleet
+from tests.chaos.harness import make_events, running_fleet
 
 pytestmark = pytest.mark.integration
 
@@ -183,20 +182,6 @@ def _url(client: redis.Redis) -> str:
 # --- a real fleet ------------------------------------------------------------------------------------
 
 
-def events(prefix: str, count: int) -> list[dict[str, Any]]:
-    return [
-        {
-            "specversion": "1.0",
-            "id": f"{prefix}-{n}",
-            "source": "/tests/wait",
-            "type": "com.example.wait_probe",
-            "time": "2024-05-01T12:00:00Z",
-            "data": {"n": n},
-        }
-        for n in range(count)
-    ]
-
-
 def test_wait_returns_only_when_the_split_children_are_committed(
     redis_client: redis.Redis, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -214,7 +199,7 @@ def test_wait_returns_only_when_the_split_children_are_committed(
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     settings = load_settings()
-    sent = events("big", 10_000)
+    sent = make_events("big", 10_000, types=("com.example.wait_probe",))
     with running_fleet(settings, writers=1, log_lines=30):
         producer_settings = load_settings(batch_max_events=20_000)
         with Producer(producer_settings) as producer:
