@@ -23,7 +23,6 @@ Target (design seed): 1 GB in under 60 s. Prints the figures and writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -44,6 +43,7 @@ from pyiceberg.manifest import DataFile
 from pyiceberg.table import Table
 from pyiceberg.typedef import Record
 
+from benchmarks._shared import write_results
 from common.commit import SEQ_PROPERTY, committed_seq, without_library_retries
 from common.compaction import (
     REWRITE_THREADS,
@@ -61,7 +61,6 @@ from tests.pipeline import TABLE, Pipeline, local_path, make_events, make_pipeli
 from tests.services import redis_server
 
 TARGET_S = 60.0
-RESULTS = Path(__file__).parent / "results" / "compaction.json"
 MB = 1_048_576
 PAYLOAD_BYTES = 300  # random base64 per row: compresses little, like real payloads
 DAY0 = datetime(2024, 5, 1, tzinfo=UTC)
@@ -72,7 +71,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--files", type=int, default=500, help="small files to compact")
     parser.add_argument("--file-mb", type=float, default=2.0, help="approximate size of each")
     parser.add_argument("--target-mb", type=int, default=128, help="compaction target size")
-    parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results file")
+    parser.add_argument("--output", type=Path, default=None, help="JSON results file")
     return parser.parse_args(argv)
 
 
@@ -293,9 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args([] if argv is None else argv)
     result = run(args.files, args.file_mb, args.target_mb)
     print(report(result))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"  results: {args.output}")
+    print(f"  results: {write_results('compaction', result, args.output)}")
     return 0 if result["target_met"] else 1
 
 

@@ -19,7 +19,6 @@ Target (design seed): the 1,000-file snapshot in under 500 ms. Prints a table an
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -36,13 +35,13 @@ import pyiceberg
 from pyiceberg.manifest import DataFile
 from pyiceberg.table import Table
 
+from benchmarks._shared import write_results
 from common.catalog import TABLE_PROPERTIES
 from common.invariants import validate_lineage
 from tests.pipeline import TABLE, Pipeline, local_path, make_events, make_pipeline
 from tests.services import redis_server
 
 TARGET_MS = 500.0
-RESULTS = Path(__file__).parent / "results" / "group_commit.json"
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -52,7 +51,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--appends", type=int, default=200, help="plain appends measured (rest extrapolated)"
     )
-    parser.add_argument("--output", type=Path, default=RESULTS, help="JSON results file")
+    parser.add_argument("--output", type=Path, default=None, help="JSON results file")
     return parser.parse_args(argv)
 
 
@@ -290,9 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args([] if argv is None else argv)
     result = run(args.files, args.events, args.appends)
     print(report(result))
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    args.output.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"  results: {args.output}")
+    print(f"  results: {write_results('group_commit', result, args.output)}")
     return 0
 
 
