@@ -218,7 +218,10 @@ def write_batch(
             return _refuse_payload(rt, batch_id, payload, table, str(exc))
         result = _write(self, rt, batch_id, text, table, enqueued_at_ms)
         result["payload_bytes"] = len(text)
-        result["payload_lines"] = text.count(b"\n") if isinstance(text, bytes) else text.count("\n")
+        if "dead_lettered" in result:  # what the metrics count as dead-lettered events
+            result["payload_lines"] = (
+                text.count(b"\n") if isinstance(text, bytes) else text.count("\n")
+            )
         return result
     except Retry:
         raise
