@@ -109,7 +109,7 @@ def fmt_rate(events_per_s: float) -> str:
 
 @contextmanager
 def gc_paused() -> Iterator[None]:
-    """Python's cyclic garbage collector off for the block (as ``common.events.paused_gc``)."""
+    """Python's cyclic garbage collector off for the block (as ``common.ingest.events.paused_gc``)."""
     enabled = gc.isenabled()
     gc.disable()
     try:

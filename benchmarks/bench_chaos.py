@@ -94,7 +94,7 @@ def postgres_catalog_url() -> Iterator[str | None]:
 
 def check_round(redis_url: str, home: Path, sent: list[dict[str, Any]], what: str) -> int:
     """Every event sent so far exactly once (pyiceberg), no dead letters; return the rows read."""
-    from common.deadletters import DeadLetterStore
+    from common.coord.deadletters import DeadLetterStore
 
     checker = make_stack(redis_url, home, catalog_name=CATALOG)
     try:

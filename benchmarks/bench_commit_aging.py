@@ -5,7 +5,7 @@ Each step writes ONE small file (one batch of one event, through ``BatchWriter``
 ``redis-server``) and times ONE ``Committer.commit_table``: lock, watermark, prepared record, one
 fast-append snapshot, finish. Two tables, the same steps:
 
-- **expiry on**: every ``--expire-every`` commits, ``common.expiry.expire_snapshots`` keeps the
+- **expiry on**: every ``--expire-every`` commits, ``common.maintenance.expiry.expire_snapshots`` keeps the
   newest ``--retain`` snapshots (``older_than_s=0``) and deletes what only the expired ones
   referenced; its time is reported apart (it is maintenance, not the commit);
 - **expiry off** (the baseline): snapshots pile up, as they do for a table nobody expires.
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._shared import environment, median, now_iso, row, verdict, write_results
-from common.locks import TableLock
+from common.coord.locks import TableLock
 from tests.pipeline import Pipeline, make_events, make_pipeline
 from tests.services import redis_server
 
@@ -64,8 +64,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def expire(pipe: Pipeline, table: str, retain: int) -> dict[str, Any]:
     """Expire all but the newest ``retain`` snapshots of ``table``; what it did."""
     try:
-        from common.expiry import ExpiryPolicy, expire_snapshots
-    except ImportError:  # pragma: no cover - before common/expiry.py existed: metadata only
+        from common.maintenance.expiry import ExpiryPolicy, expire_snapshots
+    except (
+        ImportError
+    ):  # pragma: no cover - before common/maintenance/expiry.py existed: metadata only
         loaded = pipe.table(table)
         keep = {s.snapshot_id for s in loaded.snapshots()[-retain:]}
         old = [s.snapshot_id for s in loaded.snapshots() if s.snapshot_id not in keep]

@@ -1,10 +1,10 @@
 """Compaction: about 1 GB of small files rewritten into target-size ones, against raw pyarrow.
 
-1. An event table is created the usual way (one batch through :class:`~common.writer.BatchWriter`),
+1. An event table is created the usual way (one batch through :class:`~common.write.batch_writer.BatchWriter`),
    then ``--files`` (500) Parquet files of about ``--file-mb`` (2) MB each are written straight
    with pyarrow, in the table's schema, spread over two days, and registered in ONE fast append
    (as one group commit would): 1 GB of small files, quickly.
-2. Timed: :func:`common.compaction.compact_table` with the default 128 MiB target, under the
+2. Timed: :func:`common.maintenance.compaction.compact_table` with the default 128 MiB target, under the
    table's Redis lock (a throwaway ``redis-server``): plan, read every file through the table's
    FileIO, rewrite, swap in ONE ``replace`` snapshot. Rows are counted and the table verified
    afterwards (not timed).
@@ -44,19 +44,19 @@ from pyiceberg.table import Table
 from pyiceberg.typedef import Record
 
 from benchmarks._shared import write_results
-from common.commit import SEQ_PROPERTY, committed_seq, without_library_retries
-from common.compaction import (
+from common.commit.committer import SEQ_PROPERTY, committed_seq, without_library_retries
+from common.coord.locks import TableLock
+from common.maintenance.compaction import (
     REWRITE_THREADS,
     CompactionOptions,
     bins,
     compact_table,
     plan_compaction,
 )
-from common.datafile_writer import data_file_path, write_data_file
-from common.invariants import validate_lineage
-from common.locks import TableLock
-from common.maintenance import live_data_files
-from common.verify import verify_table
+from common.maintenance.deletes import live_data_files
+from common.maintenance.invariants import validate_lineage
+from common.maintenance.verify import verify_table
+from common.write.datafile_writer import data_file_path, write_data_file
 from tests.pipeline import TABLE, Pipeline, local_path, make_events, make_pipeline
 from tests.services import redis_server
 

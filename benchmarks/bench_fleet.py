@@ -3,8 +3,8 @@
 Each run starts a real local fleet (``workers.fleet.Fleet``: its own ``redis-server``, K Celery
 writer processes with concurrency 1, the committer with its beat, the embedded SQLite catalog and
 a local warehouse, all under a fresh temporary home), sends ``--events`` synthetic demo events
-(three types, three tables) in batches of ``--batch-size`` with :class:`common.producer.Producer`
-from this process, and stops the clock when every batch is committed (``common.backlog.Waiter``,
+(three types, three tables) in batches of ``--batch-size`` with :class:`common.ingest.producer.Producer`
+from this process, and stops the clock when every batch is committed (``common.coord.backlog.Waiter``,
 polled every 50 ms). events/s = events / (first enqueue to last commit). Runs alternate
 1, 2, 1, 2... writers and the median per fleet size is reported, with the peak RSS (``VmHWM``)
 of each writer's processes read from ``/proc`` before the fleet stops.
@@ -34,12 +34,12 @@ import orjson
 import pyarrow as pa
 
 from benchmarks._shared import environment, fmt_rate, median, now_iso, row, write_results
-from common.backlog import Waiter
-from common.catalog import TABLE_PROPERTIES, open_catalog
-from common.producer import Producer
+from common.coord.backlog import Waiter
+from common.ingest.producer import Producer
+from common.lake.catalog import TABLE_PROPERTIES, open_catalog
 from common.settings import load_settings
 from tests.pipeline import ndjson
-from workers.demo import synthetic_events
+from workers.cli.demo import synthetic_events
 from workers.fleet import Fleet
 
 NAME = "fleet"

@@ -46,12 +46,12 @@ from benchmarks._shared import (
     verdict,
     write_results,
 )
-from common.backlog import Waiter
-from common.catalog import open_catalog
-from common.producer import Producer
+from common.coord.backlog import Waiter
+from common.ingest.producer import Producer
+from common.lake.catalog import open_catalog
 from common.settings import Settings, load_settings
 from tests.pipeline import ndjson
-from workers.demo import synthetic_events
+from workers.cli.demo import synthetic_events
 from workers.fleet import Fleet
 
 NAME = "freshness"

@@ -1,6 +1,6 @@
 """Group commit: 1,000 small files in ONE snapshot, against plain pyiceberg in the same run.
 
-1. 1,000 batches of a few events go through :class:`~common.writer.BatchWriter`: one small Parquet
+1. 1,000 batches of a few events go through :class:`~common.write.batch_writer.BatchWriter`: one small Parquet
    file each, registered as pending in Redis (a throwaway ``redis-server`` on a free port).
 2. Timed: ONE ``Committer.commit_table``, which commits all of them in one snapshot with the whole
    exactly-once protocol (lock, watermark, prepared record, file checks, finish).
@@ -36,8 +36,8 @@ from pyiceberg.manifest import DataFile
 from pyiceberg.table import Table
 
 from benchmarks._shared import write_results
-from common.catalog import TABLE_PROPERTIES
-from common.invariants import validate_lineage
+from common.lake.catalog import TABLE_PROPERTIES
+from common.maintenance.invariants import validate_lineage
 from tests.pipeline import TABLE, Pipeline, local_path, make_events, make_pipeline
 from tests.services import redis_server
 

@@ -59,7 +59,7 @@ def child(kind: str, size: int, batches: int, redis_url: str, home: Path) -> dic
     import pyarrow.parquet as pq
 
     from benchmarks.bench_writer import order_events, plain_rows
-    from common.catalog import TABLE_PROPERTIES
+    from common.lake.catalog import TABLE_PROPERTIES
     from tests.pipeline import make_pipeline, ndjson
 
     payload = ndjson(order_events(size, run_id="mem"))

@@ -41,7 +41,7 @@ from benchmarks._shared import (
     verdict,
     write_results,
 )
-from common.routing import TableName
+from common.ingest.routing import TableName
 from tests.pipeline import Pipeline, make_events, make_pipeline
 from tests.services import redis_server
 

@@ -1,7 +1,7 @@
-"""Write-task messages: packed (zstd, common/payloads.py) against plain NDJSON, in the same run.
+"""Write-task messages: packed (zstd, common/ingest/payloads.py) against plain NDJSON, in the same run.
 
 For batches of the writer benchmark's events (1,000 and 10,000 ``order_placed`` events), each
-variant publishes the task through :class:`~common.producer.KombuPublisher` into a real
+variant publishes the task through :class:`~common.ingest.producer.KombuPublisher` into a real
 ``redis-server`` (Celery's JSON serialiser, kombu's Redis transport), then takes the message out
 of the queue and decodes it the way a worker does: the transport's JSON envelope, its base64
 body, Celery's JSON arguments, then ``unpack``. Reported per batch: the message's size in Redis,
@@ -25,8 +25,8 @@ from kombu.serialization import loads as kombu_loads
 
 from benchmarks._shared import environment, median, now_iso, row, write_results
 from benchmarks.bench_writer import order_events
-from common.payloads import pack, unpack
-from common.producer import WRITE_TASK, KombuPublisher
+from common.ingest.payloads import pack, unpack
+from common.ingest.producer import WRITE_TASK, KombuPublisher
 from tests.pipeline import ndjson
 from tests.services import redis_server
 

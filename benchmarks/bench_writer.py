@@ -51,10 +51,10 @@ from benchmarks._shared import (
     verdict,
     write_results,
 )
-from common.catalog import TABLE_PROPERTIES
+from common.lake.catalog import TABLE_PROPERTIES
 from tests.pipeline import make_pipeline, ndjson
 from tests.services import redis_server
-from workers.demo import synthetic_events
+from workers.cli.demo import synthetic_events
 
 NAME = "writer"
 EVENT_TYPE = "com.example.shop.order_placed"

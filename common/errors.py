@@ -188,4 +188,4 @@ class LockLostError(LockError):
 
 
 class PayloadEncodingError(IcefleetError):
-    """A write task's payload is not in the encoding it says (:mod:`common.payloads`)."""
+    """A write task's payload is not in the encoding it says (:mod:`common.ingest.payloads`)."""

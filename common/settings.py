@@ -66,15 +66,15 @@ class Settings:
     max_columns: int = 1_000
     max_depth: int = 8
     write_timeout_s: int = 60  # a 10,000-event batch takes well under a second; see workers/app.py
-    resend_after_s: float = 0.0  # 0: the visibility timeout + 60 s (common/resend.py)
+    resend_after_s: float = 0.0  # 0: the visibility timeout + 60 s (common/coord/resend.py)
     log_level: str = "INFO"
-    # HTTP ingest, metrics, canary, log format (workers/gateway.py, canary.py, common/logs.py)
+    # HTTP ingest, metrics, canary, log format (workers/gateway.py, canary.py, common/observe/logs.py)
     http_max_body_bytes: int = 10_485_760
     http_token: str | None = None  # a secret: never shown by __repr__
     metrics_port: int | None = None
     canary_interval_s: float = 300.0  # 0: no canary
     log_format: str = "text"
-    # table maintenance (common/compaction.py, expiry.py, orphans.py; workers/maintenance.py)
+    # table maintenance (common/maintenance/compaction.py, expiry.py, orphans.py; workers/tasks/maintenance.py)
     compact_target_file_size_bytes: int = 134_217_728
     compact_small_file_fraction: float = 0.75
     compact_min_files: int = 5

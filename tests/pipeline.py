@@ -33,13 +33,13 @@ from pyiceberg.exceptions import CommitFailedException
 from pyiceberg.io.pyarrow import schema_to_pyarrow
 from pyiceberg.table import Table
 
-from common.catalog import TableStore, open_catalog
-from common.commit import CommitResult, Committer, FaultHook
-from common.locks import TableLock
-from common.pending import PendingRegistry
-from common.routing import Router, TableName
+from common.commit.committer import CommitResult, Committer, FaultHook
+from common.coord.locks import TableLock
+from common.coord.pending import PendingRegistry
+from common.ingest.routing import Router, TableName
+from common.lake.catalog import TableStore, open_catalog
 from common.settings import Settings, load_settings
-from common.writer import BatchResult, BatchWriter
+from common.write.batch_writer import BatchResult, BatchWriter
 
 if TYPE_CHECKING:
     import pytest
@@ -265,7 +265,7 @@ def in_process_tasks(
     of their own and writer retries that do not back off; the messages they send (commit tasks,
     child batches) stay in their queues. The commit interval is 60 s."""
     import workers.runtime
-    import workers.writer
+    import workers.tasks.write
     from workers.app import create_app
     from workers.runtime import Runtime
 
@@ -273,7 +273,7 @@ def in_process_tasks(
     app = create_app(settings)
     rt = Runtime(settings, client)
     monkeypatch.setattr(workers.runtime, "_runtime", rt)
-    monkeypatch.setattr(workers.writer, "backoff_s", lambda attempt: 0.0)
+    monkeypatch.setattr(workers.tasks.write, "backoff_s", lambda attempt: 0.0)
     yield rt
     app.close()
 
@@ -362,7 +362,7 @@ def run_remove_files(
 ) -> None:
     """Remove ``paths`` from ``table`` under the table lock; report ``ok`` or the error's name."""
     from common.errors import ConcurrentModificationError
-    from common.maintenance import remove_data_files
+    from common.maintenance.deletes import remove_data_files
 
     pipeline = make_pipeline(redis_url, home)
     iceberg_table = pipeline.table(table)  # loaded before the race: a stale base on purpose

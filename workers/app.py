@@ -15,7 +15,7 @@ never run twice at once (:func:`visibility_timeout_s`).
 app is created, so nothing is global and nothing is read at import):
 
 * ``icefleet.write_batch``: soft ``ICEFLEET_WRITE_TIMEOUT_S``, hard 30 s later. The writer splits a
-  batch that does not fit (common/partial.py), so the limit bounds how long a batch holds a writer.
+  batch that does not fit (common/write/partial.py), so the limit bounds how long a batch holds a writer.
 * ``icefleet.commit_table`` and the sweep ``icefleet.commit_all``: soft ``ICEFLEET_LOCK_WAIT_S`` +
   :data:`COMMIT_WORK_S` (the wait for the table lock, then five minutes for the commit and its
   retries), hard 30 s later. Independent of the write timeout: a small write timeout must not cut
@@ -23,13 +23,13 @@ app is created, so nothing is global and nothing is read at import):
   the limit only keeps a hung catalog call from holding the one committer for ever. (The sweep
   logs the table its soft limit interrupts and goes on with the next until the hard limit.)
 * the canary's tasks: :data:`CANARY_SOFT_LIMIT_S` (a probe, or one small table scan).
-* maintenance tasks (workers/maintenance.py): their own limits, set on their decorators (an hour);
+* maintenance tasks (workers/tasks/maintenance.py): their own limits, set on their decorators (an hour);
   they are acknowledged when they start, so they do not count for the visibility timeout (nor do
   commit tasks: see :func:`visibility_timeout_s`).
 
 No result backend: correctness never reads task results. Batches are tracked in Redis keys of our
 own (``icefleet:outstanding``, the pending registry, prepared records: see
-:mod:`common.producer`), producers never block on a result, and a backend would write one key per
+:mod:`common.ingest.producer`), producers never block on a result, and a backend would write one key per
 task. Flower still sees every task, its result and its failure through task events.
 """
 
@@ -41,8 +41,8 @@ from typing import Any
 from celery import Celery
 from kombu import Exchange, Queue
 
-from common.backlog import COMMIT_QUEUE, INGEST_QUEUE
-from common.producer import WRITE_TASK
+from common.coord.backlog import COMMIT_QUEUE, INGEST_QUEUE
+from common.ingest.producer import WRITE_TASK
 from common.settings import Settings, load_settings
 
 COMMIT_TASK = "icefleet.commit_table"
@@ -53,7 +53,7 @@ CANARY_CHECK_TASK = "icefleet.canary.check"
 CANARY_CHECK_COUNTDOWN_S = 1.0  # the canary schedules its checks this far ahead
 # A task may run this long past its soft limit (cleaning up, dead-lettering) before it is killed.
 HARD_LIMIT_GRACE_S = 30
-#: The longest backoff before a failed write is tried again (workers/writer.py): the retried task
+#: The longest backoff before a failed write is tried again (workers/tasks/write.py): the retried task
 #: waits that long, unacknowledged, in a worker.
 WRITE_RETRY_MAX_BACKOFF_S = 60.0
 #: A commit task's time once it holds the table lock: a group commit takes seconds (a large one on
@@ -145,7 +145,7 @@ def _queue(name: str) -> Queue:
 
 
 def canary_schedule(settings: Settings) -> dict[str, Any]:
-    """The canary's beat entry (workers/canary.py), unless ICEFLEET_CANARY_INTERVAL_S is 0."""
+    """The canary's beat entry (workers/tasks/canary.py), unless ICEFLEET_CANARY_INTERVAL_S is 0."""
     if settings.canary_interval_s <= 0:
         return {}
     every_s = settings.canary_interval_s
@@ -155,7 +155,7 @@ def canary_schedule(settings: Settings) -> dict[str, Any]:
 
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings derived from icefleet's settings."""
-    from workers.maintenance import beat_schedule as maintenance_schedule
+    from workers.tasks.maintenance import beat_schedule as maintenance_schedule
 
     return {
         "broker_url": settings.redis_url,
@@ -170,7 +170,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         # A hard time limit puts the message back instead of dropping it: the writer dead-letters
-        # a batch that keeps failing (common/producer.py counts deliveries), nothing is lost.
+        # a batch that keeps failing (common/ingest/producer.py counts deliveries), nothing is lost.
         "task_acks_on_timeout": False,
         "worker_prefetch_multiplier": 1,
         "worker_cancel_long_running_tasks_on_connection_loss": True,
@@ -211,8 +211,6 @@ def create_app(settings: Settings | None = None) -> IcefleetCelery:
     app.icefleet_settings = settings
     app.conf.update(celery_config(settings))
     # registers the shared tasks with every app; observability: metrics and log hooks (signals)
-    import workers.canary
-    import workers.maintenance
     import workers.observability
     import workers.tasks  # noqa: F401
 

@@ -4,7 +4,7 @@ Every process is started in a session (so a process group) of its own: Ctrl-C in
 reaches only the CLI, which then stops the fleet in order: the writers first (Celery's warm
 shutdown on SIGTERM: no new task, reserved messages put back, and the running batch either
 finishes or hands its unwritten rest back as a child batch at the next chunk, see
-workers/writer.py), then the committer while Redis is still up (it finishes its commit, or a
+workers/tasks/write.py), then the committer while Redis is still up (it finishes its commit, or a
 prepared record lets the next one finish it), Flower, and Redis last. Whatever does not stop within
 :data:`STOP_TIMEOUT_S` gets SIGKILL, with its whole group, so no prefork child or embedded beat is
 left behind; a batch it held is delivered again (``acks_late``) and lands once. On Linux the children also get SIGTERM when the
@@ -255,7 +255,7 @@ class Fleet:
     def _worker_argv(self, name: str) -> list[str]:
         role = "committer" if name == "committer" else "writer"
         return [
-            sys.executable, "-m", "workers.cli", "worker", role, "--name", name,
+            sys.executable, "-m", "workers.cli.main", "worker", role, "--name", name,
             "--pool", self.pool, "--loglevel", self.loglevel,
         ]  # fmt: skip
 

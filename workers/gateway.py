@@ -12,9 +12,9 @@
 - and, as a convenience, ``application/json`` (an object or an array) and NDJSON
   (``application/x-ndjson``).
 
-Every event is validated by :func:`common.events.parse_batch`, the writer's own rules, so what
+Every event is validated by :func:`common.ingest.events.parse_batch`, the writer's own rules, so what
 is accepted here is what a writer lands. Valid events are enqueued with the
-:class:`~common.producer.Producer` as one batch, whose id is the ``Idempotency-Key`` header when
+:class:`~common.ingest.producer.Producer` as one batch, whose id is the ``Idempotency-Key`` header when
 there is one (a retried request then lands once), and the answer is ``202 {"batch_id",
 "accepted"}``; invalid ones are listed in a ``400`` with their position and reason, while the
 valid events of the same request are still enqueued. Other answers: ``401`` (bearer token
@@ -56,12 +56,12 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.errors import InvalidBatchIdError, InvalidIdentifierError
-from common.events import Event, parse_batch
-from common.logs import log_context
-from common.metrics import CONTENT_TYPE_LATEST, Metrics, create_metrics
-from common.producer import Producer, check_batch_id
+from common.ingest.events import Event, parse_batch
+from common.ingest.producer import Producer, check_batch_id
+from common.ingest.routing import Router, TableName
+from common.observe.logs import log_context
+from common.observe.metrics import CONTENT_TYPE_LATEST, Metrics, create_metrics
 from common.redaction import redact_text
-from common.routing import Router, TableName
 from common.settings import Settings
 
 __all__ = [

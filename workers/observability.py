@@ -1,6 +1,6 @@
 """The worker side of metrics and logs, wired through Celery signals.
 
-**Metrics.** Each process that runs tasks holds one :class:`~common.metrics.Metrics`
+**Metrics.** Each process that runs tasks holds one :class:`~common.observe.metrics.Metrics`
 (:func:`process_metrics`). ``task_prerun``/``task_postrun`` time the write and commit tasks and
 count batches, bytes, dead letters and committed rows from what the tasks return. With
 ``ICEFLEET_METRICS_PORT`` set, that process serves its registry over HTTP on the port plus its
@@ -33,9 +33,9 @@ from celery.signals import (
     worker_process_init,
 )
 
-from common.logs import instrument_handler, log_context
-from common.metrics import Metrics, create_metrics
-from common.producer import WRITE_TASK
+from common.ingest.producer import WRITE_TASK
+from common.observe.logs import instrument_handler, log_context
+from common.observe.metrics import Metrics, create_metrics
 from common.settings import Settings, load_settings
 from workers.app import COMMIT_TASK, SWEEP_TASK
 
@@ -164,7 +164,7 @@ def _record_write(
         return
     if seconds is not None:
         metrics.batch_write_seconds.observe(seconds)
-    # The task reports its payload's size once decoded (common/payloads.py); what a message
+    # The task reports its payload's size once decoded (common/ingest/payloads.py); what a message
     # carries is compressed.
     payload = kwargs.get("payload") or ""
     table = kwargs.get("table") or "unrouted"

@@ -15,16 +15,16 @@ from typing import Any
 import redis
 from pyiceberg.catalog import Catalog
 
-from common.backlog import Outstanding
-from common.catalog import TableStore, open_catalog
-from common.commit import Committer
-from common.deadletters import DeadLetterStore
-from common.events import DeadLetter
-from common.locks import TableLock
-from common.pending import PendingRegistry
-from common.routing import Router
+from common.commit.committer import Committer
+from common.coord.backlog import Outstanding
+from common.coord.deadletters import DeadLetterStore
+from common.coord.locks import TableLock
+from common.coord.pending import PendingRegistry
+from common.ingest.events import DeadLetter
+from common.ingest.routing import Router
+from common.lake.catalog import TableStore, open_catalog
 from common.settings import Settings, load_settings
-from common.writer import BatchWriter
+from common.write.batch_writer import BatchWriter
 
 logger = logging.getLogger(__name__)
 

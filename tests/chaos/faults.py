@@ -4,7 +4,7 @@
 requests (``fault_rate``) with what S3 sends when it throttles: HTTP 503 with the ``SlowDown`` XML
 error. The workers reach S3 through pyarrow's S3 client inside pyiceberg's FileIO (the AWS C++
 SDK), so an HTTP proxy is the honest way to reach them: no patching, the SDK's own retries run
-first and ours (``common/retry.py``) take over when those are exhausted.
+first and ours (``common/lake/retry.py``) take over when those are exhausted.
 
 :class:`TcpProxy` forwards raw TCP (e.g. to PostgreSQL) until :meth:`TcpProxy.cut`: then every
 open connection is reset and new ones are refused, as when the catalog's database goes away,

@@ -24,15 +24,15 @@ import redis
 from pyiceberg.catalog import Catalog
 from pyiceberg.table import Table
 
-from common import keys
-from common.backlog import read_backlog
-from common.catalog import TableStore, open_catalog
-from common.commit import Committer
-from common.locks import TableLock
-from common.pending import PendingRegistry
-from common.routing import Router, TableName
+from common.commit.committer import Committer
+from common.coord import keys
+from common.coord.backlog import read_backlog
+from common.coord.locks import TableLock
+from common.coord.pending import PendingRegistry
+from common.ingest.routing import Router, TableName
+from common.lake.catalog import TableStore, open_catalog
 from common.settings import Settings, load_settings
-from common.writer import BatchWriter
+from common.write.batch_writer import BatchWriter
 from tests.pipeline import rust_ids
 from workers.fleet import Fleet, ManagedProcess, group_exists
 
@@ -155,7 +155,7 @@ def assert_exactly_once(found: Iterable[str], expected: Iterable[str], what: str
 
 def commit_seqs(table: Table) -> list[int]:
     """The commit seq of each snapshot icefleet's committer made, in the table's snapshot order."""
-    from common.commit import SEQ_PROPERTY
+    from common.commit.committer import SEQ_PROPERTY
 
     return [
         int(s.summary.additional_properties[SEQ_PROPERTY])
@@ -442,7 +442,7 @@ class Feeder:
             raise self.error
 
     def _run(self) -> None:
-        from common.producer import Producer
+        from common.ingest.producer import Producer
 
         producer: Producer | None = None
         try:
@@ -574,7 +574,7 @@ def settle(
     the same id, as a careful producer does; a lost child batch is recovered by resending its
     root, whose split record hands the child back again.
     """
-    from common.producer import Producer
+    from common.ingest.producer import Producer
 
     by_id = dict(planned)
     deadline = time.monotonic() + timeout_s
@@ -612,7 +612,7 @@ def verify_tables(
 ) -> None:
     """Every event exactly once, read with pyiceberg (and iceberg-rust when ``rust_file_io`` is
     given), no dead letters, and one snapshot per commit seq."""
-    from common.deadletters import DeadLetterStore
+    from common.coord.deadletters import DeadLetterStore
 
     dead = DeadLetterStore(stack.client).list(5)
     assert not dead, f"dead letters: {[(d.batch_id, d.reason) for d in dead]}"

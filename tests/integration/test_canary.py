@@ -11,12 +11,14 @@ from typing import Any
 import pytest
 import redis
 
-from common.metrics import create_metrics
-from common.producer import WRITE_TASK
+from common.ingest.producer import WRITE_TASK
+from common.observe.metrics import create_metrics
 from common.settings import load_settings
 from tests.unit.test_metrics import samples
 from workers.app import CANARY_TASK, canary_schedule, create_app
-from workers.canary import (
+from workers.observability import process_metrics
+from workers.runtime import Runtime
+from workers.tasks.canary import (
     CANARY_TABLE,
     CHECK_TASK,
     Probe,
@@ -26,10 +28,8 @@ from workers.canary import (
     last_result,
     probe_visible,
 )
-from workers.committer import commit_table
-from workers.observability import process_metrics
-from workers.runtime import Runtime
-from workers.writer import write_batch
+from workers.tasks.commit import commit_table
+from workers.tasks.write import write_batch
 
 pytestmark = pytest.mark.integration
 

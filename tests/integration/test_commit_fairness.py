@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from common.commit import MANIFEST_MERGE
-from common.invariants import assert_exactly_once, validate_lineage
+from common.commit.committer import MANIFEST_MERGE
+from common.maintenance.invariants import assert_exactly_once, validate_lineage
 from tests.pipeline import TABLE, ids_of, make_events, make_pipeline
 
 pytestmark = pytest.mark.integration

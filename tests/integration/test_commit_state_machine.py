@@ -31,7 +31,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from common.invariants import assert_exactly_once, validate_lineage
+from common.maintenance.invariants import assert_exactly_once, validate_lineage
 from tests.pipeline import (
     TABLE,
     CommitterCrash,

@@ -21,9 +21,9 @@ import pytest
 import redis
 from click.testing import CliRunner
 
-from common.deadletters import DeadLetterStore
-from common.events import DeadLetter
-from common.producer import Producer
+from common.coord.deadletters import DeadLetterStore
+from common.ingest.events import DeadLetter
+from common.ingest.producer import Producer
 from common.settings import Settings, load_settings
 from tests.chaos.harness import (
     assert_exactly_once,
@@ -37,8 +37,8 @@ from tests.chaos.harness import (
     running_fleet,
     wait_idle,
 )
-from workers.cli import main
-from workers.cli_deadletters import REPLAYS_KEY, Replayer, preview
+from workers.cli.deadletters import REPLAYS_KEY, Replayer, preview
+from workers.cli.main import main
 
 pytestmark = pytest.mark.integration
 
@@ -177,14 +177,14 @@ def test_a_replay_interrupted_after_its_enqueue_resends_the_same_batch(
 def test_letters_for_an_explicit_table_go_there_and_table_filter_routes(
     cli: CliRunner, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import workers.cli_deadletters
+    import workers.cli.deadletters
 
     sent: list[tuple[str, str | None, list[str]]] = []
 
     def record(self: Any, events: list[str], table: str | None, batch_id: str) -> None:
         sent.append((batch_id, table, events))
 
-    monkeypatch.setattr(workers.cli_deadletters.Replayer, "_enqueue", record)
+    monkeypatch.setattr(workers.cli.deadletters.Replayer, "_enqueue", record)
     add(redis_client, DeadLetter("b1", 0, "r", None, event_line("o1")))  # routes to events.order
     add(redis_client, DeadLetter("b2", 0, "r", None, event_line("r1", "com.example.refund")))
     add(redis_client, DeadLetter("b3", 0, "r", None, event_line("x1")), table="archive.orders")
@@ -231,7 +231,7 @@ def test_invalid_events_go_back_with_their_reason_and_twins_are_dropped(
 
 def run_cli(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "workers.cli", *args],
+        [sys.executable, "-m", "workers.cli.main", *args],
         env={**os.environ, **env},
         capture_output=True,
         text=True,

@@ -23,19 +23,19 @@ import redis
 from pyiceberg.exceptions import CommitFailedException, ValidationException
 from pyiceberg.table import Table
 
-from common import keys
-from common.commit import SEQ_PROPERTY, CommitResult, PreparedCommit, committed_seq
-from common.deadletters import DeadLetterStore
+from common.commit.committer import SEQ_PROPERTY, CommitResult, PreparedCommit, committed_seq
+from common.coord import keys
+from common.coord.deadletters import DeadLetterStore
+from common.coord.locks import TableLock
 from common.errors import (
     CommitStateUnknownError,
     ConcurrentModificationError,
     LockLostError,
     RetriesExhaustedError,
 )
-from common.invariants import assert_exactly_once, validate_lineage
-from common.locks import TableLock
-from common.maintenance import live_data_files, remove_data_files
-from common.writer import pending_entry
+from common.maintenance.deletes import live_data_files, remove_data_files
+from common.maintenance.invariants import assert_exactly_once, validate_lineage
+from common.write.batch_writer import pending_entry
 from tests.pipeline import (
     COMMITTERS_KEY,
     TABLE,

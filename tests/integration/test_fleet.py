@@ -29,15 +29,15 @@ from typing import Any
 import pytest
 import redis
 
-from common.catalog import open_catalog
-from common.deadletters import DeadLetterStore
-from common.producer import Producer
+from common.coord.deadletters import DeadLetterStore
+from common.ingest.producer import Producer
+from common.lake.catalog import open_catalog
 from common.settings import Settings, load_settings
 from tests.chaos.harness import expected_by_table, running_fleet
 from tests.pipeline import in_process_tasks, rust_ids, wait_until
 from tests.services import S3Endpoint, free_port
 from workers.app import create_app
-from workers.demo import synthetic_events
+from workers.cli.demo import synthetic_events
 from workers.fleet import Fleet
 
 pytestmark = pytest.mark.integration
@@ -46,7 +46,7 @@ BATCHES = 50
 PER_BATCH = 1_000
 DUPLICATE = 7
 WAIT_S = 120.0
-CLI = [sys.executable, "-m", "workers.cli"]
+CLI = [sys.executable, "-m", "workers.cli.main"]
 
 
 @dataclass
@@ -326,7 +326,7 @@ class ScriptedWriter:
         self.calls = 0
 
     def write(self, batch_id: str, payload: str, **_: Any) -> Any:
-        from common.writer import BatchResult
+        from common.write.batch_writer import BatchResult
 
         self.calls += 1
         if self.errors:
@@ -346,7 +346,7 @@ def eager(
 
 
 def enqueue_outstanding(client: redis.Redis, batch_id: str) -> None:
-    from common import keys
+    from common.coord import keys
 
     client.zadd(keys.outstanding(), {batch_id: 1})
 
@@ -358,8 +358,8 @@ def commit_messages(client: redis.Redis) -> list[dict[str, Any]]:
 def test_write_task_retries_transient_errors_then_nudges_once(
     eager: Any, redis_client: redis.Redis
 ) -> None:
-    from common import keys
-    from workers.writer import write_batch
+    from common.coord import keys
+    from workers.tasks.write import write_batch
 
     # Given a writer whose storage fails twice before it works
     eager._writer = ScriptedWriter(OSError("S3 503"), OSError("S3 503"))
@@ -384,8 +384,8 @@ def test_write_task_retries_transient_errors_then_nudges_once(
 def test_write_task_dead_letters_a_batch_that_keeps_failing(
     eager: Any, redis_client: redis.Redis
 ) -> None:
-    from common import keys
-    from workers.writer import MAX_ATTEMPTS_UNEXPECTED, write_batch
+    from common.coord import keys
+    from workers.tasks.write import MAX_ATTEMPTS_UNEXPECTED, write_batch
 
     eager._writer = ScriptedWriter(always=ValueError("a bug"))
     enqueue_outstanding(redis_client, "poison")
@@ -405,8 +405,8 @@ def test_write_task_dead_letters_a_batch_that_keeps_failing(
 def test_write_task_dead_letters_a_batch_delivered_too_often(
     eager: Any, redis_client: redis.Redis
 ) -> None:
-    from common import keys
-    from workers.writer import MAX_ATTEMPTS, write_batch
+    from common.coord import keys
+    from workers.tasks.write import MAX_ATTEMPTS, write_batch
 
     # Given a batch whose worker was killed under it MAX_ATTEMPTS times
     eager._writer = ScriptedWriter()
@@ -426,7 +426,7 @@ def test_write_task_requeues_when_redis_fails_outside_the_write(
     from redis.backoff import NoBackoff
     from redis.retry import Retry
 
-    from workers.writer import write_batch
+    from workers.tasks.write import write_batch
 
     eager.client = redis.Redis(port=free_port(), retry=Retry(NoBackoff(), 0))
     with pytest.raises(Reject) as raised:
@@ -437,11 +437,11 @@ def test_write_task_requeues_when_redis_fails_outside_the_write(
 def test_commit_task_reschedules_itself_until_the_batches_are_due(
     eager: Any, redis_client: redis.Redis
 ) -> None:
-    from common import keys
-    from common.commit import Committer
-    from common.pending import PendingRegistry
-    from common.writer import pending_entry
-    from workers.committer import commit_all, commit_table
+    from common.commit.committer import Committer
+    from common.coord import keys
+    from common.coord.pending import PendingRegistry
+    from common.write.batch_writer import pending_entry
+    from workers.tasks.commit import commit_all, commit_table
 
     # Given a pending batch that is far from due (interval 60 s) and the nudge its writer sent
     table = "events.t"

@@ -31,9 +31,9 @@ from typing import Any
 import pytest
 import redis
 
-from common.catalog import open_catalog
-from common.payloads import unpack
-from common.producer import Producer
+from common.ingest.payloads import unpack
+from common.ingest.producer import Producer
+from common.lake.catalog import open_catalog
 from common.settings import load_settings
 from tests.integration.test_fleet import (  # noqa: F401  (fixtures: the fleet of real workers)
     Backend,
@@ -137,7 +137,7 @@ def gateway(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     log = home / "serve.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "workers.cli", "serve", "--port", str(port)],
+            [sys.executable, "-m", "workers.cli.main", "serve", "--port", str(port)],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -397,7 +397,7 @@ def test_metrics_on_a_port_of_their_own(redis_url: str, tmp_path: Path) -> None:
     port, metrics_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ICEFLEET_", "PYICEBERG_"))}
     env.update(ICEFLEET_REDIS_URL=redis_url, ICEFLEET_HOME=str(tmp_path), ICEFLEET_HTTP_TOKEN=TOKEN)
-    argv = [sys.executable, "-m", "workers.cli", "serve", "--port", str(port)]
+    argv = [sys.executable, "-m", "workers.cli.main", "serve", "--port", str(port)]
     same = subprocess.run(
         [*argv, "--metrics-port", str(port)], env=env, capture_output=True, text=True, timeout=60
     )

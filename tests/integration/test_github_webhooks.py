@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 import redis
 
-from common.catalog import open_catalog
-from common.deadletters import DeadLetterStore
-from common.producer import Producer
-from common.routing import Router
+from common.coord.deadletters import DeadLetterStore
+from common.ingest.producer import Producer
+from common.ingest.routing import Router
+from common.lake.catalog import open_catalog
 from common.settings import Settings, load_settings
 from tests.chaos.harness import running_fleet
 from workers.fleet import Fleet
@@ -42,7 +42,7 @@ def github_fleet(
 
 
 def without_nulls(value: Any) -> Any:
-    """Null, ``{}`` and absent are the same for a struct field (common/inference.py); compare
+    """Null, ``{}`` and absent are the same for a struct field (common/schema/inference.py); compare
     values with those dropped. raw_event keeps the exact input, checked separately."""
     if isinstance(value, dict):
         kept = {k: without_nulls(v) for k, v in value.items()}

@@ -23,8 +23,8 @@ import orjson
 import pytest
 import redis
 
-from common.events import encode_ndjson
-from common.producer import Producer
+from common.ingest.events import encode_ndjson
+from common.ingest.producer import Producer
 from common.settings import load_settings
 from tests.chaos.harness import (
     Stack,
@@ -227,7 +227,7 @@ def test_hostile_events_land_inside_the_warehouse_and_invalid_ones_are_dead_lett
 def test_hostile_events_through_the_producer_and_real_workers(
     redis_client: redis.Redis, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from common.deadletters import DeadLetterStore
+    from common.coord.deadletters import DeadLetterStore
 
     # Given a fleet, and the hostile events sent through the producer, with the invalid items
     # the producer lets through (valid JSON text on one line)

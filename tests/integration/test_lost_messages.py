@@ -1,4 +1,4 @@
-"""A write-task message lost on its way to a writer is sent again (common/resend.py).
+"""A write-task message lost on its way to a writer is sent again (common/coord/resend.py).
 
 kombu's Redis transport can lose a message: a worker killed between its ``BRPOP`` and recording
 the message as unacknowledged. The producer keeps a copy of each task until the batch is
@@ -15,11 +15,11 @@ from typing import Any
 import pytest
 import redis
 
-from common import keys
-from common.backlog import INGEST_QUEUE, Outstanding
-from common.payloads import unpack
-from common.producer import Producer
-from common.resend import resend_lost
+from common.coord import keys
+from common.coord.backlog import INGEST_QUEUE, Outstanding
+from common.coord.resend import resend_lost
+from common.ingest.payloads import unpack
+from common.ingest.producer import Producer
 from common.settings import load_settings
 from tests.chaos.harness import (
     assert_exactly_once,

@@ -17,14 +17,14 @@ import pytest
 import redis
 from click.testing import CliRunner, Result
 
-from common.catalog import open_catalog
-from common.commit import committed_seq
-from common.invariants import validate_lineage
-from common.maintenance import live_data_files
-from common.orphans import canonical_path, pending_paths
+from common.commit.committer import committed_seq
+from common.lake.catalog import open_catalog
+from common.maintenance.deletes import live_data_files
+from common.maintenance.invariants import validate_lineage
+from common.maintenance.orphans import canonical_path, pending_paths
 from common.settings import load_settings
 from tests.pipeline import TABLE, Pipeline, local_path, make_events, make_pipeline
-from workers.cli import main
+from workers.cli.main import main
 
 pytestmark = pytest.mark.integration
 
@@ -252,7 +252,7 @@ def eager(
 def test_beat_compacts_when_small_files_pile_up_then_expires_and_sweeps(
     pipe: Pipeline, eager: Any, redis_client: redis.Redis
 ) -> None:
-    from workers.maintenance import compact_due, expire_all, remove_orphans_all
+    from workers.tasks.maintenance import compact_due, expire_all, remove_orphans_all
 
     # Given five small files: below the trigger of six
     ingest(pipe, 5, 5, commit_every=1)
@@ -275,7 +275,7 @@ def test_beat_compacts_when_small_files_pile_up_then_expires_and_sweeps(
 def test_a_capped_compaction_hands_the_rest_to_a_follow_up_task(
     pipe: Pipeline, eager: Any, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import workers.maintenance as maintenance
+    import workers.tasks.maintenance as maintenance
 
     # Given small files on two days, and a cap of one day's worth per run
     ingest(pipe, 8, 5, commit_every=1)
@@ -302,7 +302,7 @@ def test_a_capped_compaction_hands_the_rest_to_a_follow_up_task(
 
 
 def test_beat_schedule_runs_maintenance_on_the_commit_queue(eager: Any) -> None:
-    from workers.maintenance import COMPACT_DUE_TASK, EXPIRE_ALL_TASK, ORPHANS_ALL_TASK
+    from workers.tasks.maintenance import COMPACT_DUE_TASK, EXPIRE_ALL_TASK, ORPHANS_ALL_TASK
 
     schedule = eager.conf.beat_schedule
     tasks = {entry["task"]: entry for entry in schedule.values()}
@@ -324,9 +324,9 @@ def test_maintenance_on_an_s3_warehouse(
     redis_url: str,
     redis_client: redis.Redis,
 ) -> None:
-    from common.orphans import list_files
+    from common.maintenance.orphans import list_files
     from tests.integration.test_s3_warehouse import s3_catalog_env
-    from workers.maintenance import Maintainer
+    from workers.tasks.maintenance import Maintainer
 
     # Given a table on S3 made of six small batches, and an orphan object
     s3_catalog_env(monkeypatch, s3_endpoint, s3_bucket, icefleet_home)
@@ -341,7 +341,7 @@ def test_maintenance_on_an_s3_warehouse(
         m = Maintainer(pipe.settings, pipe.catalog, redis_client)
         # When compacted, expired and swept through the FileIO
         compacted = m.compact(TABLE, m.compaction_options(min_files=2))
-        from common.expiry import ExpiryPolicy
+        from common.maintenance.expiry import ExpiryPolicy
 
         expired = m.expire(TABLE, ExpiryPolicy(0, 1))
         swept = m.remove_orphans(TABLE, 0)
@@ -351,7 +351,7 @@ def test_maintenance_on_an_s3_warehouse(
         assert expired.deleted_data_files == 6 and swept.orphans == [canonical_path(orphan)]
         assert rows(table) == before and m.verify(TABLE).ok
         listed = {f.path for f in list_files(table.io, table.location())}
-        from common.orphans import referenced_files
+        from common.maintenance.orphans import referenced_files
 
         assert listed <= referenced_files(table)
         assert {canonical_path(p) for p in live_data_files(table)} <= listed

@@ -14,11 +14,11 @@ from typing import Any
 import pytest
 import redis
 
-from common import keys
-from common.partial import SplitConflictError, SplitRecords, child_id, chunk_events, split_key
-from common.payloads import unpack
-from common.producer import Producer
+from common.coord import keys
+from common.ingest.payloads import unpack
+from common.ingest.producer import Producer
 from common.settings import load_settings
+from common.write.partial import SplitConflictError, SplitRecords, child_id, chunk_events, split_key
 from tests.chaos.harness import (
     Stack,
     assert_exactly_once,
@@ -201,10 +201,10 @@ class FakeSoftTimeLimit(Exception):
 def test_an_interrupt_inside_a_chunk_abandons_it_and_splits_before_it(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import common.writer
+    import common.write.batch_writer
 
     # Given a storage write that is interrupted the fifth time it is called
-    real = common.writer.write_data_file
+    real = common.write.batch_writer.write_data_file
     calls = 0
 
     def interrupted(*args: Any, **kwargs: Any) -> Any:
@@ -214,7 +214,7 @@ def test_an_interrupt_inside_a_chunk_abandons_it_and_splits_before_it(
             raise FakeSoftTimeLimit("soft time limit")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(common.writer, "write_data_file", interrupted)
+    monkeypatch.setattr(common.write.batch_writer, "write_data_file", interrupted)
     events = make_events("b4", 600, types=TYPES, days=1)  # 2 files per chunk of 100
     splits = SplitRecords(stack.client, 3600)
 
@@ -231,7 +231,7 @@ def test_an_interrupt_inside_a_chunk_abandons_it_and_splits_before_it(
     # Then the two whole chunks are registered and the third is handed back with the rest
     assert result.records == 200
     assert result.remainder is not None and result.remainder.offset == 200
-    monkeypatch.setattr(common.writer, "write_data_file", real)
+    monkeypatch.setattr(common.write.batch_writer, "write_data_file", real)
     write_all(stack, result.remainder.batch_id, result.remainder.payload, chunk_events=100)
     commit_and_check(stack, events)
 
@@ -239,12 +239,12 @@ def test_an_interrupt_inside_a_chunk_abandons_it_and_splits_before_it(
 def test_an_interrupt_in_the_first_chunk_propagates_and_registers_nothing(
     stack: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import common.writer
+    import common.write.batch_writer
 
     def interrupted(*args: Any, **kwargs: Any) -> Any:
         raise FakeSoftTimeLimit("soft time limit")
 
-    monkeypatch.setattr(common.writer, "write_data_file", interrupted)
+    monkeypatch.setattr(common.write.batch_writer, "write_data_file", interrupted)
     splits = SplitRecords(stack.client, 3600)
     with pytest.raises(FakeSoftTimeLimit):
         stack.writer.write(
@@ -389,8 +389,8 @@ def test_a_split_batch_given_up_dead_letters_only_its_part(
     import base64
     import json
 
-    from common.deadletters import DeadLetterStore
-    from workers.writer import MAX_ATTEMPTS, write_batch
+    from common.coord.deadletters import DeadLetterStore
+    from workers.tasks.write import MAX_ATTEMPTS, write_batch
 
     # Given a batch split after 3 of its 5 events, then delivered too often
     events = make_events("given-up", 5)
@@ -420,11 +420,11 @@ def test_the_time_limit_after_the_write_sends_the_batch_again(
 ) -> None:
     from celery.exceptions import SoftTimeLimitExceeded
 
-    import workers.writer
-    from workers.writer import write_batch
+    import workers.tasks.write
+    from workers.tasks.write import write_batch
 
     # Given a hand-back that the soft time limit interrupts once
-    real = workers.writer.hand_back
+    real = workers.tasks.write.hand_back
     calls = 0
 
     def interrupted(*args: Any, **kwargs: Any) -> None:
@@ -434,11 +434,11 @@ def test_the_time_limit_after_the_write_sends_the_batch_again(
             raise SoftTimeLimitExceeded()
         real(*args, **kwargs)
 
-    monkeypatch.setattr(workers.writer, "hand_back", interrupted)
+    monkeypatch.setattr(workers.tasks.write, "hand_back", interrupted)
     monkeypatch.setattr(
-        workers.writer, "deadline_for", lambda timeout_s, started=None: float("-inf")
+        workers.tasks.write, "deadline_for", lambda timeout_s, started=None: float("-inf")
     )
-    monkeypatch.setattr(workers.writer, "chunk_events", lambda max_events, attempt=1: 2)
+    monkeypatch.setattr(workers.tasks.write, "chunk_events", lambda max_events, attempt=1: 2)
     redis_client.zadd(keys.outstanding(), {"late": 1})
     events = make_events("late", 6)
 
@@ -455,9 +455,9 @@ def test_the_time_limit_after_the_write_sends_the_batch_again(
 def test_a_batch_given_up_after_a_partial_registration_dead_letters_only_the_rest(
     task_runtime: Any, redis_client: redis.Redis
 ) -> None:
-    from common.deadletters import DeadLetterStore
-    from common.pending import PendingRegistry
-    from workers.writer import MAX_ATTEMPTS, write_batch
+    from common.coord.deadletters import DeadLetterStore
+    from common.coord.pending import PendingRegistry
+    from workers.tasks.write import MAX_ATTEMPTS, write_batch
 
     # Given a batch of orders and refunds whose orders an earlier attempt registered
     events = make_events("half", 4, types=TYPES)

@@ -1,4 +1,4 @@
-"""Write-task messages as a writer receives them (common/payloads.py): packed by the producer,
+"""Write-task messages as a writer receives them (common/ingest/payloads.py): packed by the producer,
 plain NDJSON from producers that do not pack, and payloads that do not decode. The writer and
 committer tasks run in this process on a real Redis and the SQLite catalog."""
 
@@ -10,13 +10,13 @@ import pyarrow.compute as pc
 import pytest
 import redis
 
-from common import keys
-from common.deadletters import DeadLetterStore
-from common.events import encode_ndjson
-from common.payloads import ZSTD, pack
-from workers.committer import commit_table
+from common.coord import keys
+from common.coord.deadletters import DeadLetterStore
+from common.ingest.events import encode_ndjson
+from common.ingest.payloads import ZSTD, pack
 from workers.runtime import Runtime
-from workers.writer import write_batch
+from workers.tasks.commit import commit_table
+from workers.tasks.write import write_batch
 
 pytestmark = pytest.mark.integration
 TABLE = "events.order"

@@ -19,11 +19,11 @@ from typing import cast
 import pytest
 import redis
 
-from common import keys
-from common.deadletters import DeadLetterStore
+from common.coord import keys
+from common.coord.deadletters import DeadLetterStore
+from common.coord.locks import TableLock
+from common.coord.pending import PendingRegistry
 from common.errors import LockNotAcquiredError
-from common.locks import TableLock
-from common.pending import PendingRegistry
 
 pytestmark = pytest.mark.integration
 

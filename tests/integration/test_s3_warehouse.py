@@ -12,15 +12,15 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
-from common.catalog import TableStore, open_catalog
-from common.commit import Committer, committed_seq
+from common.commit.committer import Committer, committed_seq
+from common.coord.locks import TableLock
+from common.coord.pending import PendingRegistry
 from common.errors import ConfigError
-from common.events import encode_ndjson
-from common.locks import TableLock
-from common.pending import PendingRegistry
-from common.routing import Router
+from common.ingest.events import encode_ndjson
+from common.ingest.routing import Router
+from common.lake.catalog import TableStore, open_catalog
 from common.settings import load_settings
-from common.writer import BatchWriter
+from common.write.batch_writer import BatchWriter
 from tests.services import S3Endpoint
 
 pytestmark = pytest.mark.integration

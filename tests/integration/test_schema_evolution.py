@@ -10,16 +10,16 @@ from typing import Any
 import pytest
 import redis
 
-from common.catalog import TableStore, open_catalog
-from common.commit import Committer
-from common.events import encode_ndjson
-from common.evolution import rename_data_field
-from common.locks import TableLock
-from common.pending import PendingRegistry
-from common.routing import Router
-from common.schema import ENVELOPE_COLUMNS
+from common.commit.committer import Committer
+from common.coord.locks import TableLock
+from common.coord.pending import PendingRegistry
+from common.ingest.events import encode_ndjson
+from common.ingest.routing import Router
+from common.lake.catalog import TableStore, open_catalog
+from common.schema.evolution import rename_data_field
+from common.schema.layout import ENVELOPE_COLUMNS
 from common.settings import Settings, load_settings
-from common.writer import BatchWriter
+from common.write.batch_writer import BatchWriter
 
 pytestmark = pytest.mark.integration
 
@@ -110,7 +110,7 @@ def test_evolve_command_renames_through_the_lock(
 ) -> None:
     from click.testing import CliRunner
 
-    from workers.cli import main
+    from workers.cli.main import main
 
     # Given a table with a data column user
     _, writer, committer = stack(icefleet_home, redis_url)

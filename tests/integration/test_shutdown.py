@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 import redis
 
-from common import keys
-from common.datafile_writer import file_stem
-from common.partial import split_key
-from common.producer import Producer
+from common.coord import keys
+from common.ingest.producer import Producer
 from common.settings import load_settings
+from common.write.datafile_writer import file_stem
+from common.write.partial import split_key
 from tests.chaos.harness import (
     assert_exactly_once,
     commit_seqs,

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from common.locks import TableLock
-from common.producer import Producer
+from common.coord.locks import TableLock
+from common.ingest.producer import Producer
 from common.settings import Settings, load_settings
 from tests.chaos.harness import make_events, running_fleet
 from workers.app import create_app, visibility_timeout_s

@@ -1,8 +1,8 @@
-"""``icefleet wait`` (``Producer.wait``, ``common.backlog.Waiter``) follows the split children of
+"""``icefleet wait`` (``Producer.wait``, ``common.coord.backlog.Waiter``) follows the split children of
 the batches it waits for: a batch a writer splits is done only when its ``<id>~<offset>``
 descendants are committed or dead-lettered.
 
-First the writer's steps one by one on the real Redis (common/partial.py: split record, the
+First the writer's steps one by one on the real Redis (common/write/partial.py: split record, the
 parent's part pending, the child outstanding, the parent out of outstanding), polling between
 each; then a real fleet whose write timeout forces splits.
 """
@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import redis
 
-from common import keys
-from common.backlog import Outstanding, Waiter
-from common.catalog import open_catalog
-from common.partial import SplitRecords, child_id
-from common.producer import Producer
+from common.coord import keys
+from common.coord.backlog import Outstanding, Waiter
+from common.ingest.producer import Producer
+from common.lake.catalog import open_catalog
 from common.settings import load_settings
+from common.write.partial import SplitRecords, child_id
 from tests.chaos.harness import make_events, running_fleet
 
 pytestmark = pytest.mark.integration
@@ -154,7 +154,7 @@ def test_the_cli_waits_for_the_given_batch_ids_and_names_what_is_missing(
     # Given batch x split with its child not written yet, and an unrelated batch y
     from click.testing import CliRunner
 
-    from workers.cli import main
+    from workers.cli.main import main
 
     enqueue(redis_client, "x")
     child = split(redis_client, "x", 3)

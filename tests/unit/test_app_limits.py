@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from common.producer import WRITE_TASK
+from common.ingest.producer import WRITE_TASK
 from common.settings import Settings, load_settings
 from workers.app import (
     CANARY_CHECK_TASK,
@@ -24,7 +24,7 @@ from workers.app import (
     task_time_limits,
     visibility_timeout_s,
 )
-from workers.maintenance import COMPACT_TABLE_TASK, EXPIRE_ALL_TASK, SOFT_LIMIT_S
+from workers.tasks.maintenance import COMPACT_TABLE_TASK, EXPIRE_ALL_TASK, SOFT_LIMIT_S
 
 pytestmark = pytest.mark.unit
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from workers.cli import main
+from workers.cli.main import main
 
 pytestmark = pytest.mark.unit
 

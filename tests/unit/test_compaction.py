@@ -15,8 +15,10 @@ import redis
 from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
 from pyiceberg.typedef import Record
 
-from common.commit import SEQ_PROPERTY, committed_seq
-from common.compaction import (
+from common.commit.committer import SEQ_PROPERTY, committed_seq
+from common.coord.locks import TableLock
+from common.errors import ConcurrentModificationError
+from common.maintenance.compaction import (
     BASE_SEQ_PROPERTY,
     CompactionOptions,
     bins,
@@ -26,11 +28,9 @@ from common.compaction import (
     rewrite_plan,
     swap_data_files,
 )
-from common.errors import ConcurrentModificationError
-from common.invariants import validate_lineage
-from common.locks import TableLock
-from common.maintenance import live_data_files, remove_data_files
-from common.orphans import canonical_path
+from common.maintenance.deletes import live_data_files, remove_data_files
+from common.maintenance.invariants import validate_lineage
+from common.maintenance.orphans import canonical_path
 from tests.pipeline import TABLE, Pipeline, make_events, make_pipeline, outside_append
 
 pytestmark = pytest.mark.unit
@@ -246,7 +246,7 @@ def test_compact_table_plans_again_after_a_race(
 ) -> None:
     # Given a table whose first compaction attempt loses a file to a racing delete
     ingest(pipe, 4, 10)
-    import common.compaction as compaction
+    import common.maintenance.compaction as compaction
 
     real = compaction.swap_data_files
     raced: list[str] = []

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from workers.cli import main
+from workers.cli.main import main
 
 pytestmark = pytest.mark.unit
 

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from common.errors import ConfigError, InvalidEventError
-from common.events import (
+from common.ingest.events import (
     MAX_NESTING_DEPTH,
     DeadLetter,
     encode_ndjson,

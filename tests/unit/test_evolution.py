@@ -20,8 +20,8 @@ from pyiceberg.types import (
     StructType,
 )
 
-from common.catalog import open_catalog
-from common.evolution import (
+from common.lake.catalog import open_catalog
+from common.schema.evolution import (
     AddField,
     AddRequiredField,
     ChangeType,

@@ -16,14 +16,14 @@ import pytest
 import redis
 from pyiceberg.table.snapshots import Snapshot
 
-from common.commit import committed_seq
-from common.compaction import CompactionOptions, compact_table
-from common.expiry import ExpiryPolicy, expire_snapshots, snapshots_to_expire
-from common.invariants import validate_lineage
-from common.locks import TableLock
-from common.maintenance import live_data_files
-from common.orphans import canonical_path, reachable_files
-from common.verify import verify_table
+from common.commit.committer import committed_seq
+from common.coord.locks import TableLock
+from common.maintenance.compaction import CompactionOptions, compact_table
+from common.maintenance.deletes import live_data_files
+from common.maintenance.expiry import ExpiryPolicy, expire_snapshots, snapshots_to_expire
+from common.maintenance.invariants import validate_lineage
+from common.maintenance.orphans import canonical_path, reachable_files
+from common.maintenance.verify import verify_table
 from tests.pipeline import TABLE, Pipeline, local_path, make_events, make_pipeline
 
 pytestmark = pytest.mark.unit
@@ -146,7 +146,7 @@ def test_pending_files_are_never_deleted(pipe: Pipeline, clock: Clock) -> None:
     commit_days(pipe, clock, [3, 2, 1])
     first = sorted(live_data_files(pipe.table()).values(), key=lambda f: f.file_path)[0]
     compact_table(pipe.table(), CompactionOptions(64 * 1_048_576, min_files=2))
-    from common.writer import pending_entry
+    from common.write.batch_writer import pending_entry
 
     pipe.registry.register(TABLE, "stuck", pending_entry("stuck", [first]))
     # When every old snapshot is expired

@@ -21,7 +21,7 @@ from pyiceberg.types import (
     StructType,
 )
 
-from common.inference import desired_data_struct, fits, usable_key
+from common.schema.inference import desired_data_struct, fits, usable_key
 
 pytestmark = pytest.mark.unit
 

@@ -1,4 +1,4 @@
-"""common.invariants against real tables in a SQLite catalog under tmp_path.
+"""common.maintenance.invariants against real tables in a SQLite catalog under tmp_path.
 
 Healthy lineages are built with plain pyiceberg (appends, deletes, overwrites, snapshot expiry).
 Broken ones are either made with legitimate catalog operations (commit-seq summaries out of order,
@@ -22,8 +22,8 @@ from pyiceberg.table.metadata import TableMetadata
 from pyiceberg.table.snapshots import Operation, Summary
 from pyiceberg.types import LongType, NestedField, StringType
 
-from common.commit import SEQ_PROPERTY
-from common.invariants import (
+from common.commit.committer import SEQ_PROPERTY
+from common.maintenance.invariants import (
     MAX_CLOCK_SKEW_MS,
     assert_exactly_once,
     table_ids,

@@ -1,4 +1,4 @@
-"""Every Redis key icefleet uses is named in common/keys.py, with the same strings as before."""
+"""Every Redis key icefleet uses is named in common/coord/keys.py, with the same strings as before."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from common import keys
-from common.metrics import CANARY_LAST_KEY
-from common.partial import split_key
-from workers.cli_deadletters import REPLAYS_KEY, origin_key
+from common.coord import keys
+from common.observe.metrics import CANARY_LAST_KEY
+from common.write.partial import split_key
+from workers.cli.deadletters import REPLAYS_KEY, origin_key
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,14 +30,14 @@ ROOT = Path(__file__).resolve().parents[2]
     ],
 )
 def test_key_strings_are_unchanged(key: str, expected: str) -> None:
-    # Given data written by earlier versions, When keys are named through common/keys.py,
+    # Given data written by earlier versions, When keys are named through common/coord/keys.py,
     # Then they are the very same strings (data compatibility).
     assert key == expected
 
 
 def test_modules_that_used_their_own_key_names_now_use_common_keys() -> None:
     # Given the modules that used to spell their keys themselves, When they name a key,
-    # Then it is the one common/keys.py names.
+    # Then it is the one common/coord/keys.py names.
     assert split_key("b1") == keys.split("b1")
     assert keys.replays() == REPLAYS_KEY
     assert keys.canary_last() == CANARY_LAST_KEY
@@ -78,7 +78,7 @@ def _key_literals(path: Path) -> list[str]:
 
 def test_no_redis_key_is_spelt_outside_common_keys() -> None:
     # Given the sources of common/ and workers/, When looking for key names,
-    # Then only common/keys.py spells one.
+    # Then only common/coord/keys.py spells one.
     offenders = {
         str(path.relative_to(ROOT)): literals
         for folder in ("common", "workers")

@@ -15,9 +15,9 @@ import fakeredis
 import pytest
 import redis
 
-from common import keys
+from common.coord import keys
+from common.coord.locks import TableLock
 from common.errors import LockLostError, LockNotAcquiredError
-from common.locks import TableLock
 
 pytestmark = pytest.mark.unit
 

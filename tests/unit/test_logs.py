@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from common.logs import (
+from common.observe.logs import (
     configure_logging,
     current_context,
     instrument_handler,

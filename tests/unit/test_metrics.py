@@ -10,12 +10,12 @@ import pytest
 import redis
 from prometheus_client.parser import text_string_to_metric_families
 
-from common import keys
-from common.deadletters import DeadLetterStore
-from common.events import DeadLetter
-from common.metrics import CANARY_LAST_KEY, create_metrics
-from common.pending import PendingRegistry
-from common.producer import WRITE_TASK
+from common.coord import keys
+from common.coord.deadletters import DeadLetterStore
+from common.coord.pending import PendingRegistry
+from common.ingest.events import DeadLetter
+from common.ingest.producer import WRITE_TASK
+from common.observe.metrics import CANARY_LAST_KEY, create_metrics
 from workers.app import COMMIT_TASK
 from workers.observability import record_task
 

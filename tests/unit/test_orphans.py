@@ -12,14 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 import redis
 
-from common.orphans import (
+from common.maintenance.orphans import (
     canonical_path,
     list_files,
     pending_paths,
     referenced_files,
     remove_orphans,
 )
-from common.verify import verify_table
+from common.maintenance.verify import verify_table
 from tests.pipeline import TABLE, Pipeline, local_path, make_events, make_pipeline
 
 pytestmark = pytest.mark.unit
@@ -134,7 +134,7 @@ def test_canonical_paths() -> None:
 def test_refuses_when_no_data_file_matches_the_listing(
     pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import common.orphans as orphans
+    import common.maintenance.orphans as orphans
     from common.errors import StorageError
 
     # Given a listing whose paths are spelt differently from the table's references

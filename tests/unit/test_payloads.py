@@ -1,4 +1,4 @@
-"""How a batch travels in a write-task message (common/payloads.py): packed, and refused whole
+"""How a batch travels in a write-task message (common/ingest/payloads.py): packed, and refused whole
 when it does not decode."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import zstandard
 
 from common.errors import PayloadEncodingError
-from common.payloads import MAX_UNPACKED_BYTES, ZSTD, pack, unpack
+from common.ingest.payloads import MAX_UNPACKED_BYTES, ZSTD, pack, unpack
 
 pytestmark = pytest.mark.unit
 

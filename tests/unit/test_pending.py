@@ -19,9 +19,9 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from common import keys
+from common.coord import keys
+from common.coord.pending import PendingRegistry, PendingStats
 from common.errors import InvalidIdentifierError
-from common.pending import PendingRegistry, PendingStats
 
 pytestmark = pytest.mark.unit
 

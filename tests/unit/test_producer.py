@@ -13,17 +13,17 @@ import fakeredis
 import orjson
 import pytest
 
-import common.backlog
-from common import keys
-from common.backlog import INGEST_QUEUE, Backlog, Outstanding, Waiter, read_backlog
+import common.coord.backlog
+from common.coord import keys
+from common.coord.backlog import INGEST_QUEUE, Backlog, Outstanding, Waiter, read_backlog
 from common.errors import (
     IcefleetError,
     InvalidBatchIdError,
     InvalidEventError,
     InvalidIdentifierError,
 )
-from common.payloads import ZSTD, unpack
-from common.producer import (
+from common.ingest.payloads import ZSTD, unpack
+from common.ingest.producer import (
     WRITE_TASK,
     KombuPublisher,
     Producer,
@@ -58,7 +58,7 @@ class Recorder:
     def __call__(self, task: str, kwargs: dict[str, Any], queue: str) -> str:
         if self.fail:
             raise ConnectionError("broker down")
-        assert kwargs["encoding"] == ZSTD  # the producer always packs (common/payloads.py)
+        assert kwargs["encoding"] == ZSTD  # the producer always packs (common/ingest/payloads.py)
         self.packed.append(kwargs["payload"])
         text = unpack(kwargs["payload"], kwargs["encoding"])
         assert isinstance(text, bytes)
@@ -354,7 +354,7 @@ def commit(client: fakeredis.FakeRedis, table: str, *batch_ids: str) -> None:
 def test_waiter_waits_for_what_was_there_when_it_began(
     client: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch, chunk: int
 ) -> None:
-    monkeypatch.setattr(common.backlog, "_CHUNK", chunk)
+    monkeypatch.setattr(common.coord.backlog, "_CHUNK", chunk)
     # Given a batch not written yet and two written to events.a but not committed
     producer = make_producer(client, Recorder())
     producer.enqueue([event(1)], batch_id="b1")

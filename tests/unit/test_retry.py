@@ -14,7 +14,7 @@ from common.errors import (
     RetriesExhaustedError,
     TransientStorageError,
 )
-from common.retry import CATALOG, STORAGE, RetryPolicy, is_transient, policies_for, retried
+from common.lake.retry import CATALOG, STORAGE, RetryPolicy, is_transient, policies_for, retried
 
 pytestmark = pytest.mark.unit
 

@@ -7,7 +7,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from common.errors import InvalidIdentifierError
-from common.routing import IDENTIFIER_PATTERN, Router, TableName
+from common.ingest.routing import IDENTIFIER_PATTERN, Router, TableName
 from common.settings import Route
 
 pytestmark = pytest.mark.unit

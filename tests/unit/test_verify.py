@@ -11,9 +11,9 @@ import pytest
 import redis
 from pyiceberg.manifest import DataFile
 
-from common.commit import without_library_retries
-from common.maintenance import live_data_files
-from common.verify import verify_table
+from common.commit.committer import without_library_retries
+from common.maintenance.deletes import live_data_files
+from common.maintenance.verify import verify_table
 from tests.pipeline import Pipeline, local_path, make_events, make_pipeline
 
 pytestmark = pytest.mark.unit

@@ -13,14 +13,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from common.catalog import TableStore, open_catalog
-from common.datafile_writer import file_stem
-from common.datafiles import data_file_from_json, data_file_to_json
-from common.events import encode_ndjson
-from common.routing import Router, TableName
-from common.schema import ENVELOPE_COLUMNS
+from common.ingest.events import encode_ndjson
+from common.ingest.routing import Router, TableName
+from common.lake.catalog import TableStore, open_catalog
+from common.lake.datafiles import data_file_from_json, data_file_to_json
+from common.schema.layout import ENVELOPE_COLUMNS
 from common.settings import Settings, load_settings
-from common.writer import BatchWriter
+from common.write.batch_writer import BatchWriter
+from common.write.datafile_writer import file_stem
 
 pytestmark = pytest.mark.unit
 WEBHOOKS = Path(__file__).resolve().parents[3] / "shared" / "data" / "github-webhooks.ndjson"

@@ -1,0 +1,1 @@
+"""The commit path: group commit of pending files with exactly-once semantics."""

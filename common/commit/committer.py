@@ -1,0 +1,435 @@
+"""Group commit with exactly-once semantics (design.md §3).
+
+Per table, under the table lock:
+
+1. **Recover.** If a *prepared* record is left in Redis (a committer died or lost the reply of a
+   commit), refresh the table and read the watermark: if the prepared seq is there, the commit
+   landed, so finish it (clear pending); otherwise commit again, same seq, same batches.
+2. **Prepare.** Take the pending batches, pick ``seq = watermark + 1`` and write the prepared
+   record (seq and batch ids) before touching the catalog.
+3. **Commit.** One append snapshot (a merge append: small manifests are merged once there are
+   100, so commit time stays flat as the table ages) for all their files, with ``icefleet.commit-seq`` in the
+   snapshot summary and in the table properties, in one catalog transaction that asserts the
+   snapshot it was based on. Right before every attempt the lock is checked and the watermark is
+   re-read, so a commit whose reply was lost is never applied twice. pyiceberg's own commit retry
+   is off for these commits; ours (tenacity: exponential backoff, jitter, bounded attempts) owns it.
+4. **Finish.** Atomically move the batch ids from pending to committed and drop the prepared
+   record (only if it is still ours).
+
+Why the watermark is also a table property: snapshot expiry removes old snapshots, and with them
+the summaries; the property lives in the current metadata whatever is expired.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+import redis
+from pyiceberg.catalog import Catalog
+from pyiceberg.exceptions import CommitFailedException, CommitStateUnknownException
+from pyiceberg.manifest import DataFile
+from pyiceberg.table import Table
+from tenacity import (
+    RetryError,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_random_exponential,
+)
+
+from common.coord.locks import TableLock
+from common.coord.pending import PendingRegistry
+from common.errors import (
+    CommitConflictError,
+    CommitStateUnknownError,
+    MissingDataFileError,
+    RetriesExhaustedError,
+    RetryableError,
+)
+from common.ingest.routing import TableName
+from common.lake.datafiles import data_file_from_dict
+from common.lake.storage import check_data_files
+from common.settings import Settings
+
+logger = logging.getLogger(__name__)
+
+SEQ_PROPERTY = "icefleet.commit-seq"
+NO_RETRY = {"commit.retry.num-retries": "0"}
+MANIFEST_MERGE = "commit.manifest-merge.enabled"
+FaultHook = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class PreparedCommit:
+    """What a committer is about to commit: written to Redis before the catalog is touched."""
+
+    seq: int
+    batch_ids: tuple[str, ...]
+    prepared_ms: int
+
+    def to_json(self) -> str:
+        return orjson.dumps(
+            {"seq": self.seq, "batch_ids": list(self.batch_ids), "prepared_ms": self.prepared_ms}
+        ).decode()
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> PreparedCommit:
+        raw = orjson.loads(text)
+        return cls(int(raw["seq"]), tuple(raw["batch_ids"]), int(raw["prepared_ms"]))
+
+
+@dataclass
+class CommitResult:
+    """One snapshot made (or found landed) for one table."""
+
+    table: str
+    seq: int
+    batches: int
+    files: int
+    records: int
+    snapshot_id: int | None
+    recovered: bool = False
+    attempts: int = 1
+    duration_ms: float = 0.0
+    quarantined: list[str] = field(default_factory=list)
+
+
+def committed_seq(table: Table) -> int:
+    """The commit watermark: the highest ``icefleet.commit-seq`` the table carries (0 if none)."""
+    best = int(table.metadata.properties.get(SEQ_PROPERTY, "0") or 0)
+    snapshot = table.current_snapshot()
+    while snapshot is not None:
+        summary = snapshot.summary
+        value = summary.additional_properties.get(SEQ_PROPERTY) if summary else None
+        if value is not None:
+            return max(best, int(value))
+        if snapshot.parent_snapshot_id is None:
+            break
+        snapshot = table.metadata.snapshot_by_id(snapshot.parent_snapshot_id)
+    return best
+
+
+def without_library_retries(table: Table, *, merge_manifests: bool = False) -> Table:
+    """The same table whose transactions do not retry by themselves.
+
+    pyiceberg reads ``commit.retry.num-retries`` (and ``commit.manifest-merge.enabled``) from
+    the metadata it holds; overriding them in memory only (never committed) switches its retry
+    off for our commits, and its manifest merging on, and leaves the table's real properties,
+    which outside writers use, as they are.
+    """
+    override = {**NO_RETRY, **({MANIFEST_MERGE: "true"} if merge_manifests else {})}
+    metadata = table.metadata.model_copy(
+        update={"properties": {**table.metadata.properties, **override}}
+    )
+    return Table(table._identifier, metadata, table.metadata_location, table.io, table.catalog)
+
+
+class Committer:
+    """Commits the pending files of tables; one instance per committer process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        catalog: Catalog,
+        client: redis.Redis,
+        registry: PendingRegistry | None = None,
+        fault: FaultHook | None = None,
+    ) -> None:
+        self.settings = settings
+        self.catalog = catalog
+        self.client = client
+        self.registry = registry or PendingRegistry(client)
+        self._fault = fault or (lambda point: None)
+
+    # --- public ------------------------------------------------------------------------------------
+
+    def due(self, table: str, now_ms: int | None = None) -> bool:
+        """Whether the pending files of ``table`` pass a commit threshold (count, bytes or age)."""
+        stats = self.registry.stats(table)
+        if stats.count == 0:
+            return self.registry.prepared(table) is not None
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        oldest = stats.oldest_registered_ms or now_ms
+        return (
+            stats.count >= self.settings.commit_max_files
+            or stats.bytes >= self.settings.commit_max_bytes
+            or now_ms - oldest >= self.settings.commit_interval_ms
+        )
+
+    def commit_table(self, table: str, *, force: bool = True) -> list[CommitResult]:
+        """Recover, then commit what was pending for ``table`` when the lock was taken (in
+        snapshots of at most ``commit_max_files`` files). Without ``force``, only when a threshold
+        is passed.
+
+        Batches registered while this runs wait for the next call (the follow-up commit task or
+        the sweep): a table under a steady stream would otherwise keep its committer forever and
+        starve every other table of commits.
+        """
+        name = TableName.parse(table)
+        if not force and not self.due(table):
+            return []
+        results: list[CommitResult] = []
+        with self._lock(table) as lock:
+            recovered = self._recover(name, lock)
+            if recovered is not None:
+                results.append(recovered)
+            eligible = set(self.registry.pending_entries(str(name)))
+            while eligible:
+                prepared = self._prepare(name, lock, eligible)
+                if prepared is None:
+                    break
+                eligible -= set(prepared.batch_ids)
+                results.append(self._commit_prepared(name, prepared, lock, recovered=False))
+        return results
+
+    def pending_tables(self) -> set[str]:
+        return self.registry.pending_tables() | self._tables_with_prepared()
+
+    # --- steps -------------------------------------------------------------------------------------
+
+    def _lock(self, table: str) -> TableLock:
+        return TableLock(
+            self.client, table, ttl_ms=self.settings.lock_ttl_ms, wait_s=self.settings.lock_wait_s
+        )
+
+    def _tables_with_prepared(self) -> set[str]:
+        # Prepared records exist only between prepare and finish: a short list, scanned rarely.
+        from common.coord import keys
+
+        pattern = keys.prepared("*")
+        return {
+            (k.decode() if isinstance(k, bytes) else str(k))[len(pattern) - 1 :]
+            for k in self.client.scan_iter(match=pattern, count=1000)
+        }
+
+    def _recover(self, name: TableName, lock: TableLock) -> CommitResult | None:
+        text = self.registry.prepared(str(name))
+        if text is None:
+            return None
+        prepared = PreparedCommit.from_json(text)
+        if prepared.to_json() != text:
+            # finish_commit drops the record only if it is byte-equal to ours: store it as ours.
+            self.registry.prepare(str(name), prepared.to_json(), lock_token=lock.token)
+        logger.warning("%s: resolving prepared commit seq %d", name, prepared.seq)
+        return self._commit_prepared(name, prepared, lock, recovered=True)
+
+    def _prepare(
+        self, name: TableName, lock: TableLock, eligible: set[str]
+    ) -> PreparedCommit | None:
+        entries = {
+            b: e for b, e in self.registry.pending_entries(str(name)).items() if b in eligible
+        }
+        if not entries:
+            return None
+        limit = self.settings.commit_max_files
+        chosen: list[str] = []
+        files = 0
+        for batch_id in sorted(entries, key=lambda b: _registered_ms(entries[b])):
+            n = len(orjson.loads(entries[batch_id])["files"])
+            if chosen and files + n > limit:
+                break
+            chosen.append(batch_id)
+            files += n
+        table = self.catalog.load_table(name.parts)
+        prepared = PreparedCommit(committed_seq(table) + 1, tuple(chosen), int(time.time() * 1000))
+        self.registry.prepare(str(name), prepared.to_json(), lock_token=lock.token)
+        self._fault("after_prepare")
+        return prepared
+
+    def _files_of(
+        self, name: TableName, prepared: PreparedCommit, table: Table
+    ) -> tuple[list[DataFile], int, list[str]]:
+        entries = self.registry.pending_entries(str(name))
+        files: list[DataFile] = []
+        records = 0
+        per_batch: dict[str, list[DataFile]] = {}
+        for batch_id in prepared.batch_ids:
+            text = entries.get(batch_id)
+            if text is None:
+                continue  # finished by an earlier run of this same commit
+            entry: dict[str, Any] = orjson.loads(text)
+            per_batch[batch_id] = [data_file_from_dict(d) for d in entry["files"]]
+        missing = check_data_files(table.io, [f for fs in per_batch.values() for f in fs])
+        broken_paths = {m.path for m in missing}
+        quarantined = []
+        for batch_id, batch_files in per_batch.items():
+            if any(f.file_path in broken_paths for f in batch_files):
+                quarantined.append(batch_id)
+                continue
+            files.extend(batch_files)
+            records += sum(f.record_count for f in batch_files)
+        for error in missing:
+            logger.error("%s: not committing a batch whose file is broken: %s", name, error)
+        return files, records, quarantined
+
+    def _commit_prepared(
+        self, name: TableName, prepared: PreparedCommit, lock: TableLock, *, recovered: bool
+    ) -> CommitResult:
+        started = time.perf_counter()
+        table = self.catalog.load_table(name.parts)
+        result = CommitResult(str(name), prepared.seq, len(prepared.batch_ids), 0, 0, None)
+        result.recovered = recovered
+        if committed_seq(table) >= prepared.seq:
+            logger.warning("%s: commit seq %d had landed; finishing it", name, prepared.seq)
+        else:
+            files, records, quarantined = self._files_of(name, prepared, table)
+            result.files, result.records, result.quarantined = len(files), records, quarantined
+            if quarantined:
+                # Out of the prepared record first, so they are never marked committed.
+                kept = tuple(b for b in prepared.batch_ids if b not in set(quarantined))
+                prepared = PreparedCommit(prepared.seq, kept, prepared.prepared_ms)
+                self.registry.prepare(str(name), prepared.to_json(), lock_token=lock.token)
+                self._quarantine(name, quarantined)
+                result.batches = len(kept)
+            if files:
+                table = self._commit_with_retries(name, prepared, files, records, lock, result)
+        snapshot = table.current_snapshot()
+        result.snapshot_id = snapshot.snapshot_id if snapshot else None
+        self.registry.finish_commit(
+            str(name),
+            list(prepared.batch_ids),
+            int(time.time() * 1000),
+            prepared_json=prepared.to_json(),
+        )
+        self._fault("after_cleanup")
+        result.duration_ms = (time.perf_counter() - started) * 1000
+        logger.info(
+            "%s: seq %d committed %d batch(es), %d file(s), %d rows in %.0f ms",
+            name,
+            prepared.seq,
+            result.batches,
+            result.files,
+            result.records,
+            result.duration_ms,
+        )
+        return result
+
+    def _commit_with_retries(
+        self,
+        name: TableName,
+        prepared: PreparedCommit,
+        files: list[DataFile],
+        records: int,
+        lock: TableLock,
+        result: CommitResult,
+    ) -> Table:
+        attempts = 0
+        landed: Table | None = None
+
+        def attempt() -> None:
+            nonlocal attempts, landed
+            attempts += 1
+            lock.check()
+            table = self.catalog.load_table(name.parts)
+            if committed_seq(table) >= prepared.seq:
+                landed = table  # an earlier attempt landed although its reply was lost
+                return
+            landed = self._commit_once(name, table, prepared, files, records)
+
+        retrying = Retrying(
+            retry=retry_if_exception_type((RetryableError, CommitStateUnknownError)),
+            wait=wait_random_exponential(
+                multiplier=self.settings.retry_base_ms / 1000,
+                max=max(1.0, self.settings.retry_base_ms / 100),
+            ),
+            stop=stop_after_attempt(self.settings.commit_attempts),
+            reraise=False,
+        )
+        try:
+            retrying(attempt)
+        except RetryError as exc:
+            last = exc.last_attempt.exception() or RuntimeError("unknown")
+            raise RetriesExhaustedError(
+                f"commit of seq {prepared.seq} to {name}", attempts, last
+            ) from last
+        result.attempts = attempts
+        assert landed is not None
+        return landed
+
+    def _commit_once(
+        self,
+        name: TableName,
+        table: Table,
+        prepared: PreparedCommit,
+        files: list[DataFile],
+        records: int,
+    ) -> Table:
+        seq = str(prepared.seq)
+        summary = {
+            SEQ_PROPERTY: seq,
+            "icefleet.batches": str(len(prepared.batch_ids)),
+            "icefleet.records": str(records),
+        }
+        merge = table.metadata.properties.get(MANIFEST_MERGE, "true").strip().lower() != "false"
+        tx = without_library_retries(table, merge_manifests=merge).transaction()
+        tx.set_properties({SEQ_PROPERTY: seq})
+        update = tx.update_snapshot(snapshot_properties=summary)
+        # A merge append: one append snapshot like a fast append, but once a table has
+        # `commit.manifest.min-count-to-merge` (100) small manifests it merges them, so commit
+        # time stays flat as a table ages instead of growing with one manifest per commit
+        # (benchmarks/README.md). `commit.manifest-merge.enabled=false` on a table opts out.
+        with update.merge_append() if merge else update.fast_append() as append:
+            for data_file in files:
+                append.append_data_file(data_file)
+        self._fault("before_catalog_commit")
+        try:
+            committed = tx.commit_transaction()
+        except CommitFailedException as exc:
+            raise CommitConflictError(str(name), str(exc)) from exc
+        except CommitStateUnknownException as exc:
+            raise CommitStateUnknownError(str(name), str(exc)) from exc
+        except (OSError, ConnectionError, TimeoutError) as exc:
+            raise CommitStateUnknownError(str(name), f"{type(exc).__name__}: {exc}") from exc
+        self._fault("after_catalog_commit")
+        return committed
+
+    def _quarantine(self, name: TableName, batch_ids: list[str]) -> None:
+        """Take batches whose files are gone out of pending, and say so in the dead letters."""
+        from common.coord.deadletters import DeadLetterStore
+
+        entries = self.registry.pending_entries(str(name))
+        records = []
+        for batch_id in batch_ids:
+            records.append(
+                _Quarantined(
+                    batch_id,
+                    0,
+                    "data file missing or wrong size at commit",
+                    None,
+                    entries.get(batch_id, "").encode(),
+                )
+            )
+        DeadLetterStore(self.client).add(records, table=str(name))
+        self.registry.remove(str(name), batch_ids)
+
+
+@dataclass(frozen=True)
+class _Quarantined:
+    batch_id: str
+    position: int
+    reason: str
+    attribute: str | None
+    raw: bytes
+
+
+def _registered_ms(entry_json: str) -> int:
+    try:
+        return int(orjson.loads(entry_json).get("registered_ms") or 0)
+    except (orjson.JSONDecodeError, TypeError, ValueError):
+        return 0
+
+
+__all__ = [
+    "SEQ_PROPERTY",
+    "CommitResult",
+    "Committer",
+    "MissingDataFileError",
+    "PreparedCommit",
+    "committed_seq",
+    "without_library_retries",
+]

@@ -1,0 +1,1 @@
+"""Events in: CloudEvents parsing, routing to tables, the producer and the write-task payload."""

@@ -1,0 +1,415 @@
+"""Typed columns from messy JSON: the ``data`` struct a table should have to hold a batch.
+
+Inference works on *shapes* (``"long"``, ``"string"``, :class:`StructShape`, :class:`ListShape`),
+which carry no field ids, and only the result becomes Iceberg types. Rules:
+
+- objects become structs, arrays become lists of the merged shape of their elements (a list seen
+  only empty becomes ``list<string>``), nulls say nothing (a key seen only with null gets no column
+  until a value arrives), and inside a struct an empty object ``{}`` counts as no value, like null
+  (``raw_event`` keeps the difference);
+- ``long`` and ``double`` seen for one new key make a ``double`` column (every such long is exact
+  in a double or it is rescued); any other conflict keeps the first shape, and the values that do
+  not fit are rescued, never cast;
+- an existing column never changes type except by a legal promotion (int → long, float → double);
+- keys that make poor column names (empty, dotted, control characters, or equal to a sibling but
+  for case, which many engines fold) get no column, so values holding them are rescued whole;
+- beyond ``max_depth`` levels or ``max_columns`` leaf columns nothing more is typed: those values
+  stay in ``raw_event`` and ``_rescued_data``.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import re
+import struct
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from pyiceberg.types import (
+    BooleanType,
+    DoubleType,
+    FloatType,
+    IcebergType,
+    IntegerType,
+    ListType,
+    LongType,
+    NestedField,
+    StringType,
+    StructType,
+)
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+FLOAT_EXACT_INT = 2**53
+MAX_KEY_CHARS = 255
+_BAD_KEY_CHARS = re.compile(r"[.\x00-\x1f\x7f]")
+
+
+@dataclass
+class StructShape:
+    fields: dict[str, Shape] = field(default_factory=dict)
+
+
+@dataclass
+class ListShape:
+    element: Shape | None = None  # None: only empty lists (or nulls) seen so far
+
+
+Shape = str | StructShape | ListShape
+
+_PRIMITIVES: dict[str, IcebergType] = {
+    "boolean": BooleanType(),
+    "int": IntegerType(),
+    "long": LongType(),
+    "float": FloatType(),
+    "double": DoubleType(),
+    "string": StringType(),
+}
+_PROMOTIONS = {("int", "long"): "long", ("float", "double"): "double"}
+
+
+@functools.lru_cache(maxsize=65_536)
+def usable_key(key: str) -> bool:
+    """Keys that make safe column names: non-empty, no dots (name paths), no control chars."""
+    return 0 < len(key) <= MAX_KEY_CHARS and not _BAD_KEY_CHARS.search(key)
+
+
+def _scalar_shape(value: Any) -> Shape | None:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "long" if INT64_MIN <= value <= INT64_MAX else None
+    if isinstance(value, float):
+        return "double" if math.isfinite(value) else None
+    if isinstance(value, str):
+        return "string"
+    return None
+
+
+def infer_shape(value: Any, depth: int, max_depth: int) -> Shape | None:
+    """The shape of one JSON value at nesting ``depth`` (1 = a top-level ``data`` field)."""
+    if not isinstance(value, dict | list):
+        return _scalar_shape(value)
+    if depth >= max_depth:
+        return None
+    if isinstance(value, list):
+        element: Shape | None = None
+        for item in value:
+            element = merge_shapes(element, infer_shape(item, depth + 1, max_depth))
+        return ListShape(element)
+    struct = StructShape()
+    folded: set[str] = set()
+    for key, child in value.items():
+        if not usable_key(key) or key.lower() in folded:
+            continue
+        folded.add(key.lower())
+        shape = infer_shape(child, depth + 1, max_depth)
+        if shape is not None:
+            struct.fields[key] = shape
+    return struct
+
+
+def merge_shapes(
+    first: Shape | None, second: Shape | None, *, existing: bool = False
+) -> Shape | None:
+    """One shape for values of both shapes; ``first`` wins a conflict.
+
+    With ``existing=True``, ``first`` is a column the table has: its primitives only change by a
+    legal promotion, and its structs stay as they are.
+    """
+    if first is None:
+        return second
+    if second is None:
+        return first
+    if isinstance(first, str) and isinstance(second, str):
+        return _merge_primitives(first, second, existing=existing)
+    if isinstance(first, StructShape) and isinstance(second, StructShape):
+        if existing:
+            # A struct column keeps its fields: readers such as iceberg-rust fail on files
+            # written before a field was added to a struct (see common/schema/layout.py).
+            return first
+        merged = StructShape(dict(first.fields))
+        folded = {k.lower(): k for k in merged.fields}
+        for key, shape in second.fields.items():
+            if key in merged.fields:
+                merged.fields[key] = (
+                    merge_shapes(merged.fields[key], shape, existing=existing) or merged.fields[key]
+                )
+            elif key.lower() not in folded:
+                merged.fields[key] = shape
+                folded[key.lower()] = key
+        return merged
+    if isinstance(first, ListShape) and isinstance(second, ListShape):
+        return ListShape(merge_shapes(first.element, second.element, existing=existing))
+    return first
+
+
+def _merge_primitives(first: str, second: str, *, existing: bool) -> str:
+    if first == second:
+        return first
+    if (first, second) in _PROMOTIONS:
+        return _PROMOTIONS[(first, second)]
+    if not existing and {first, second} == {"long", "double"}:
+        return "double"
+    return first
+
+
+def shape_of_type(field_type: IcebergType) -> Shape | None:
+    """The shape of an existing column (None for types inference never makes: maps, dates...)."""
+    for name, primitive in _PRIMITIVES.items():
+        if field_type == primitive:
+            return name
+    if isinstance(field_type, StructType):
+        return StructShape(
+            {f.name: s for f in field_type.fields if (s := shape_of_type(f.field_type)) is not None}
+        )
+    if isinstance(field_type, ListType):
+        return ListShape(shape_of_type(field_type.element_type))
+    return None
+
+
+def leaf_count(shape: Shape | None) -> int:
+    if shape is None:
+        return 0
+    if isinstance(shape, StructShape):
+        return sum(leaf_count(s) for s in shape.fields.values())
+    if isinstance(shape, ListShape):
+        return leaf_count(shape.element) if shape.element is not None else 1
+    return 1
+
+
+def _to_type(shape: Shape | None, ids: Iterator[int]) -> IcebergType | None:
+    if shape is None:
+        return None
+    if isinstance(shape, str):
+        return _PRIMITIVES[shape]
+    if isinstance(shape, ListShape):
+        # Only empty lists seen: list<string> keeps [] exact; other elements later are rescued.
+        element = _to_type(shape.element, ids) if shape.element is not None else StringType()
+        if element is None:
+            return None
+        return ListType(next(ids), element, element_required=False)
+    fields = []
+    for key, child in shape.fields.items():
+        child_type = _to_type(child, ids)
+        if child_type is not None:
+            fields.append(NestedField(next(ids), key, child_type, required=False))
+    return StructType(*fields) if fields else None
+
+
+def desired_data_struct(
+    existing: StructType | None,
+    data_values: Iterable[Mapping[str, Any]],
+    *,
+    max_columns: int,
+    max_depth: int,
+    first_id: int = 1,
+    reserved: Iterable[str] = (),
+) -> StructType | None:
+    """The ``data`` struct holding the existing columns and what ``data_values`` need.
+
+    Field ids of the result are placeholders counted from ``first_id`` (pick it above every id of
+    the schema the struct goes into, so ids stay unique): compare it with the table by name path.
+    """
+    merged = shape_of_type(existing) if existing is not None else StructShape()
+    assert isinstance(merged, StructShape)
+    base_names = set(merged.fields)
+    batch: StructShape | None = None
+    for data in data_values:
+        shape = infer_shape(data, 0, max_depth + 1)
+        if isinstance(shape, StructShape):
+            batch = merge_shapes(batch, shape)  # type: ignore[assignment]
+    if batch is not None:
+        folded = {k.lower() for k in merged.fields} | {r.lower() for r in reserved}
+        budget = max_columns - leaf_count(merged)
+        for key, shape in batch.fields.items():
+            if key in base_names:
+                grown = merge_shapes(merged.fields[key], shape, existing=True)
+                extra = leaf_count(grown) - leaf_count(merged.fields[key])
+                if grown is not None and extra <= budget:
+                    merged.fields[key] = grown
+                    budget -= extra
+            elif key.lower() not in folded and 0 < leaf_count(shape) <= budget:
+                merged.fields[key] = shape
+                folded.add(key.lower())
+                budget -= leaf_count(shape)
+    result = _to_type(merged, itertools.count(first_id))
+    return result if isinstance(result, StructType) else None
+
+
+def fits(value: Any, column_type: IcebergType) -> bool:
+    """True when ``value`` is stored in a column of ``column_type`` without changing it."""
+    return value is None or value_checker(column_type)(value)
+
+
+# --- compiled checks -------------------------------------------------------------------------------
+#
+# ``fits`` runs for every value of every batch, so the type dispatch is done once per column type:
+# :func:`value_checker` compiles a type into a closure (cached), and :func:`column_checker` into a
+# check of a whole column at once that does its work in C where it can (``set(map(type, ...))``,
+# ``min``/``max``). A column check may answer False for a column whose values all fit (it is
+# conservative): callers then look at the values one by one with the value check, which is exact.
+
+Check = Callable[[Any], bool]
+ColumnCheck = Callable[[list[Any]], bool]
+_NONE = type(None)
+_STR_KINDS = frozenset((str, _NONE))
+_BOOL_KINDS = frozenset((bool, _NONE))
+_INT_KINDS = frozenset((int, _NONE))
+_NUMBER_KINDS = frozenset((int, float, _NONE))
+_DICT_KINDS = frozenset((dict, _NONE))
+_LIST_KINDS = frozenset((list, _NONE))
+
+
+def _cached(build: Callable[[IcebergType], Any]) -> Callable[[IcebergType], Any]:
+    """Memoise per column type; types that cannot be hashed are compiled every time."""
+    memo = functools.lru_cache(maxsize=4096)(build)
+
+    def get(column_type: IcebergType) -> Any:
+        try:
+            return memo(column_type)
+        except TypeError:  # an unhashable type
+            return build(column_type)
+
+    return get
+
+
+def _build_value_checker(column_type: IcebergType) -> Check:  # noqa: C901 - one branch per type
+    """``fits`` for one column type, as a closure (None fits everything, checked by callers too)."""
+    if isinstance(column_type, StringType):
+        return lambda v: v is None or isinstance(v, str)
+    if isinstance(column_type, BooleanType):
+        return lambda v: v is None or isinstance(v, bool)
+    if isinstance(column_type, LongType | IntegerType):
+        limit = 2**31 if isinstance(column_type, IntegerType) else 2**63
+        low = -limit
+
+        def integer(v: Any) -> bool:
+            if type(v) is int:
+                return low <= v < limit
+            if v is None:
+                return True
+            return isinstance(v, int) and not isinstance(v, bool) and low <= v < limit
+
+        return integer
+    if isinstance(column_type, DoubleType):
+
+        def double(v: Any) -> bool:
+            if isinstance(v, float):
+                return math.isfinite(v)
+            if v is None:
+                return True
+            return isinstance(v, int) and not isinstance(v, bool) and abs(v) <= FLOAT_EXACT_INT
+
+        return double
+    if isinstance(column_type, FloatType):  # only in tables made by other tools: exact or rescued
+
+        def single(v: Any) -> bool:
+            if v is None:
+                return True
+            if isinstance(v, bool) or not isinstance(v, int | float) or abs(v) > 3.4e38:
+                return False
+            return bool(struct.unpack("f", struct.pack("f", v))[0] == v)
+
+        return single
+    if isinstance(column_type, StructType):
+        children = {f.name: value_checker(f.field_type) for f in column_type.fields}
+
+        def record(v: Any) -> bool:
+            if v is None:
+                return True
+            if not isinstance(v, dict):
+                return False
+            for key, child in v.items():
+                check = children.get(key)
+                if check is None:
+                    if child is not None and child != {}:
+                        return False
+                elif not check(child):
+                    return False
+            return True
+
+        return record
+    if isinstance(column_type, ListType):
+        element = value_checker(column_type.element_type)
+        return lambda v: v is None or (isinstance(v, list) and all(map(element, v)))
+    return lambda v: v is None
+
+
+value_checker: Callable[[IcebergType], Check] = _cached(_build_value_checker)
+
+
+def _build_column_checker(column_type: IcebergType) -> ColumnCheck:  # noqa: C901
+    """True only if every value of a column fits ``column_type`` (False: look value by value)."""
+    each = value_checker(column_type)
+
+    def slow(values: list[Any]) -> bool:
+        return all(map(each, values))
+
+    if isinstance(column_type, StringType):
+        return lambda values: _STR_KINDS.issuperset(map(type, values))
+    if isinstance(column_type, BooleanType):
+        return lambda values: _BOOL_KINDS.issuperset(map(type, values))
+    if isinstance(column_type, LongType | IntegerType):
+        limit = 2**31 if isinstance(column_type, IntegerType) else 2**63
+
+        def integers(values: list[Any]) -> bool:
+            kinds = set(map(type, values))
+            if not _INT_KINDS.issuperset(kinds):
+                return slow(values)
+            numbers = [v for v in values if v is not None] if _NONE in kinds else values
+            return not numbers or (-limit <= min(numbers) and max(numbers) < limit)
+
+        return integers
+    if isinstance(column_type, DoubleType):
+
+        def doubles(values: list[Any]) -> bool:
+            kinds = set(map(type, values))
+            if not _NUMBER_KINDS.issuperset(kinds):
+                return slow(values)
+            numbers = [v for v in values if v is not None] if _NONE in kinds else values
+            if int in kinds:
+                ints = [v for v in numbers if type(v) is int]
+                if min(ints) < -FLOAT_EXACT_INT or max(ints) > FLOAT_EXACT_INT:
+                    return False
+            return all(map(math.isfinite, numbers))
+
+        return doubles
+    if isinstance(column_type, StructType):
+        names = frozenset(f.name for f in column_type.fields)
+        children = [(f.name, column_checker(f.field_type)) for f in column_type.fields]
+
+        def records(values: list[Any]) -> bool:
+            kinds = set(map(type, values))
+            if not _DICT_KINDS.issuperset(kinds):
+                return slow(values)
+            present = [v for v in values if v is not None] if _NONE in kinds else values
+            if not all(map(names.issuperset, present)):
+                return False  # a key without a field: only null or {} may be there
+            return all(check([v.get(name) for v in present]) for name, check in children)
+
+        return records
+    if isinstance(column_type, ListType):
+        element = column_checker(column_type.element_type)
+
+        def lists(values: list[Any]) -> bool:
+            kinds = set(map(type, values))
+            if not _LIST_KINDS.issuperset(kinds):
+                return slow(values)
+            return element([item for v in values if v for item in v])
+
+        return lists
+    return slow
+
+
+column_checker: Callable[[IcebergType], ColumnCheck] = _cached(_build_column_checker)
+
+
+def misfits(values: list[Any], column_type: IcebergType) -> list[int]:
+    """The indexes of the values that do not fit ``column_type`` (``fits`` is False)."""
+    if column_checker(column_type)(values):
+        return []
+    each = value_checker(column_type)
+    return [i for i, v in enumerate(values) if not each(v)]

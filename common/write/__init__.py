@@ -1,0 +1,1 @@
+"""The write path: a batch of events in, Parquet data files and their DataFiles out."""

@@ -1,0 +1,426 @@
+"""The writer's core: a batch of CloudEvents in, Parquet data files and their DataFiles out.
+
+One file per (table, ``day(time)`` partition) per batch, at a path of the batch and of the write
+attempt (:mod:`common.write.datafile_writer`). Registration decides which attempt counts: a batch that
+is already registered as pending, or already committed, for a table is not written again for
+that table, and of two attempts racing each other only the first to register its files is kept
+(:meth:`common.coord.pending.PendingRegistry.register` is atomic).
+
+A batch may be written in chunks with a deadline and split when it cannot finish in time
+(:mod:`common.write.partial`); chunk files get paths of their own, derived from the batch id and the
+chunk's event range. Storage and catalog calls are retried on transient errors
+(:mod:`common.lake.retry`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+import orjson
+from pyiceberg.manifest import DataFile
+from pyiceberg.schema import Schema
+from pyiceberg.table import Table
+from pyiceberg.typedef import Record
+
+from common.errors import LockError
+from common.ingest.events import DeadLetter, Event, parse_batch, paused_gc
+from common.ingest.routing import Router, TableName
+from common.lake.catalog import TableStore
+from common.lake.datafiles import data_file_to_dict
+from common.lake.retry import is_transient, policies_for
+from common.schema.layout import Projection, aliases, desired_schema, project
+from common.settings import SchemaMode, Settings
+from common.write.datafile_writer import (
+    FILE_WRITE_THREADS,
+    FilePlans,
+    FileWrites,
+    attempt_token,
+    chunk_file_path,
+    data_file_path,
+    write_data_file,
+)
+from common.write.partial import Remainder, SplitConflictError, child_id
+
+logger = logging.getLogger(__name__)
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_EPOCH_ORDINAL = EPOCH.toordinal()
+
+
+class Registry(Protocol):
+    """What the writer needs of the pending registry (:class:`common.coord.pending.PendingRegistry`)."""
+
+    def is_known(self, table: str, batch_id: str) -> bool: ...
+
+    def register(self, table: str, batch_id: str, entry_json: str) -> bool: ...
+
+
+@dataclass
+class BatchResult:
+    """What one batch became."""
+
+    batch_id: str
+    events: int = 0
+    files: dict[str, list[DataFile]] = field(default_factory=dict)
+    skipped_tables: list[str] = field(default_factory=list)  # already registered or committed
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+    remainder: Remainder | None = (
+        None  # the events handed back after a split (common/write/partial.py)
+    )
+
+    @property
+    def records(self) -> int:
+        return sum(f.record_count for files in self.files.values() for f in files)
+
+
+def partition_day(event: Event) -> int | None:
+    """``day(time)`` as Iceberg stores it: days since 1970-01-01, or None without a time."""
+    if event.time is None:
+        return None
+    return event.time.toordinal() - _EPOCH_ORDINAL  # times are in UTC (common/ingest/events.py)
+
+
+@dataclass
+class _Chunk:
+    """What one chunk of a batch wrote: files per table, and events its tables rejected."""
+
+    start: int
+    end: int
+    files: dict[TableName, list[DataFile]] = field(default_factory=dict)
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+
+def pending_entry(batch_id: str, files: Sequence[DataFile]) -> str:
+    """The JSON the pending registry keeps for one batch of one table."""
+    return orjson.dumps(
+        {
+            "batch_id": batch_id,
+            "files": [data_file_to_dict(f) for f in files],
+            "records": sum(f.record_count for f in files),
+            "bytes": sum(f.file_size_in_bytes for f in files),
+            "registered_ms": int(time.time() * 1000),
+        }
+    ).decode()
+
+
+class BatchWriter:
+    """Turns batches into registered Parquet files; one instance per worker process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: TableStore,
+        router: Router,
+        registry: Registry | None = None,
+        dead_letter_sink: Callable[[list[DeadLetter]], Any] | None = None,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.router = router
+        self.registry = registry
+        self.dead_letter_sink = dead_letter_sink
+        self.storage_retry, self.catalog_retry = policies_for(settings.retry_base_ms)
+        self.clock: Callable[[], float] = time.monotonic  # tests may slow time down
+        self.plans = FilePlans()
+        self._pool: ThreadPoolExecutor | None = None
+
+    @paused_gc()  # a fresh pause per call (contextlib's context managers work as decorators)
+    def write(
+        self,
+        batch_id: str,
+        payload: bytes | str,
+        *,
+        table: str | None = None,
+        enqueued_at_ms: int | None = None,
+        chunk_events: int | None = None,
+        deadline: float | None = None,
+        stop: Callable[[], bool] | None = None,
+        interrupt: tuple[type[BaseException], ...] = (),
+        split_at: int | None = None,
+        on_split: Callable[[int], int] | None = None,
+    ) -> BatchResult:
+        """Parse, route, write and register one batch. Invalid events become dead letters.
+
+        Partial progress (see :mod:`common.write.partial`): the valid events are written in chunks of
+        ``chunk_events`` (all at once by default). Before each chunk after the first, the writer
+        stops if the chunk would not end before ``deadline`` (a :attr:`clock` time) or ``stop()``
+        says so; an exception in ``interrupt`` (Celery's soft time limit) raised inside a chunk
+        abandons that chunk and stops too. On stopping after ``k`` events it calls
+        ``on_split(k)``, which records the split and returns the split point in effect, registers
+        the events before it, and returns the rest in :attr:`BatchResult.remainder`. Without
+        ``on_split`` it never stops early. ``split_at`` (an earlier attempt's split) writes only
+        the events before it and hands back the rest.
+
+        The cyclic garbage collector is paused for the whole batch (see
+        :func:`~common.ingest.events.paused_gc`): a batch's events stay alive until its files are
+        written, and each collection in between would traverse all of them again.
+        """
+        parsed = parse_batch(
+            payload, batch_id=batch_id, max_event_bytes=self.settings.max_event_bytes
+        )
+        result = BatchResult(batch_id, events=len(parsed.events))
+        result.dead_letters.extend(parsed.dead_letters)
+        ingested_at = (
+            datetime.fromtimestamp(enqueued_at_ms / 1000, UTC)
+            if enqueued_at_ms is not None
+            else datetime.now(UTC)
+        )
+        fixed = TableName.parse(table) if table is not None else None
+        events = parsed.events
+        limit = len(events) if split_at is None else max(0, min(split_at, len(events)))
+        size = max(1, chunk_events or limit or 1)
+        bounds = [(start, min(start + size, limit)) for start in range(0, limit, size)]
+        whole = len(bounds) == 1 and limit == len(events)  # the classic one-file-per-day paths
+        can_split = on_split is not None and split_at is None
+        chunks: list[_Chunk] = []  # appended whole: the truth about what is written
+        known: dict[TableName, bool] = {}
+        attempt = attempt_token()
+        last_s = 0.0
+        for start, end in bounds:
+            if start and can_split and self._must_stop(deadline, stop, last_s):
+                break
+            began = self.clock()
+            try:
+                chunks.append(
+                    self._write_chunk(
+                        batch_id,
+                        events[start:end],
+                        (start, end),
+                        whole=whole,
+                        fixed=fixed,
+                        ingested_at=ingested_at,
+                        known=known,
+                        attempt=attempt,
+                    )
+                )
+            except interrupt:
+                if not (chunks and can_split):
+                    raise
+                logger.warning("batch %s: interrupted in events [%d, %d)", batch_id, start, end)
+                break
+            last_s = self.clock() - began
+        done = chunks[-1].end if chunks else 0
+        if done < limit:
+            assert on_split is not None
+            recorded = on_split(done)
+            if recorded != done:
+                raise SplitConflictError(batch_id, done, recorded)
+            split_at = done
+        if split_at is not None and split_at < len(events):
+            rest = events[split_at:]
+            result.remainder = Remainder(
+                child_id(batch_id, split_at),
+                split_at,
+                len(rest),
+                "".join(f"{event.raw}\n" for event in rest),
+            )
+            logger.warning(
+                "batch %s: split after %d of %d events; the rest goes on as %s",
+                batch_id,
+                split_at,
+                len(events),
+                result.remainder.batch_id,
+            )
+        self._register(batch_id, chunks, known, result)
+        if result.dead_letters and self.dead_letter_sink is not None:
+            self.dead_letter_sink(result.dead_letters)
+        return result
+
+    def _must_stop(
+        self, deadline: float | None, stop: Callable[[], bool] | None, next_chunk_s: float
+    ) -> bool:
+        """Stop before the next chunk if asked to, or if it would end after the deadline (a
+        chunk is assumed to take as long as the last one did)."""
+        if stop is not None and stop():
+            return True
+        return deadline is not None and self.clock() + next_chunk_s > deadline
+
+    def _write_chunk(
+        self,
+        batch_id: str,
+        events: list[Event],
+        bounds: tuple[int, int],
+        *,
+        whole: bool,
+        fixed: TableName | None,
+        ingested_at: datetime,
+        known: dict[TableName, bool],
+        attempt: str,
+    ) -> _Chunk:
+        """Write the files of one chunk of events; register nothing yet."""
+        chunk = _Chunk(*bounds)
+        groups: dict[TableName, list[Event]] = defaultdict(list)
+        for event in events:
+            groups[fixed or self.router.table_for(event.attributes["type"])].append(event)
+        for name, table_events in groups.items():
+            if name not in known:
+                known[name] = self.registry is not None and self.registry.is_known(
+                    str(name), batch_id
+                )
+            if known[name]:
+                continue
+            chunk.files[name], rejected = self._write_table(
+                name, table_events, batch_id, ingested_at, attempt, None if whole else bounds
+            )
+            chunk.dead_letters.extend(rejected)
+        return chunk
+
+    def _register(
+        self,
+        batch_id: str,
+        chunks: list[_Chunk],
+        known: dict[TableName, bool],
+        result: BatchResult,
+    ) -> None:
+        """Register, per table, the files of every chunk written, under the batch's id."""
+        result.skipped_tables.extend(str(name) for name, is_known in known.items() if is_known)
+        by_table: dict[TableName, list[DataFile]] = defaultdict(list)
+        for chunk in chunks:
+            result.dead_letters.extend(chunk.dead_letters)
+            for name, files in chunk.files.items():
+                by_table[name].extend(files)
+        for name, files in by_table.items():
+            if not files:
+                continue
+            entry = pending_entry(batch_id, files)
+            if self.registry is not None and not self.registry.register(str(name), batch_id, entry):
+                result.skipped_tables.append(str(name))
+                continue
+            result.files[str(name)] = files
+
+    def _write_table(
+        self,
+        name: TableName,
+        events: list[Event],
+        batch_id: str,
+        ingested_at: datetime,
+        attempt: str,
+        chunk: tuple[int, int] | None = None,
+    ) -> tuple[list[DataFile], list[DeadLetter]]:
+        mode = self.settings.mode_for(str(name))
+        table = self.catalog_retry.call(f"load table {name}", self.store.load, name)
+        if table is None:  # created from what the whole batch carries (strict tables too)
+            table = self._ensure(name, self._desired(mode, events))
+        by_day: dict[int | None, list[Event]] = defaultdict(list)
+        for event in events:
+            by_day[partition_day(event)].append(event)
+        days = sorted(by_day, key=lambda day: (day is None, day or 0))
+        writes = FileWrites(self._file_pool if len(days) > 1 else None)
+        rejected: list[DeadLetter] = []
+
+        def write(table: Table, day: int | None, projection: Projection) -> None:
+            for event, reason in projection.rejected:
+                rejected.append(
+                    DeadLetter(batch_id, event.position, reason, "data", event.raw.encode())
+                )
+            if projection.table.num_rows == 0:
+                return
+            path = (
+                data_file_path(table.location(), batch_id, day, attempt)
+                if chunk is None
+                else chunk_file_path(table.location(), batch_id, day, *chunk, attempt=attempt)
+            )
+            writes.start(
+                day,
+                functools.partial(
+                    self.storage_retry.call,
+                    f"write {path}",
+                    write_data_file,
+                    table,
+                    projection.table,
+                    path,
+                    Record(day),
+                    row_group_rows=self.settings.row_group_rows,
+                    compression=self.settings.compression,
+                    plan=self.plans.for_table(table),
+                ),
+            )
+
+        try:
+            # A day's file is written while the next day is projected. Fast path: inference
+            # runs only on the events that spilled a value (a key without a column, a value that
+            # does not fit); in a stream whose schema is settled that is none. A day that spilled
+            # waits for the table to evolve and is projected again; the days written before keep
+            # the schema they were written with (their events had nothing the new columns take).
+            held: dict[int | None, Projection] = {}
+            for day in days:
+                projection = self._project(table, by_day[day], batch_id, ingested_at, mode)
+                if projection.spilled and mode == "evolve":
+                    held[day] = projection
+                else:
+                    write(table, day, projection)
+            if held:
+                spilled = [e for projection in held.values() for e in projection.spilled]
+                evolved = self._ensure(name, self._desired(mode, spilled))
+                if evolved.metadata_location != table.metadata_location:
+                    table = evolved
+                    held = {
+                        day: self._project(table, by_day[day], batch_id, ingested_at, mode)
+                        for day in held
+                    }
+                for day, projection in held.items():
+                    write(table, day, projection)
+            files = writes.results()
+        finally:
+            writes.cancel()
+        logger.info(
+            "batch %s: wrote %d file(s), %d rows to %s",
+            batch_id,
+            len(files),
+            sum(f.record_count for f in files),
+            name,
+        )
+        return files, rejected
+
+    def _file_pool(self) -> ThreadPoolExecutor:
+        if self._pool is None:  # made on first use: in the worker process, after Celery forks
+            self._pool = ThreadPoolExecutor(FILE_WRITE_THREADS, thread_name_prefix="icefleet-file")
+        return self._pool
+
+    def _ensure(self, name: TableName, desired: Callable[[Table | None, Schema], Schema]) -> Table:
+        """Create or evolve the table, retrying catalog hiccups (not a lock held elsewhere)."""
+        policy = self.catalog_retry.but(
+            retry_on=lambda exc: is_transient(exc) and not isinstance(exc, LockError)
+        )
+        return policy.call(f"create or evolve {name}", self.store.ensure, name, desired)
+
+    def _desired(self, mode: str, events: list[Event]) -> Callable[[Table | None, Schema], Schema]:
+        def desired(table: Table | None, schema: Schema) -> Schema:
+            if mode == "raw":
+                return schema
+            renamed = aliases(table.metadata.properties) if table is not None else {}
+            return desired_schema(
+                schema,
+                events,
+                max_columns=self.settings.max_columns,
+                max_depth=self.settings.max_depth,
+                renamed=renamed,
+            )
+
+        return desired
+
+    def _project(
+        self,
+        table: Table,
+        events: list[Event],
+        batch_id: str,
+        ingested_at: datetime,
+        mode: SchemaMode,
+    ) -> Projection:
+        return project(
+            events,
+            table.schema(),
+            self.plans.for_table(table).arrow_schema,
+            batch_id=batch_id,
+            ingested_at=ingested_at,
+            mode=mode,
+            renamed=aliases(table.metadata.properties),
+        )

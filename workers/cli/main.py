@@ -1,0 +1,358 @@
+"""The ``icefleet`` command line: demo, up, send, wait, status, worker (design.md §5)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import click
+from rich.console import Console
+
+from common.errors import InvalidIdentifierError
+from common.settings import Settings, load_settings
+from workers.cli.errors import errors as _errors
+from workers.cli.errors import fail as _fail
+
+console = Console(stderr=True)
+out = Console()
+POOLS = ("prefork", "solo")  # one BatchWriter per process: no thread pools
+
+
+def _settings(**overrides: Any) -> Settings:
+    with _errors():
+        return load_settings(**overrides)
+
+
+def _configured_redis() -> bool:
+    return bool(os.environ.get("ICEFLEET_REDIS_URL"))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="icefleet")
+def main() -> None:
+    """Land CloudEvents in Apache Iceberg tables with a fleet of Celery workers.
+
+    Configuration comes from ICEFLEET_* variables; the catalog from .pyiceberg.yaml or
+    PYICEBERG_CATALOG__<NAME>__* chosen by ICEFLEET_CATALOG. With nothing configured, everything
+    lives under ./.icefleet (SQLite catalog, local warehouse, Redis files).
+    """
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+
+# --- demo ------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--events", "-n", default=100_000, show_default=True, type=click.IntRange(1))
+@click.option("--writers", "-k", default=2, show_default=True, type=click.IntRange(1, 64))
+@click.option("--batch-size", default=2_000, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=7, show_default=True, help="Seed of the synthetic events.")
+@click.option("--pool", type=click.Choice(POOLS), default="prefork", show_default=True)
+@click.option("--timeout", "timeout_s", default=900.0, show_default=True, help="Seconds.")
+def demo(
+    events: int, writers: int, batch_size: int, seed: int, pool: str, timeout_s: float
+) -> None:
+    """Start Redis, WRITERS writers and a committer, send EVENTS synthetic events, wait until all
+    are committed, print throughput and the tables, and stop everything again."""
+    from workers.fleet import Fleet, signals_raise_keyboard_interrupt
+
+    settings = _settings()
+    fleet = Fleet(settings, writers=writers, spawn_redis=not _configured_redis(), pool=pool)
+    with _errors(), signals_raise_keyboard_interrupt():
+        try:
+            with console.status("starting Redis, writers and the committer..."):
+                fleet.start()
+                fleet.wait_ready()
+            console.print(
+                f"fleet up: {writers} writer(s) and a committer ({pool} pool), "
+                f"Redis {fleet.settings.redis_url}\nlogs: {fleet.log_dir}",
+                highlight=False,
+            )
+            report = _run_demo(fleet.settings, events, batch_size, seed, timeout_s)
+        except KeyboardInterrupt:
+            console.print("interrupted: stopping the fleet")
+            raise SystemExit(130) from None
+        except (TimeoutError, RuntimeError) as exc:
+            _fail(str(exc))
+        finally:
+            with console.status("stopping the fleet..."):
+                fleet.stop()
+    _print_report(report, settings)
+
+
+def _run_demo(settings: Settings, events: int, batch_size: int, seed: int, timeout_s: float) -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from common.ingest.producer import Producer
+    from common.lake.catalog import open_catalog
+    from workers.cli import demo as demo_mod
+
+    catalog = open_catalog(settings)
+    columns = (
+        TextColumn("{task.description:<20}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+    )
+    with Producer(settings) as producer, Progress(*columns, console=console) as progress:
+        sent = progress.add_task("events enqueued", total=events, rate="")
+        done = progress.add_task("rows committed", total=events, rate="")
+        started = time.monotonic()
+
+        def on_progress(enqueued: int, committed: int) -> None:
+            elapsed = max(time.monotonic() - started, 1e-6)
+            progress.update(sent, completed=enqueued)
+            progress.update(
+                done, completed=max(committed, 0), rate=f"{max(committed, 0) / elapsed:,.0f}/s"
+            )
+
+        return demo_mod.run_demo(
+            settings,
+            catalog,
+            producer,
+            events=events,
+            batch_size=batch_size,
+            seed=seed,
+            timeout_s=timeout_s,
+            on_progress=on_progress,
+        )
+
+
+def _print_report(report: Any, settings: Settings) -> None:
+    from rich.table import Table
+
+    table = Table(show_edge=False, header_style="bold")
+    table.add_column("table", no_wrap=True)
+    for column in ("events sent", "rows added", "commits", "files", "rows total"):
+        table.add_column(column, justify="right")
+    for name, sent in report.sent.items():
+        after = report.after.get(name)
+        table.add_row(
+            name,
+            f"{sent:,}",
+            f"{report.added(name, 'rows'):,}",
+            f"{report.added(name, 'commit_seq'):,}",
+            f"{after.files if after else 0:,}",
+            f"{after.rows if after else 0:,}",
+        )
+    out.print(
+        f"\n[bold]{report.events:,} events committed in {report.seconds:.1f}s: "
+        f"{report.events_per_s:,.0f} events/s[/] ({len(report.batches)} batches)"
+    )
+    out.print(table)
+    if report.dead_letters:
+        out.print(f"[yellow]{report.dead_letters} dead letter(s): see `icefleet status`[/]")
+    where = settings.catalog_name or f"SQLite catalog and warehouse under {settings.home.resolve()}"
+    out.print(f"tables: {where}")
+    if report.rows_added != sum(report.sent.values()) - report.dead_letters:
+        _fail(f"rows added ({report.rows_added}) do not match the events sent ({report.events})")
+
+
+# --- up --------------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.option("--writers", "-k", default=2, show_default=True, type=click.IntRange(1, 64))
+@click.option("--flower", is_flag=True, help="Also serve Flower on 127.0.0.1:5555.")
+@click.option("--flower-port", default=5555, show_default=True, type=click.IntRange(1, 65535))
+@click.option("--pool", type=click.Choice(POOLS), default="prefork", show_default=True)
+def up(writers: int, flower: bool, flower_port: int, pool: str) -> None:
+    """Run the local fleet in the foreground until Ctrl-C, restarting processes that die."""
+    from workers.fleet import Fleet, signals_raise_keyboard_interrupt
+
+    settings = _settings()
+    fleet = Fleet(
+        settings,
+        writers=writers,
+        spawn_redis=not _configured_redis(),
+        flower=flower,
+        flower_port=flower_port,
+        pool=pool,
+    )
+    with _errors(), signals_raise_keyboard_interrupt():
+        try:
+            with console.status("starting the fleet..."):
+                fleet.start()
+                fleet.wait_ready()
+            console.print(f"[bold green]fleet up[/]: {', '.join(fleet.worker_names())}")
+            console.print(f"  export ICEFLEET_REDIS_URL={fleet.settings.redis_url}")
+            console.print(f"  logs: {fleet.log_dir}")
+            if flower:
+                console.print(f"  Flower: http://127.0.0.1:{flower_port}")
+            console.print("Ctrl-C stops everything")
+            while True:
+                for name in fleet.supervise_once():
+                    console.print(f"[yellow]restarted {name}[/]")
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            console.print("stopping the fleet...")
+        except (TimeoutError, RuntimeError) as exc:
+            _fail(str(exc))
+        finally:
+            fleet.stop()
+
+
+# --- send / wait / status --------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("file", type=click.File("rb"))
+@click.option("--table", "-t", help="Send every event to this namespace.table.")
+@click.option("--batch-id", help="Idempotency key: the same events under the same id land once.")
+def send(file: Any, table: str | None, batch_id: str | None) -> None:
+    """Enqueue CloudEvents from FILE (- for stdin): NDJSON, a JSON array or a CloudEvents batch.
+
+    Prints the ids of the batches sent, one per line.
+    """
+    from common.ingest.producer import Producer
+
+    if table is not None:
+        try:
+            from common.ingest.routing import TableName
+
+            TableName.parse(table)
+        except InvalidIdentifierError as exc:
+            raise click.BadParameter(str(exc), param_hint="--table") from None
+    payload = file.read()
+    with _errors(), Producer(_settings()) as producer:
+        try:
+            ids = producer.enqueue_many(payload, table=table, batch_id=batch_id)
+        except ValueError as exc:
+            _fail(str(exc))
+    for batch in ids:
+        out.print(batch, highlight=False)
+
+
+@main.command()
+@click.option("--timeout", "timeout_s", type=click.FloatRange(0), help="Give up after S seconds.")
+@click.option(
+    "--batch-id",
+    "batch_ids",
+    multiple=True,
+    metavar="ID",
+    help="Wait for these batches only (the ids `icefleet send` printed); repeatable.",
+)
+def wait(timeout_s: float | None, batch_ids: tuple[str, ...]) -> None:
+    """Block until everything enqueued so far is committed; exit 1 with what is still pending.
+
+    "So far" is the moment `wait` starts: batches enqueued later (producers keep sending) are
+    not waited for. Batches that were dead-lettered count as done (see `icefleet status`), and
+    the rest of a batch a writer split (`<id>~<offset>`) is waited for with it.
+    """
+    from common.ingest.producer import Producer
+
+    with _errors(), Producer(_settings()) as producer:
+        result = producer.wait(timeout_s, batch_ids=batch_ids or None)
+    if not result.done:
+        _fail(f"not committed after {timeout_s}s: " + result.describe())
+    out.print(result.describe())
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--no-workers", is_flag=True, help="Don't ping the workers (saves a second).")
+def status(as_json: bool, no_workers: bool) -> None:
+    """Queues, batches not yet committed, dead letters, and per table: snapshots, files, rows,
+    the last commit and the lag."""
+    import redis
+
+    from common.lake.catalog import open_catalog
+    from workers.cli.status import collect, render
+
+    settings = _settings()
+    with _errors():
+        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+        try:
+            client.ping()
+        except redis.RedisError as exc:
+            _fail(f"Redis at {settings.redis_url} not reachable: {exc}")
+        workers = None if no_workers else _ping_workers(settings)
+        data = collect(settings, client, open_catalog(settings), workers)
+        client.close()
+    if as_json:
+        out.print_json(json.dumps(data))
+    else:
+        render(data, out)
+
+
+def _ping_workers(settings: Settings) -> list[str]:
+    from workers.app import create_app
+
+    app = create_app(settings)
+    try:
+        replies = app.control.ping(timeout=1.0) or []
+    finally:
+        app.close()
+    return sorted(name for reply in replies for name in reply)
+
+
+# --- worker ----------------------------------------------------------------------------------------
+
+
+@main.command()
+@click.argument("role", type=click.Choice(["writer", "committer"]))
+@click.option("--name", help="Worker name (default: the role); @<hostname> is appended.")
+@click.option("--pool", type=click.Choice(POOLS), default="prefork", show_default=True)
+@click.option("--concurrency", "-c", type=click.IntRange(1), help="Writer processes (default 1).")
+@click.option(
+    "--beat/--no-beat",
+    default=True,
+    show_default=True,
+    help="Committer only: run the periodic commit sweep (one committer per fleet should).",
+)
+@click.option("--loglevel", "-l", default="INFO", show_default=True)
+def worker(
+    role: str, name: str | None, pool: str, concurrency: int | None, beat: bool, loglevel: str
+) -> None:
+    """Run a writer (queue ingest) or the committer (queue commit) in the foreground.
+
+    The same as `celery -A workers.app worker -Q ingest|commit`, with icefleet's defaults:
+    the committer always runs one task at a time.
+    """
+    from workers.app import COMMIT_QUEUE, INGEST_QUEUE, create_app
+
+    if role == "committer" and concurrency not in (None, 1):
+        raise click.BadParameter(
+            "the committer runs one task at a time", param_hint="--concurrency"
+        )
+    settings = _settings()
+    settings.home.mkdir(parents=True, exist_ok=True)  # beat keeps its schedule file there
+    queue = COMMIT_QUEUE if role == "committer" else INGEST_QUEUE
+    argv = [
+        "worker",
+        "--queues", queue,
+        "--hostname", f"{name or role}@%h",
+        "--pool", pool,
+        "--concurrency", str(concurrency or 1),
+        "--loglevel", loglevel,
+        "--without-mingle",
+        "--without-gossip",
+    ]  # fmt: skip
+    if role == "committer" and beat:
+        argv.append("--beat")
+    with _errors():
+        create_app(settings).worker_main(argv)
+
+
+from workers.cli.serve import serve  # noqa: E402  (a module of its own: the HTTP gateway)
+
+main.add_command(serve)
+
+from workers.cli.evolve import evolve  # noqa: E402
+
+main.add_command(evolve)
+
+from workers.cli.maintenance import register as register_maintenance  # noqa: E402
+
+register_maintenance(main)  # compact, expire-snapshots, remove-orphans, delete, verify, ...
+
+from workers.cli.deadletters import dead_letters  # noqa: E402
+
+main.add_command(dead_letters)
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""``icefleet serve``: the HTTP ingest gateway (:mod:`workers.gateway`) under uvicorn.
+
+Kept apart from ``workers/cli/main.py`` (which registers it with ``main.add_command``) and importing
+nothing from it, so ``python -m workers.cli.main`` does not import the CLI module twice.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import click
+
+from common.errors import IcefleetError
+
+logger = logging.getLogger(__name__)
+
+
+@click.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", default=8080, show_default=True, type=click.IntRange(1, 65535))
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65535),
+    help="Serve /metrics on this port of its own (on --host), not on --port. "
+    "Default: ICEFLEET_METRICS_PORT when set.",
+)
+def serve(host: str, port: int, metrics_port: int | None) -> None:
+    """Accept CloudEvents over HTTP: POST /events (structured, batched or binary mode), GET
+    /healthz, GET /metrics. One process; run more gateways behind a load balancer to scale.
+
+    A bearer token is required when ICEFLEET_HTTP_TOKEN is set; bodies are limited to
+    ICEFLEET_HTTP_MAX_BODY_BYTES (10 MiB). Logs follow ICEFLEET_LOG_FORMAT (json or text).
+    """
+    import uvicorn
+
+    from common.observe.logs import configure_logging
+    from common.settings import load_settings
+    from workers.gateway import create_gateway
+
+    try:
+        settings = load_settings()
+    except IcefleetError as exc:
+        click.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    configure_logging(settings.log_format, settings.log_level)
+    metrics_port = metrics_port or settings.metrics_port
+    if metrics_port == port:
+        raise click.BadParameter("must differ from --port", param_hint="--metrics-port")
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        from common.observe.metrics import create_metrics
+        from workers.gateway import redis_client
+
+        metrics = create_metrics(redis_client(settings))
+        start_http_server(metrics_port, addr=host, registry=metrics.registry)
+        logger.info("metrics on http://%s:%d/metrics", host, metrics_port)
+        app = create_gateway(settings, metrics=metrics, serve_metrics=False)
+    else:
+        app = create_gateway(settings)
+    logger.info("gateway listening on http://%s:%d (POST /events)", host, port)
+    uvicorn.run(
+        app,
+        host=host,
+        port=port,
+        log_config=None,  # our root handler (JSON or text, redacted) formats uvicorn's records
+        server_header=False,
+        timeout_graceful_shutdown=10,
+    )
