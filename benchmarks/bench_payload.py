@@ -26,7 +26,8 @@ from kombu.serialization import loads as kombu_loads
 from benchmarks._shared import environment, median, now_iso, row, write_results
 from benchmarks.bench_writer import order_events
 from common.ingest.payloads import pack, unpack
-from common.ingest.producer import WRITE_TASK, KombuPublisher
+from common.ingest.producer import KombuPublisher
+from common.wire import WRITE_TASK
 from tests.pipeline import ndjson
 from tests.services import redis_server
 

@@ -34,7 +34,7 @@ from pyiceberg.io.pyarrow import schema_to_pyarrow
 from pyiceberg.table import Table
 
 from common.commit.committer import CommitResult, Committer, FaultHook
-from common.coord.locks import TableLock
+from common.coord.locks import TableLock, lock_factory
 from common.coord.pending import PendingRegistry
 from common.ingest.routing import Router, TableName
 from common.lake.catalog import TableStore, open_catalog
@@ -117,7 +117,7 @@ def make_pipeline(
     catalog = open_catalog(settings)
     store = TableStore(
         catalog,
-        lambda t: TableLock(client, t, ttl_ms=settings.lock_ttl_ms, wait_s=settings.lock_wait_s),
+        lock_factory(client, settings),
     )
     registry = PendingRegistry(client)
     writer = BatchWriter(settings, store, Router(settings.routes, settings.namespace), registry)

@@ -57,12 +57,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from common.errors import InvalidBatchIdError, InvalidIdentifierError
 from common.ingest.events import Event, parse_batch
-from common.ingest.producer import Producer, check_batch_id
+from common.ingest.producer import Producer
 from common.ingest.routing import Router, TableName
 from common.observe.logs import log_context
 from common.observe.metrics import CONTENT_TYPE_LATEST, Metrics, create_metrics
 from common.redaction import redact_text
 from common.settings import Settings
+from common.wire import check_batch_id
 
 __all__ = [
     "BATCH",

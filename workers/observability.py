@@ -33,11 +33,10 @@ from celery.signals import (
     worker_process_init,
 )
 
-from common.ingest.producer import WRITE_TASK
 from common.observe.logs import instrument_handler, log_context
 from common.observe.metrics import Metrics, create_metrics
 from common.settings import Settings, load_settings
-from workers.app import COMMIT_TASK, SWEEP_TASK
+from common.wire import COMMIT_TASK, SWEEP_TASK, WRITE_TASK
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from pyiceberg.catalog import Catalog
 from common.commit.committer import Committer
 from common.coord.backlog import Outstanding
 from common.coord.deadletters import DeadLetterStore
-from common.coord.locks import TableLock
+from common.coord.locks import lock_factory
 from common.coord.pending import PendingRegistry
 from common.ingest.events import DeadLetter
 from common.ingest.routing import Router
@@ -58,15 +58,9 @@ class Runtime:
     def writer(self) -> BatchWriter:
         if self._writer is None:
             settings = self.settings
-
-            def lock_for(table: str) -> TableLock:
-                return TableLock(
-                    self.client, table, ttl_ms=settings.lock_ttl_ms, wait_s=settings.lock_wait_s
-                )
-
             self._writer = BatchWriter(
                 settings,
-                TableStore(self.catalog, lock_for),
+                TableStore(self.catalog, lock_factory(self.client, settings)),
                 Router(settings.routes, settings.namespace),
                 # PendingRegistry has Registry's methods; Registry is a plain class, not a Protocol
                 PendingRegistry(self.client),

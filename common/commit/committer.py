@@ -26,7 +26,6 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import orjson
 import redis
@@ -34,25 +33,18 @@ from pyiceberg.catalog import Catalog
 from pyiceberg.exceptions import CommitFailedException, CommitStateUnknownException
 from pyiceberg.manifest import DataFile
 from pyiceberg.table import Table
-from tenacity import (
-    RetryError,
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_random_exponential,
-)
 
-from common.coord.locks import TableLock
-from common.coord.pending import PendingRegistry
+from common.coord.locks import TableLock, table_lock
+from common.coord.pending import PendingEntry, PendingRegistry
+from common.coord.replies import as_text
 from common.errors import (
     CommitConflictError,
     CommitStateUnknownError,
     MissingDataFileError,
-    RetriesExhaustedError,
     RetryableError,
 )
 from common.ingest.routing import TableName
-from common.lake.datafiles import data_file_from_dict
+from common.lake.retry import RetryPolicy
 from common.lake.storage import check_data_files
 from common.settings import Settings
 
@@ -193,9 +185,7 @@ class Committer:
     # --- steps -------------------------------------------------------------------------------------
 
     def _lock(self, table: str) -> TableLock:
-        return TableLock(
-            self.client, table, ttl_ms=self.settings.lock_ttl_ms, wait_s=self.settings.lock_wait_s
-        )
+        return table_lock(self.client, table, self.settings)
 
     def _tables_with_prepared(self) -> set[str]:
         # Prepared records exist only between prepare and finish: a short list, scanned rarely.
@@ -203,8 +193,7 @@ class Committer:
 
         pattern = keys.prepared("*")
         return {
-            (k.decode() if isinstance(k, bytes) else str(k))[len(pattern) - 1 :]
-            for k in self.client.scan_iter(match=pattern, count=1000)
+            as_text(k)[len(pattern) - 1 :] for k in self.client.scan_iter(match=pattern, count=1000)
         }
 
     def _recover(self, name: TableName, lock: TableLock) -> CommitResult | None:
@@ -229,8 +218,9 @@ class Committer:
         limit = self.settings.commit_max_files
         chosen: list[str] = []
         files = 0
-        for batch_id in sorted(entries, key=lambda b: _registered_ms(entries[b])):
-            n = len(orjson.loads(entries[batch_id])["files"])
+        decoded = {b: PendingEntry.from_json(e) for b, e in entries.items()}
+        for batch_id in sorted(decoded, key=lambda b: decoded[b].registered_ms):
+            n = len(decoded[batch_id].files)
             if chosen and files + n > limit:
                 break
             chosen.append(batch_id)
@@ -252,8 +242,7 @@ class Committer:
             text = entries.get(batch_id)
             if text is None:
                 continue  # finished by an earlier run of this same commit
-            entry: dict[str, Any] = orjson.loads(text)
-            per_batch[batch_id] = [data_file_from_dict(d) for d in entry["files"]]
+            per_batch[batch_id] = PendingEntry.from_json(text).data_files()
         missing = check_data_files(table.io, [f for fs in per_batch.values() for f in fs])
         broken_paths = {m.path for m in missing}
         quarantined = []
@@ -331,22 +320,15 @@ class Committer:
                 return
             landed = self._commit_once(name, table, prepared, files, records)
 
-        retrying = Retrying(
-            retry=retry_if_exception_type((RetryableError, CommitStateUnknownError)),
-            wait=wait_random_exponential(
-                multiplier=self.settings.retry_base_ms / 1000,
-                max=max(1.0, self.settings.retry_base_ms / 100),
-            ),
-            stop=stop_after_attempt(self.settings.commit_attempts),
-            reraise=False,
+        policy = RetryPolicy(
+            "commit",
+            attempts=self.settings.commit_attempts,
+            base_s=self.settings.retry_base_ms / 1000,
+            max_wait_s=max(1.0, self.settings.retry_base_ms / 100),
+            # a conflict or a lost reply: the watermark check in attempt() decides what to do
+            retry_on=lambda exc: isinstance(exc, RetryableError | CommitStateUnknownError),
         )
-        try:
-            retrying(attempt)
-        except RetryError as exc:
-            last = exc.last_attempt.exception() or RuntimeError("unknown")
-            raise RetriesExhaustedError(
-                f"commit of seq {prepared.seq} to {name}", attempts, last
-            ) from last
+        policy.call(f"commit of seq {prepared.seq} to {name}", attempt)
         result.attempts = attempts
         assert landed is not None
         return landed
@@ -415,13 +397,6 @@ class _Quarantined:
     reason: str
     attribute: str | None
     raw: bytes
-
-
-def _registered_ms(entry_json: str) -> int:
-    try:
-        return int(orjson.loads(entry_json).get("registered_ms") or 0)
-    except (orjson.JSONDecodeError, TypeError, ValueError):
-        return 0
 
 
 __all__ = [

@@ -41,18 +41,13 @@ from typing import Any
 import redis
 
 from common.coord import keys
-from common.write.partial import child_id
+from common.coord.replies import as_text
+from common.wire import COMMIT_QUEUE, INGEST_QUEUE, split_child_id
 
-INGEST_QUEUE = "ingest"
-COMMIT_QUEUE = "commit"
 # kombu's Redis transport keeps messages of priority p > 0 in "<queue>\x06\x16<p>".
 _PRIORITY_SUFFIXES = ("", "\x06\x163", "\x06\x166", "\x06\x169")
 _UNACKED = "unacked"  # kombu's hash of delivered, unacknowledged messages
 _CHUNK = 10_000  # batch ids per ZMSCORE/HMGET
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 # --- the global picture --------------------------------------------------------------------------
@@ -137,13 +132,13 @@ def read_backlog(client: redis.Redis) -> Backlog:
     outstanding, oldest, tables = int(replies[0]), replies[1], replies[2]
     lengths = [int(x) for x in replies[3 : 3 + len(queues) * n]]
     queued = {queue: sum(lengths[i * n : (i + 1) * n]) for i, queue in enumerate(queues)}
-    names = sorted(_text(t) for t in tables)
+    names = sorted(as_text(t) for t in tables)
     pipe = client.pipeline(transaction=False)
     for name in names:
         pipe.hlen(keys.pending(name))
     counts = [int(c) for c in pipe.execute()]
     pattern = keys.prepared("*")
-    prepared = sorted(_text(k)[len(pattern) - 1 :] for k in client.scan_iter(match=pattern))
+    prepared = sorted(as_text(k)[len(pattern) - 1 :] for k in client.scan_iter(match=pattern))
     return Backlog(
         outstanding=outstanding,
         oldest_outstanding_ms=int(oldest[0][1]) if oldest else None,
@@ -223,7 +218,7 @@ class Waiter:
         ids = list(self._ids)
         while True:
             outstanding, pending, splits = self._read(ids)
-            found = sorted({child_id(b, at) for b, at in splits.items()} - set(ids))
+            found = sorted({split_child_id(b, at) for b, at in splits.items()} - set(ids))
             if not found:
                 break
             # read again with them: a child's state must come from the same reading as its
@@ -234,7 +229,7 @@ class Waiter:
             self.children += len(fresh)
         in_flight = set(outstanding) | {b for batch in pending.values() for b in batch}
         # the rest of a batch split while still outstanding: its child may not be enqueued yet
-        coming = {child_id(b, splits[b]) for b in outstanding if b in splits} - in_flight
+        coming = {split_child_id(b, splits[b]) for b in outstanding if b in splits} - in_flight
         self._ids = sorted(in_flight | coming)
         return WaitResult(
             self.waited_for,
@@ -248,7 +243,7 @@ class Waiter:
     ) -> tuple[list[str], dict[str, list[str]], dict[str, int]]:
         """Which of ``ids`` (None: all) are outstanding, which pending where, and where each of
         ``ids`` was split (none for None), read together."""
-        tables = {_text(t) for t in self._client.smembers(keys.pending_tables())}
+        tables = {as_text(t) for t in self._client.smembers(keys.pending_tables())}
         while True:
             order = sorted(tables)
             pipe = self._client.pipeline(transaction=True)
@@ -266,13 +261,13 @@ class Waiter:
                 for chunk in _chunks(ids):
                     pipe.mget([keys.split(b) for b in chunk])
             replies = pipe.execute()
-            now_tables = {_text(t) for t in replies[0]}
+            now_tables = {as_text(t) for t in replies[0]}
             if now_tables <= tables:
                 break
             tables |= now_tables  # a table got its first pending batch meanwhile: read again
         if ids is None:
-            outstanding = [_text(b) for b in replies[1]]
-            pending = {t: [_text(b) for b in r] for t, r in zip(order, replies[2:], strict=True)}
+            outstanding = [as_text(b) for b in replies[1]]
+            pending = {t: [as_text(b) for b in r] for t, r in zip(order, replies[2:], strict=True)}
             return outstanding, {t: b for t, b in pending.items() if b}, {}
         n = len(list(_chunks(ids)))
         scores = [s for reply in replies[1 : 1 + n] for s in reply]

@@ -13,21 +13,26 @@ own compare-and-swap on the base snapshot is the last line of defence.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import secrets
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import redis
 from redis.commands.core import Script
 
 from common.coord import keys
 from common.errors import LockLostError, LockNotAcquiredError
+
+if TYPE_CHECKING:
+    from common.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -255,3 +260,14 @@ class TableLock:
                 return
             lease.deadline = sent + self.ttl_ms / 1000
             wait_s = interval_s
+
+
+def table_lock(client: redis.Redis, table: str, settings: Settings) -> TableLock:
+    """The lock of ``table`` with the fleet's lease and wait (``ICEFLEET_LOCK_TTL_MS``,
+    ``ICEFLEET_LOCK_WAIT_S``): the one way icefleet's own code builds a table lock."""
+    return TableLock(client, table, ttl_ms=settings.lock_ttl_ms, wait_s=settings.lock_wait_s)
+
+
+def lock_factory(client: redis.Redis, settings: Settings) -> Callable[[str], TableLock]:
+    """``table -> lock``, for code that takes locks of tables it learns about later."""
+    return functools.partial(table_lock, client, settings=settings)

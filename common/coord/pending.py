@@ -9,21 +9,25 @@ batch redelivered after its commit is not committed twice (within the dedup wind
 
 Every operation that touches more than one key is one Lua script, so the invariant "a table is in
 ``pending_tables`` exactly when its pending hash is non-empty" holds at every instant.
-Entries are opaque JSON text built by the writer; only ``records``, ``bytes`` and
-``registered_ms`` are read here, for :meth:`~PendingRegistry.stats`.
+An entry is the JSON of a :class:`PendingEntry` (the one codec: the writer encodes it, the
+committer and :meth:`~PendingRegistry.stats` decode it).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, cast
 
 import orjson
 import redis
+from pyiceberg.manifest import DataFile
 
 from common.coord import keys
+from common.coord.replies import as_text
 from common.errors import LockLostError
+from common.lake.datafiles import data_file_from_dict, data_file_to_dict
 
 # KEYS: pending, committed, pending_tables; ARGV: batch_id, entry, table → 1 registered, 0 duplicate
 _REGISTER_LUA = """
@@ -87,13 +91,72 @@ class PendingStats:
     oldest_registered_ms: int | None
 
 
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _int_field(entry: Mapping[str, Any], name: str) -> int | None:
     value = entry.get(name)
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+@dataclass(frozen=True)
+class PendingEntry:
+    """What the registry keeps for one batch of one table: its files, ready to commit.
+
+    ``files`` are the DataFiles as JSON objects (:mod:`common.lake.datafiles`), built by the writer
+    from the footers it wrote, so the committer never reads a Parquet file.
+    """
+
+    batch_id: str
+    files: tuple[dict[str, Any], ...]
+    records: int
+    size_bytes: int
+    registered_ms: int
+
+    @classmethod
+    def of(cls, batch_id: str, data_files: Sequence[DataFile]) -> PendingEntry:
+        return cls(
+            batch_id=batch_id,
+            files=tuple(data_file_to_dict(f) for f in data_files),
+            records=sum(f.record_count for f in data_files),
+            size_bytes=sum(f.file_size_in_bytes for f in data_files),
+            registered_ms=int(time.time() * 1000),
+        )
+
+    def to_json(self) -> str:
+        return orjson.dumps(
+            {
+                "batch_id": self.batch_id,
+                "files": list(self.files),
+                "records": self.records,
+                "bytes": self.size_bytes,
+                "registered_ms": self.registered_ms,
+            }
+        ).decode()
+
+    @classmethod
+    def from_json(cls, text: str | bytes, *, strict: bool = True) -> PendingEntry:
+        """Decode an entry. One that is not an object with a list of ``files`` raises
+        ``ValueError`` (the committer must not commit a batch as empty), unless ``strict`` is off:
+        then what is missing reads as empty (for counts such as :meth:`PendingRegistry.stats`)."""
+        try:
+            raw = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            raw = None
+        files = raw.get("files") if isinstance(raw, dict) else None
+        if strict and not isinstance(files, list):
+            raise ValueError(
+                f"not a pending entry: {bytes(text[:100]) if isinstance(text, bytes) else text[:100]!r}"
+            )
+        if not isinstance(raw, dict):
+            raw = {}
+        return cls(
+            batch_id=str(raw.get("batch_id", "")),
+            files=tuple(f for f in files if isinstance(f, dict)) if isinstance(files, list) else (),
+            records=_int_field(raw, "records") or 0,
+            size_bytes=_int_field(raw, "bytes") or 0,
+            registered_ms=_int_field(raw, "registered_ms") or 0,
+        )
+
+    def data_files(self) -> list[DataFile]:
+        return [data_file_from_dict(d) for d in self.files]
 
 
 class PendingRegistry:
@@ -133,12 +196,12 @@ class PendingRegistry:
     def pending_entries(self, table: str) -> dict[str, str]:
         """Every pending batch of the table: batch id → entry JSON."""
         raw = cast(Mapping[Any, Any], self._client.hgetall(keys.pending(table)))
-        return {_text(batch_id): _text(entry) for batch_id, entry in raw.items()}
+        return {as_text(batch_id): as_text(entry) for batch_id, entry in raw.items()}
 
     def pending_tables(self) -> set[str]:
         """The tables that have at least one pending batch."""
         members = cast(Iterable[Any], self._client.smembers(keys.pending_tables()))
-        return {_text(table) for table in members}
+        return {as_text(table) for table in members}
 
     def stats(self, table: str) -> PendingStats:
         """Count, records, bytes and the oldest registration time of the table's pending batches.
@@ -149,18 +212,12 @@ class PendingRegistry:
         count = records = size = 0
         oldest: int | None = None
         for _batch_id, entry_json in self._client.hscan_iter(keys.pending(table), count=500):
+            entry = PendingEntry.from_json(entry_json, strict=False)
             count += 1
-            try:
-                entry = orjson.loads(entry_json)
-            except orjson.JSONDecodeError:
-                continue
-            if not isinstance(entry, dict):
-                continue
-            records += _int_field(entry, "records") or 0
-            size += _int_field(entry, "bytes") or 0
-            registered_ms = _int_field(entry, "registered_ms")
-            if registered_ms is not None and (oldest is None or registered_ms < oldest):
-                oldest = registered_ms
+            records += entry.records
+            size += entry.size_bytes
+            if entry.registered_ms and (oldest is None or entry.registered_ms < oldest):
+                oldest = entry.registered_ms
         return PendingStats(count=count, records=records, bytes=size, oldest_registered_ms=oldest)
 
     # --- committer --------------------------------------------------------------------------------
@@ -184,7 +241,7 @@ class PendingRegistry:
     def prepared(self, table: str) -> str | None:
         """The prepared-commit record of an unfinished commit, or ``None``."""
         record = self._client.get(keys.prepared(table))
-        return None if record is None else _text(record)
+        return None if record is None else as_text(record)
 
     def finish_commit(
         self,

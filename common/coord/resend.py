@@ -26,7 +26,8 @@ import orjson
 import redis
 
 from common.coord import keys
-from common.coord.backlog import INGEST_QUEUE, queued
+from common.coord.backlog import queued
+from common.wire import INGEST_QUEUE
 
 DEFAULT_LIMIT = 100  # batches sent again per sweep at most
 

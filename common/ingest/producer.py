@@ -10,49 +10,30 @@ committed; :mod:`common.coord.backlog` says how that is decided.
 
 from __future__ import annotations
 
-import os
-import re
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
+from dataclasses import replace
 from typing import Any, Protocol
 
 import redis
 
 from common.coord import keys
-from common.coord.backlog import (
-    COMMIT_QUEUE,
-    INGEST_QUEUE,
-    Backlog,
-    Waiter,
-    WaitResult,
-    read_backlog,
-)
+from common.coord.backlog import Backlog, Waiter, WaitResult, read_backlog
 from common.coord.resend import retain
-from common.errors import InvalidBatchIdError
 from common.ingest.events import encode_ndjson, split_events
 from common.ingest.payloads import pack
 from common.ingest.routing import TableName
 from common.settings import Settings, load_settings
+from common.wire import INGEST_QUEUE, WRITE_TASK, WriteTask, check_batch_id, part_ids, task_message
 
-WRITE_TASK = "icefleet.write_batch"
-MAX_BATCH_ID_CHARS = 200
-# A writer continues a batch it split as ``<id>~<offset>`` (common/write/partial.py): a producer's id of
-# that shape could be taken for, or collide with, the child of another batch.
-_CHILD_SUFFIX = re.compile(r"~[0-9]+\Z")
 __all__ = [
-    "COMMIT_QUEUE",
-    "INGEST_QUEUE",
-    "WRITE_TASK",
     "Backlog",
     "KombuPublisher",
     "Producer",
     "WaitResult",
-    "check_batch_id",
-    "child_ids",
+    "enqueue_write_task",
     "split_lines",
-    "task_message",
 ]
 
 EventLike = Mapping[str, Any] | str | bytes
@@ -62,36 +43,6 @@ class Publisher(Protocol):
     """Sends one task message; returns the task id."""
 
     def __call__(self, task: str, kwargs: dict[str, Any], queue: str) -> str: ...
-
-
-def task_message(task: str, task_id: str, kwargs: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-    """Body and headers of a Celery protocol 2 message (no chain, no callbacks, no ETA)."""
-    shown = {k: v for k, v in kwargs.items() if k != "payload"}
-    if "payload" in kwargs:
-        shown["payload"] = f"<{len(kwargs['payload'])} chars>"
-    headers: dict[str, Any] = {
-        "lang": "py",
-        "task": task,
-        "id": task_id,
-        "shadow": None,
-        "eta": None,
-        "expires": None,
-        "group": None,
-        "group_index": None,
-        "retries": 0,
-        "timelimit": [None, None],
-        "root_id": task_id,
-        "parent_id": None,
-        "argsrepr": "()",
-        "kwargsrepr": repr(shown),
-        "origin": f"gen{os.getpid()}@{socket.gethostname()}",
-        "ignore_result": True,
-        "replaced_task_nesting": 0,
-        "stamped_headers": None,
-        "stamps": {},
-    }
-    body = ((), kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None})
-    return body, headers
 
 
 class KombuPublisher:
@@ -153,34 +104,48 @@ def split_lines(lines: list[str], max_events: int, max_bytes: int) -> list[list[
     return batches
 
 
-def child_ids(batch_id: str, count: int) -> list[str]:
-    """The ids of a batch's parts: the id itself when it is not split, else ``<id>:<n>``."""
-    return [batch_id] if count == 1 else [f"{batch_id}:{n}" for n in range(count)]
-
-
-def check_batch_id(batch_id: str) -> str:
-    """Return ``batch_id`` if a producer may use it, else raise :class:`InvalidBatchIdError`.
-
-    1 to :data:`MAX_BATCH_ID_CHARS` characters, not ending in ``~<digits>``: writers name the rest
-    of a batch they split ``<id>~<offset>``, so ``orders~12`` could be the child of ``orders``
-    (and be taken for a duplicate of it, or its events for that child's).
-    """
-    if not 0 < len(batch_id) <= MAX_BATCH_ID_CHARS:
-        raise InvalidBatchIdError(batch_id, f"it must be 1 to {MAX_BATCH_ID_CHARS} characters")
-    if _CHILD_SUFFIX.search(batch_id):
-        raise InvalidBatchIdError(
-            batch_id,
-            "it ends in '~<digits>', the form of the child batch a writer makes when it splits "
-            "a batch (<id>~<offset>), so it could collide with one; use another separator",
-        )
-    return batch_id
-
-
 def _as_lines(events: Iterable[EventLike] | str | bytes) -> list[str]:
     if isinstance(events, str | bytes):  # one payload: NDJSON, a JSON array or one event
         events = split_events(events)
     text = encode_ndjson(events)
     return text.split("\n")[:-1]
+
+
+def enqueue_write_task(
+    client: redis.Redis,
+    publish: Callable[[dict[str, Any]], Any],
+    task: WriteTask,
+    *,
+    ttl_s: int,
+    now_ms: int | None = None,
+) -> WriteTask:
+    """Send one write task the one way that loses nothing; return it as sent.
+
+    The batch is *outstanding* before its message exists (so a wait sees it), a copy of the
+    message is kept until the batch is written (:mod:`common.coord.resend` sends a lost one
+    again), and the message goes last. A batch sent again while still outstanding keeps its
+    first enqueue time (``enqueued_at_ms`` when the task carries none): both deliveries then
+    write byte-identical files (``_ingested_at`` is the enqueue time). If publishing fails, a
+    batch this call made outstanding is forgotten again and the error raised.
+    """
+    now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+    first_ms = task.enqueued_at_ms if task.enqueued_at_ms is not None else now_ms
+    pipe = client.pipeline(transaction=True)
+    pipe.zadd(keys.outstanding(), {task.batch_id: first_ms}, nx=True)
+    pipe.zscore(keys.outstanding(), task.batch_id)
+    added, score = pipe.execute()
+    if task.enqueued_at_ms is None:
+        task = replace(task, enqueued_at_ms=int(score) if score is not None else now_ms)
+    kwargs = task.to_kwargs()
+    retain(client, task.batch_id, kwargs, ttl_s)
+    try:
+        publish(kwargs)
+    except BaseException:
+        if added:
+            client.zrem(keys.outstanding(), task.batch_id)
+            client.delete(keys.payload(task.batch_id))
+        raise
+    return task
 
 
 class Producer:
@@ -246,38 +211,22 @@ class Producer:
             raise ValueError("nothing to enqueue: no events")
         parent = batch_id or str(uuid.uuid4())
         batches = split_lines(lines, self.settings.batch_max_events, self.settings.batch_max_bytes)
-        ids = child_ids(parent, len(batches))
+        ids = part_ids(parent, len(batches))
         self.last_batch_ids = ids
         for child, batch in zip(ids, batches, strict=True):
             self._send(child, "".join(f"{line}\n" for line in batch), table)
         return parent, ids
 
     def _send(self, batch_id: str, payload: str, table: str | None) -> None:
-        now_ms = int(self._clock() * 1000)
-        pipe = self.client.pipeline(transaction=True)
-        pipe.zadd(keys.outstanding(), {batch_id: now_ms}, nx=True)
-        pipe.zscore(keys.outstanding(), batch_id)
-        added, score = pipe.execute()
-        # A batch resent while still outstanding reuses its first enqueue time: both deliveries
-        # then write byte-identical files (``_ingested_at`` is the enqueue time).
-        enqueued_at_ms = int(score) if score is not None else now_ms
         packed, encoding = pack(payload)  # an eighth of the message: common/ingest/payloads.py
-        kwargs = {
-            "batch_id": batch_id,
-            "payload": packed,
-            "table": table,
-            "enqueued_at_ms": enqueued_at_ms,
-            "encoding": encoding,
-        }
-        # A copy until the batch is written: a message lost on its way is sent again from it
-        retain(self.client, batch_id, kwargs, self.settings.dedup_window_s)
-        try:
-            self._publish(WRITE_TASK, kwargs, INGEST_QUEUE)
-        except BaseException:
-            if added:
-                self.client.zrem(keys.outstanding(), batch_id)
-                self.client.delete(keys.payload(batch_id))
-            raise
+        task = WriteTask(batch_id, packed, table, None, encoding)
+        enqueue_write_task(
+            self.client,
+            lambda kwargs: self._publish(WRITE_TASK, kwargs, INGEST_QUEUE),
+            task,
+            ttl_s=self.settings.dedup_window_s,
+            now_ms=int(self._clock() * 1000),
+        )
 
     def backlog(self) -> Backlog:
         """The global picture: queues, outstanding and pending batches, prepared commits."""

@@ -43,7 +43,7 @@ from tenacity import (
     wait_random_exponential,
 )
 
-from common.errors import RetriesExhaustedError, RetryableError
+from common.errors import LockError, RetriesExhaustedError, RetryableError
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ _BOTOCORE_TRANSIENT_CODES = frozenset(
         "RequestTimeoutException",
     )
 )
+_REDIS_LATER = frozenset(("ConnectionError", "TimeoutError", "BusyLoadingError"))
 _SQLALCHEMY_TRANSIENT = frozenset(("OperationalError", "DisconnectionError", "TimeoutError"))
 
 
@@ -147,6 +148,32 @@ def is_transient(exc: BaseException) -> bool:
     if isinstance(exc, OSError):  # pyarrow's S3 and local file errors carry only a message
         return not _PERMANENT.search(message) and bool(_TRANSIENT.search(message))
     return False
+
+
+def is_transient_unless_locked(exc: BaseException) -> bool:
+    """:func:`is_transient`, but a table lock held by another process is not retried: that
+    process is already doing the work (a commit, a schema change) this call would do."""
+    return is_transient(exc) and not isinstance(exc, LockError)
+
+
+def worth_retrying_later(exc: BaseException) -> bool:
+    """Whether a task that failed with ``exc`` may succeed when delivered again in a while.
+
+    Wider than :func:`is_transient` (a call retried at once): an outage that outlasted a retry
+    policy, a schema change that raced another process (pyiceberg's ``CommitFailedException``),
+    Redis or the catalog database unreachable, any storage I/O error. The task queue's backoff
+    is minutes long; a permanent error still reaches the dead letters after a few deliveries.
+    """
+    if isinstance(exc, RetriesExhaustedError):
+        return worth_retrying_later(exc.last_error)
+    if is_transient(exc) or isinstance(exc, RetryableError | OSError):
+        return True
+    names = _class_names(exc)
+    if any(module == "redis" and name in _REDIS_LATER for module, name in names):
+        return True
+    if any(module == "pyiceberg" and name == "CommitFailedException" for module, name in names):
+        return True
+    return any(module == "sqlalchemy" and name == "OperationalError" for module, name in names)
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 
 from common.coord import keys
 from common.coord.backlog import read_backlog
+from common.coord.replies import as_text
 
 __all__ = [
     "CANARY_LAST_KEY",
@@ -230,7 +231,7 @@ class RedisStateCollector(Collector):
         )
         pattern = keys.committed("*")
         names = sorted(
-            _text(key)[len(pattern) - 1 :] for key in self._client.scan_iter(match=pattern)
+            as_text(key)[len(pattern) - 1 :] for key in self._client.scan_iter(match=pattern)
         )
         pipe = self._client.pipeline(transaction=False)
         for name in names:
@@ -270,7 +271,3 @@ class RedisStateCollector(Collector):
             )
             at.add_metric([], float(probe["checked_ms"]) / 1000)
             yield at
-
-
-def _text(value: object) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)

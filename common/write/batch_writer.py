@@ -18,26 +18,25 @@ import functools
 import logging
 import time
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-import orjson
 from pyiceberg.manifest import DataFile
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
 from pyiceberg.typedef import Record
 
-from common.errors import LockError
+from common.coord.pending import PendingEntry
 from common.ingest.events import DeadLetter, Event, parse_batch, paused_gc
 from common.ingest.routing import Router, TableName
 from common.lake.catalog import TableStore
-from common.lake.datafiles import data_file_to_dict
-from common.lake.retry import is_transient, policies_for
+from common.lake.retry import is_transient_unless_locked, policies_for
 from common.schema.layout import Projection, aliases, desired_schema, project
 from common.settings import SchemaMode, Settings
+from common.wire import split_child_id
 from common.write.datafile_writer import (
     FILE_WRITE_THREADS,
     FilePlans,
@@ -47,7 +46,7 @@ from common.write.datafile_writer import (
     data_file_path,
     write_data_file,
 )
-from common.write.partial import Remainder, SplitConflictError, child_id
+from common.write.partial import Remainder, SplitConflictError
 
 logger = logging.getLogger(__name__)
 
@@ -96,19 +95,6 @@ class _Chunk:
     end: int
     files: dict[TableName, list[DataFile]] = field(default_factory=dict)
     dead_letters: list[DeadLetter] = field(default_factory=list)
-
-
-def pending_entry(batch_id: str, files: Sequence[DataFile]) -> str:
-    """The JSON the pending registry keeps for one batch of one table."""
-    return orjson.dumps(
-        {
-            "batch_id": batch_id,
-            "files": [data_file_to_dict(f) for f in files],
-            "records": sum(f.record_count for f in files),
-            "bytes": sum(f.file_size_in_bytes for f in files),
-            "registered_ms": int(time.time() * 1000),
-        }
-    ).decode()
 
 
 class BatchWriter:
@@ -217,7 +203,7 @@ class BatchWriter:
         if split_at is not None and split_at < len(events):
             rest = events[split_at:]
             result.remainder = Remainder(
-                child_id(batch_id, split_at),
+                split_child_id(batch_id, split_at),
                 split_at,
                 len(rest),
                 "".join(f"{event.raw}\n" for event in rest),
@@ -290,7 +276,7 @@ class BatchWriter:
         for name, files in by_table.items():
             if not files:
                 continue
-            entry = pending_entry(batch_id, files)
+            entry = PendingEntry.of(batch_id, files).to_json()
             if self.registry is not None and not self.registry.register(str(name), batch_id, entry):
                 result.skipped_tables.append(str(name))
                 continue
@@ -387,9 +373,7 @@ class BatchWriter:
 
     def _ensure(self, name: TableName, desired: Callable[[Table | None, Schema], Schema]) -> Table:
         """Create or evolve the table, retrying catalog hiccups (not a lock held elsewhere)."""
-        policy = self.catalog_retry.but(
-            retry_on=lambda exc: is_transient(exc) and not isinstance(exc, LockError)
-        )
+        policy = self.catalog_retry.but(retry_on=is_transient_unless_locked)
         return policy.call(f"create or evolve {name}", self.store.ensure, name, desired)
 
     def _desired(self, mode: str, events: list[Event]) -> Callable[[Table | None, Schema], Schema]:

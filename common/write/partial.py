@@ -11,7 +11,7 @@ interrupts a chunk, whose files are then abandoned), the batch is *split* at ``k
 2. the files of events ``[0, k)`` are registered as pending under the batch's own id, per table,
    as a whole batch is;
 3. events ``[k, n)`` are enqueued again as a *child* batch ``<batch id>~<k>``
-   (:func:`child_id`), with the parent's enqueue time, so its rows carry the same
+   (:func:`~common.wire.split_child_id`), with the parent's enqueue time, so its rows carry the same
    ``_ingested_at``; a child may split in turn (``<id>~<k>~<m>``);
 4. the parent leaves ``icefleet:outstanding`` (the child is in it first) and its task is acked.
 
@@ -47,7 +47,6 @@ import redis
 from common.coord import keys
 from common.errors import RetryableError
 
-SEPARATOR = "~"
 #: Stop starting new chunks at this fraction of the time limit: registration and the child's
 #: enqueue need a moment, and the soft limit must not hit them.
 DEADLINE_FRACTION = 0.8
@@ -81,11 +80,6 @@ class SplitConflictError(RetryableError):
             f"batch {batch_id[:200]!r}: wanted to split at {wanted}, "
             f"but another attempt split it at {recorded}"
         )
-
-
-def child_id(batch_id: str, offset: int) -> str:
-    """The id of the batch holding ``batch_id``'s events from ``offset`` (relative) on."""
-    return f"{batch_id}{SEPARATOR}{offset}"
 
 
 def split_key(batch_id: str) -> str:
@@ -147,7 +141,6 @@ __all__ = [
     "Remainder",
     "SplitConflictError",
     "SplitRecords",
-    "child_id",
     "chunk_events",
     "deadline_for",
     "split_key",

@@ -27,7 +27,7 @@ from pyiceberg.table import Table
 from common.commit.committer import Committer
 from common.coord import keys
 from common.coord.backlog import read_backlog
-from common.coord.locks import TableLock
+from common.coord.locks import lock_factory
 from common.coord.pending import PendingRegistry
 from common.ingest.routing import Router, TableName
 from common.lake.catalog import TableStore, open_catalog
@@ -76,7 +76,7 @@ def make_stack(redis_url: str, home: Path, **overrides: Any) -> Stack:
     catalog = open_catalog(settings)
     store = TableStore(
         catalog,
-        lambda t: TableLock(client, t, ttl_ms=settings.lock_ttl_ms, wait_s=settings.lock_wait_s),
+        lock_factory(client, settings),
     )
     registry = PendingRegistry(client)
     dead: list[Any] = []

@@ -11,11 +11,11 @@ from typing import Any
 import pytest
 import redis
 
-from common.ingest.producer import WRITE_TASK
 from common.observe.metrics import create_metrics
 from common.settings import load_settings
+from common.wire import CANARY_TASK, WRITE_TASK
 from tests.unit.test_metrics import samples
-from workers.app import CANARY_TASK, canary_schedule, create_app
+from workers.app import canary_schedule, create_app
 from workers.observability import process_metrics
 from workers.runtime import Runtime
 from workers.tasks.canary import (

@@ -27,6 +27,7 @@ from common.commit.committer import SEQ_PROPERTY, CommitResult, PreparedCommit, 
 from common.coord import keys
 from common.coord.deadletters import DeadLetterStore
 from common.coord.locks import TableLock
+from common.coord.pending import PendingEntry
 from common.errors import (
     CommitStateUnknownError,
     ConcurrentModificationError,
@@ -35,7 +36,6 @@ from common.errors import (
 )
 from common.maintenance.deletes import live_data_files, remove_data_files
 from common.maintenance.invariants import assert_exactly_once, validate_lineage
-from common.write.batch_writer import pending_entry
 from tests.pipeline import (
     COMMITTERS_KEY,
     TABLE,
@@ -224,7 +224,7 @@ def test_a_batch_redelivered_after_its_commit_is_not_committed_twice(pipe: Pipel
 
     # When it is delivered again (same id, same payload), then the committer runs
     again = pipe.write("b1", events)
-    refused = pipe.registry.register(TABLE, "b1", pending_entry("b1", []))
+    refused = pipe.registry.register(TABLE, "b1", PendingEntry.of("b1", []).to_json())
     results = pipe.commit()
 
     # Then the writer skipped it, the registry refused it, and no snapshot was made

@@ -439,13 +439,12 @@ def test_commit_task_reschedules_itself_until_the_batches_are_due(
 ) -> None:
     from common.commit.committer import Committer
     from common.coord import keys
-    from common.coord.pending import PendingRegistry
-    from common.write.batch_writer import pending_entry
+    from common.coord.pending import PendingEntry, PendingRegistry
     from workers.tasks.commit import commit_all, commit_table
 
     # Given a pending batch that is far from due (interval 60 s) and the nudge its writer sent
     table = "events.t"
-    PendingRegistry(redis_client).register(table, "b1", pending_entry("b1", []))
+    PendingRegistry(redis_client).register(table, "b1", PendingEntry.of("b1", []).to_json())
     eager._committer = Committer(eager.settings, open_catalog(eager.settings), redis_client)
     first = commit_table.apply_async([table], task_id="commit-first")  # what a writer sends
     redis_client.set(keys.nudge(table), "commit-first")

@@ -16,11 +16,12 @@ import pytest
 import redis
 
 from common.coord import keys
-from common.coord.backlog import INGEST_QUEUE, Outstanding
+from common.coord.backlog import Outstanding
 from common.coord.resend import resend_lost
 from common.ingest.payloads import unpack
 from common.ingest.producer import Producer
 from common.settings import load_settings
+from common.wire import INGEST_QUEUE
 from tests.chaos.harness import (
     assert_exactly_once,
     environment,

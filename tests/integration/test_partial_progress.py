@@ -18,7 +18,8 @@ from common.coord import keys
 from common.ingest.payloads import unpack
 from common.ingest.producer import Producer
 from common.settings import load_settings
-from common.write.partial import SplitConflictError, SplitRecords, child_id, chunk_events, split_key
+from common.wire import split_child_id
+from common.write.partial import SplitConflictError, SplitRecords, chunk_events, split_key
 from tests.chaos.harness import (
     Stack,
     assert_exactly_once,
@@ -307,7 +308,9 @@ def test_a_child_may_split_again(stack: Stack) -> None:
         on_split=lambda k: splits.record("b7~200", k),
     )
     assert second.remainder is not None
-    assert second.remainder.batch_id == child_id(child_id("b7", 200), 400) == "b7~200~400"
+    assert (
+        second.remainder.batch_id == split_child_id(split_child_id("b7", 200), 400) == "b7~200~400"
+    )
     write_all(stack, second.remainder.batch_id, second.remainder.payload)
     stack.commit_all()
     assert_exactly_once(ids_in(stack.table("events.order")), [e["id"] for e in events])

@@ -18,7 +18,8 @@ from common.coord.locks import TableLock
 from common.ingest.producer import Producer
 from common.settings import Settings, load_settings
 from tests.chaos.harness import make_events, running_fleet
-from workers.app import create_app, visibility_timeout_s
+from workers.app import create_app
+from workers.limits import visibility_timeout_s
 
 pytestmark = pytest.mark.integration
 

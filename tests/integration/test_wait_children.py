@@ -20,7 +20,8 @@ from common.coord.backlog import Outstanding, Waiter
 from common.ingest.producer import Producer
 from common.lake.catalog import open_catalog
 from common.settings import load_settings
-from common.write.partial import SplitRecords, child_id
+from common.wire import split_child_id
+from common.write.partial import SplitRecords
 from tests.chaos.harness import make_events, running_fleet
 
 pytestmark = pytest.mark.integration
@@ -52,7 +53,7 @@ def split(client: redis.Redis, batch_id: str, offset: int) -> str:
     """A writer's split, steps 1 to 4: record, register the part written, child, parent done."""
     SplitRecords(client, 3600).record(batch_id, offset)
     register(client, batch_id)
-    child = child_id(batch_id, offset)
+    child = split_child_id(batch_id, offset)
     enqueue(client, child)
     Outstanding(client).done(batch_id)
     return child

@@ -9,18 +9,13 @@ from __future__ import annotations
 
 import pytest
 
-from common.ingest.producer import WRITE_TASK
 from common.settings import Settings, load_settings
-from workers.app import (
-    CANARY_CHECK_TASK,
-    CANARY_TASK,
-    COMMIT_TASK,
+from common.wire import CANARY_CHECK_TASK, CANARY_TASK, COMMIT_TASK, SWEEP_TASK, WRITE_TASK
+from workers.app import IcefleetCelery, create_app
+from workers.limits import (
     COMMIT_WORK_S,
     HARD_LIMIT_GRACE_S,
-    SWEEP_TASK,
     WRITE_RETRY_MAX_BACKOFF_S,
-    IcefleetCelery,
-    create_app,
     task_time_limits,
     visibility_timeout_s,
 )

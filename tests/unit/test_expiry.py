@@ -146,9 +146,9 @@ def test_pending_files_are_never_deleted(pipe: Pipeline, clock: Clock) -> None:
     commit_days(pipe, clock, [3, 2, 1])
     first = sorted(live_data_files(pipe.table()).values(), key=lambda f: f.file_path)[0]
     compact_table(pipe.table(), CompactionOptions(64 * 1_048_576, min_files=2))
-    from common.write.batch_writer import pending_entry
+    from common.coord.pending import PendingEntry
 
-    pipe.registry.register(TABLE, "stuck", pending_entry("stuck", [first]))
+    pipe.registry.register(TABLE, "stuck", PendingEntry.of("stuck", [first]).to_json())
     # When every old snapshot is expired
     report = expire_snapshots(pipe.table(), ExpiryPolicy(0, 1), registry=pipe.registry)
     # Then the pending file stays, the others go

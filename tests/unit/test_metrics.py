@@ -14,9 +14,8 @@ from common.coord import keys
 from common.coord.deadletters import DeadLetterStore
 from common.coord.pending import PendingRegistry
 from common.ingest.events import DeadLetter
-from common.ingest.producer import WRITE_TASK
 from common.observe.metrics import CANARY_LAST_KEY, create_metrics
-from workers.app import COMMIT_TASK
+from common.wire import COMMIT_TASK, WRITE_TASK
 from workers.observability import record_task
 
 pytestmark = pytest.mark.unit

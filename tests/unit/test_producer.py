@@ -15,7 +15,7 @@ import pytest
 
 import common.coord.backlog
 from common.coord import keys
-from common.coord.backlog import INGEST_QUEUE, Backlog, Outstanding, Waiter, read_backlog
+from common.coord.backlog import Backlog, Outstanding, Waiter, read_backlog
 from common.errors import (
     IcefleetError,
     InvalidBatchIdError,
@@ -23,16 +23,9 @@ from common.errors import (
     InvalidIdentifierError,
 )
 from common.ingest.payloads import ZSTD, unpack
-from common.ingest.producer import (
-    WRITE_TASK,
-    KombuPublisher,
-    Producer,
-    check_batch_id,
-    child_ids,
-    split_lines,
-    task_message,
-)
+from common.ingest.producer import KombuPublisher, Producer, split_lines
 from common.settings import load_settings
+from common.wire import INGEST_QUEUE, WRITE_TASK, check_batch_id, part_ids, task_message
 
 pytestmark = pytest.mark.unit
 
@@ -106,8 +99,8 @@ def test_split_lines_counts_utf8_bytes_not_characters() -> None:
 
 
 def test_child_ids_keep_the_id_when_not_split() -> None:
-    assert child_ids("k", 1) == ["k"]
-    assert child_ids("k", 3) == ["k:0", "k:1", "k:2"]
+    assert part_ids("k", 1) == ["k"]
+    assert part_ids("k", 3) == ["k:0", "k:1", "k:2"]
 
 
 # --- enqueue ---------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 import redis
 
-from common.coord.locks import TableLock
+from common.coord.locks import table_lock
 from common.errors import IcefleetError
 from common.ingest.routing import TableName
 from common.lake.catalog import open_catalog
@@ -40,7 +40,7 @@ def evolve(table: str, renames: tuple[str, ...]) -> None:
         settings = load_settings()
         catalog = open_catalog(settings)
         client = redis.Redis.from_url(settings.redis_url)
-        with TableLock(client, str(name), ttl_ms=settings.lock_ttl_ms, wait_s=settings.lock_wait_s):
+        with table_lock(client, str(name), settings):
             current = catalog.load_table(name.parts)
             for old, new in pairs:
                 current = rename_data_field(current, old, new)

@@ -313,7 +313,8 @@ def worker(
     The same as `celery -A workers.app worker -Q ingest|commit`, with icefleet's defaults:
     the committer always runs one task at a time.
     """
-    from workers.app import COMMIT_QUEUE, INGEST_QUEUE, create_app
+    from common.wire import COMMIT_QUEUE, INGEST_QUEUE
+    from workers.app import create_app
 
     if role == "committer" and concurrency not in (None, 1):
         raise click.BadParameter(

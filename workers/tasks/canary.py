@@ -32,13 +32,13 @@ from pyiceberg.catalog import Catalog
 from pyiceberg.exceptions import NoSuchTableError
 
 from common.coord import keys
-from common.coord.backlog import INGEST_QUEUE
 from common.ingest.producer import Producer
 from common.ingest.routing import TableName
 from common.settings import Settings
-from workers.app import CANARY_CHECK_COUNTDOWN_S as CHECK_EVERY_S
-from workers.app import CANARY_CHECK_TASK as CHECK_TASK
-from workers.app import CANARY_TASK as SEND_TASK
+from common.wire import CANARY_CHECK_TASK as CHECK_TASK
+from common.wire import CANARY_TASK as SEND_TASK
+from common.wire import INGEST_QUEUE
+from workers.limits import CANARY_CHECK_COUNTDOWN_S as CHECK_EVERY_S
 from workers.runtime import runtime
 
 logger = logging.getLogger(__name__)

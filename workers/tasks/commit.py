@@ -34,18 +34,16 @@ from celery.signals import worker_ready
 
 from common.commit.committer import CommitResult
 from common.coord import keys
-from common.coord.backlog import COMMIT_QUEUE, INGEST_QUEUE
 from common.coord.resend import resend_lost
 from common.errors import (
     CommitStateUnknownError,
-    LockError,
     LockLostError,
     RetriesExhaustedError,
     RetryableError,
 )
-from common.ingest.producer import WRITE_TASK
-from common.lake.retry import is_transient, policies_for
-from workers.app import COMMIT_TASK, SWEEP_TASK, visibility_timeout_s
+from common.lake.retry import is_transient_unless_locked, policies_for
+from common.wire import COMMIT_QUEUE, COMMIT_TASK, INGEST_QUEUE, SWEEP_TASK, WRITE_TASK
+from workers.limits import visibility_timeout_s
 from workers.runtime import Runtime, runtime
 
 logger = logging.getLogger(__name__)
@@ -110,9 +108,7 @@ def commit_and_follow_up(rt: Runtime, table: str) -> list[CommitResult]:
     another committer: that one is already committing the table).
     """
     _, catalog_policy = policies_for(rt.settings.retry_base_ms)
-    policy = catalog_policy.but(
-        retry_on=lambda exc: is_transient(exc) and not isinstance(exc, LockError)
-    )
+    policy = catalog_policy.but(retry_on=is_transient_unless_locked)
     results = policy.call(f"commit of {table}", rt.committer.commit_table, table, force=False)
     if results:
         horizon_ms = int(time.time() * 1000) - rt.settings.dedup_window_s * 1000

@@ -33,8 +33,7 @@ from celery import Task, shared_task
 from pyiceberg.catalog import Catalog
 from pyiceberg.table import Table
 
-from common.coord.backlog import COMMIT_QUEUE
-from common.coord.locks import TableLock
+from common.coord.locks import TableLock, table_lock
 from common.coord.pending import PendingRegistry
 from common.ingest.routing import TableName
 from common.maintenance.catalog_sync import SyncReport, sync_catalog
@@ -43,6 +42,7 @@ from common.maintenance.expiry import ExpiryPolicy, ExpiryReport
 from common.maintenance.orphans import OrphanReport
 from common.maintenance.verify import VerifyReport
 from common.settings import Settings
+from common.wire import COMMIT_QUEUE
 
 logger = logging.getLogger(__name__)
 
@@ -68,9 +68,7 @@ class Maintainer:
     # --- plumbing ----------------------------------------------------------------------------------
 
     def lock(self, table: str) -> TableLock:
-        return TableLock(
-            self.client, table, ttl_ms=self.settings.lock_ttl_ms, wait_s=self.settings.lock_wait_s
-        )
+        return table_lock(self.client, table, self.settings)
 
     def table_names(self, names: Sequence[str] = ()) -> list[str]:
         """``names`` checked and normalised, or every table of the catalog when empty."""

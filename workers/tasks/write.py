@@ -31,21 +31,18 @@ import redis
 from celery import Task, shared_task
 from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
 from celery.signals import worker_init, worker_shutting_down
-from pyiceberg.exceptions import CommitFailedException
 
-from common.coord import keys
-from common.coord.backlog import INGEST_QUEUE
 from common.coord.pending import PendingRegistry
-from common.coord.resend import retain
-from common.errors import PayloadEncodingError, RetriesExhaustedError, RetryableError
+from common.errors import PayloadEncodingError
 from common.ingest.events import DeadLetter, Event, parse_batch
 from common.ingest.payloads import pack, unpack
-from common.ingest.producer import WRITE_TASK
+from common.ingest.producer import enqueue_write_task
 from common.ingest.routing import Router
-from common.lake.retry import is_transient
+from common.lake.retry import worth_retrying_later
+from common.wire import INGEST_QUEUE, WRITE_TASK, WriteTask, split_child_id
 from common.write.batch_writer import BatchResult
-from common.write.partial import Remainder, SplitRecords, child_id, chunk_events, deadline_for
-from workers.app import WRITE_RETRY_MAX_BACKOFF_S
+from common.write.partial import Remainder, SplitRecords, chunk_events, deadline_for
+from workers.limits import WRITE_RETRY_MAX_BACKOFF_S
 from workers.runtime import Runtime, runtime
 from workers.tasks.commit import nudge
 
@@ -54,26 +51,10 @@ logger = logging.getLogger(__name__)
 MAX_ATTEMPTS = 10
 MAX_ATTEMPTS_UNEXPECTED = 3
 MAX_BACKOFF_S = WRITE_RETRY_MAX_BACKOFF_S
-TRANSIENT = (
-    RetryableError,
-    CommitFailedException,  # a schema change raced another process; evolve again
-    redis.ConnectionError,
-    redis.TimeoutError,
-    OSError,  # storage I/O, sockets
-    SoftTimeLimitExceeded,
-)
 
 
 def _transient(exc: BaseException) -> bool:
-    if isinstance(exc, TRANSIENT) or is_transient(exc):
-        return True
-    if isinstance(exc, RetriesExhaustedError):  # a storage or catalog outage outlasted the policy
-        return _transient(exc.last_error)
-    try:  # catalog database unreachable or locked (SQLite "database is locked")
-        from sqlalchemy.exc import OperationalError
-    except ImportError:  # pragma: no cover - sqlalchemy comes with the SQL catalog
-        return False
-    return isinstance(exc, OperationalError)
+    return worth_retrying_later(exc) or isinstance(exc, SoftTimeLimitExceeded)
 
 
 def backoff_s(attempt: int) -> float:
@@ -128,7 +109,7 @@ def dead_letter_batch(
         rest = events[split_at:]
         if rest:
             child = Remainder(
-                child_id(batch_id, split_at),
+                split_child_id(batch_id, split_at),
                 split_at,
                 len(rest),
                 "".join(f"{event.raw}\n" for event in rest),
@@ -169,18 +150,14 @@ def hand_back(
     rt: Runtime, remainder: Remainder, table: str | None, enqueued_at_ms: int | None
 ) -> None:
     """Enqueue the rest of a split batch as its child: outstanding first, then the message."""
-    now_ms = int(time.time() * 1000)
-    rt.client.zadd(keys.outstanding(), {remainder.batch_id: enqueued_at_ms or now_ms}, nx=True)
     packed, encoding = pack(remainder.payload)
-    kwargs = {
-        "batch_id": remainder.batch_id,
-        "payload": packed,
-        "table": table,
-        "enqueued_at_ms": enqueued_at_ms,
-        "encoding": encoding,
-    }
-    retain(rt.client, remainder.batch_id, kwargs, rt.settings.dedup_window_s)
-    write_batch.apply_async(kwargs=kwargs, queue=INGEST_QUEUE)
+    task = WriteTask(remainder.batch_id, packed, table, enqueued_at_ms, encoding)
+    enqueue_write_task(
+        rt.client,
+        lambda kwargs: write_batch.apply_async(kwargs=kwargs, queue=INGEST_QUEUE),
+        task,
+        ttl_s=rt.settings.dedup_window_s,
+    )
     logger.info("handed back %d event(s) as batch %s", remainder.events, remainder.batch_id[:200])
 
 
