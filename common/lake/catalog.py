@@ -172,3 +172,34 @@ def _pending_changes(
     """The compatible changes that would bring ``table`` to what ``desired`` asks for."""
     report = compare_schemas(table.schema(), desired(table, table.schema()), match_by="name")
     return [c for c in report.changes if c.compatible]
+
+
+#: Imported lazily by pyiceberg and SQLAlchemy on first use (the catalog backend, its dialect and
+#: driver, the file IO). :func:`preload_catalog_modules` imports them up front.
+LAZY_MODULES = (
+    "pyiceberg.catalog.sql",
+    "pyiceberg.catalog.rest",
+    "pyiceberg.io.pyarrow",
+    "sqlalchemy.dialects.sqlite.pysqlite",
+    "sqlalchemy.dialects.postgresql.psycopg2",
+    "psycopg2",
+)
+
+
+def preload_catalog_modules() -> list[str]:
+    """Import what the catalog would import on first use; return the modules that are missing.
+
+    A worker calls this before it takes a task: Celery's soft time limit raises its exception
+    wherever the task is, and one raised inside a first ``import`` leaves the package half
+    initialised in that process (seen under load: ``module 'sqlalchemy' has no attribute
+    'dialects'`` on every later attempt, until the batch was dead-lettered).
+    """
+    import importlib
+
+    missing = []
+    for name in LAZY_MODULES:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    return missing

@@ -7,6 +7,7 @@ cycle hidden behind a lazy import counts too.
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -120,3 +121,15 @@ def test_common_never_imports_celery_or_workers() -> None:
             else:
                 continue
             assert not {"celery", "workers"} & set(roots), f"{name} imports {roots}"
+
+
+def test_the_catalogs_lazy_imports_can_all_be_loaded_up_front() -> None:
+    # Given the modules pyiceberg and SQLAlchemy import on first use
+    from common.lake.catalog import LAZY_MODULES, preload_catalog_modules
+
+    # When a worker preloads them before taking a task
+    missing = preload_catalog_modules()
+
+    # Then every one of them is installed and imported (none would be imported under a time limit)
+    assert missing == []
+    assert all(name in sys.modules for name in LAZY_MODULES)

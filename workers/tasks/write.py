@@ -38,6 +38,7 @@ from common.ingest.events import DeadLetter, Event, parse_batch
 from common.ingest.payloads import pack, unpack
 from common.ingest.producer import enqueue_write_task
 from common.ingest.routing import Router
+from common.lake.catalog import preload_catalog_modules
 from common.lake.retry import worth_retrying_later
 from common.wire import INGEST_QUEUE, WRITE_TASK, WriteTask, split_child_id
 from common.write.batch_writer import BatchResult
@@ -71,6 +72,12 @@ _shutdown: Any = None  # a shared byte, created in the main process before the p
 def _create_shutdown_flag(**_: Any) -> None:
     global _shutdown
     _shutdown = multiprocessing.get_context("fork").RawValue("b", 0)
+
+
+@worker_init.connect
+def _preload_modules(**_: Any) -> None:
+    # Before the pool forks: no task's soft time limit can interrupt these imports.
+    preload_catalog_modules()
 
 
 @worker_shutting_down.connect
