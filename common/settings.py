@@ -44,47 +44,104 @@ class Settings:
     """Everything icefleet reads from its environment. Units are in the names."""
 
     home: Path = Path(".icefleet")
+    """Where the embedded defaults live (relative to the working directory): the SQLite catalog, the local warehouse, and for
+    ``icefleet demo`` and ``icefleet up`` the files of their ``redis-server`` and the logs."""
     redis_url: str = field(default="redis://127.0.0.1:6379/0", repr=False)
+    """The Celery broker and all of icefleet's coordination (pending batches, locks, dead
+    letters)."""
     catalog_name: str | None = None
+    """Name of a pyiceberg catalog (``.pyiceberg.yaml`` or ``PYICEBERG_CATALOG__<NAME>__*``);
+    unset: the embedded SQLite catalog with a local warehouse under ``ICEFLEET_HOME``."""
     namespace: str = "events"
+    """Namespace of the tables routed by event ``type`` when no ``ICEFLEET_ROUTES`` rule matches."""
     routes: tuple[Route, ...] = ()
+    """Routing rules tried before the default, first match wins: ``com.github.*=github.events``
+    sends every event whose type matches the fnmatch pattern to that table."""
     max_event_bytes: int = 1_048_576
+    """Events larger than this many bytes, as received, are dead-lettered with the reason."""
     batch_max_events: int = 10_000
+    """The producer cuts what it is given into batches of at most this many events (child ids
+    ``<id>:<n>``); writers write a batch in chunks of half of it."""
     batch_max_bytes: int = 8_388_608
+    """... and of at most this many bytes of NDJSON."""
     row_group_rows: int = 100_000
+    """Rows per Parquet row group, honoured exactly."""
     compression: str = "zstd"
+    """Parquet compression codec of the data files writers write."""
     commit_interval_ms: int = 1_000
+    """A table is committed once its oldest pending batch is this old (so a trickle of events is
+    visible within about this long) ..."""
     commit_max_files: int = 1_000
+    """... or once this many files are pending (also the most files of one snapshot) ..."""
     commit_max_bytes: int = 1_073_741_824
+    """... or this many bytes. At least ``ICEFLEET_BATCH_MAX_BYTES``."""
     commit_attempts: int = 8
+    """Attempts of one catalog commit on a conflict or an unknown outcome (the watermark is
+    re-read before each)."""
     retry_base_ms: int = 100
+    """Base of the commit retries' exponential backoff with jitter."""
     lock_ttl_ms: int = 30_000
+    """Lease of a table lock: renewed while held, freed this long after its owner died."""
     lock_wait_s: float = 120.0
+    """How long a commit or maintenance run waits for a table's lock (a commit task's time limit
+    is this plus five minutes)."""
     dedup_window_s: int = 7 * 24 * 3600
+    """How long a committed batch id is remembered: the same id sent again within it lands once."""
     schema_mode: SchemaMode = "evolve"
+    """Schema mode of every table without its own: ``evolve`` (new ``data`` fields become new
+    columns), ``strict`` (events that do not fit are dead-lettered), ``raw`` (envelope and
+    ``raw_event`` only)."""
     schema_modes: tuple[tuple[str, SchemaMode], ...] = ()
+    """Per-table schema modes, e.g. ``events.orders=strict,events.logs=raw``."""
     max_columns: int = 1_000
+    """A table grows no typed column beyond this many leaf columns; further values are rescued
+    (``_rescued_data``)."""
     max_depth: int = 8
+    """``data`` nested deeper than this is not typed but rescued."""
     write_timeout_s: int = 60  # a 10,000-event batch takes well under a second; see workers/app.py
+    """A write task's soft time limit: a batch that would take longer is split and its rest sent
+    again as a child batch. Also sets the visibility timeout (twice this plus 60 s)."""
     resend_after_s: float = 0.0  # 0: the visibility timeout + 60 s (common/coord/resend.py)
+    """The sweep sends a batch again from the producer's copy when it has been outstanding this
+    long while the ingest queue is empty (its message was lost). ``0``: the visibility timeout
+    plus 60 s."""
     log_level: str = "INFO"
+    """Level of icefleet's logs."""
     # HTTP ingest, metrics, canary, log format (workers/gateway.py, canary.py, common/observe/logs.py)
     http_max_body_bytes: int = 10_485_760
+    """The gateway refuses larger request bodies (413), while reading them."""
     http_token: str | None = None  # a secret: never shown by __repr__
+    """Bearer token the gateway requires on ``POST /events`` and ``GET /metrics``; unset: anyone
+    may post (and the gateway logs a warning)."""
     metrics_port: int | None = None
+    """Port of a process' Prometheus metrics; a writer's prefork child *n* uses this plus *n*.
+    Unset: no metrics server (the gateway still serves ``/metrics`` on its HTTP port)."""
     canary_interval_s: float = 300.0  # 0: no canary
+    """Every this many seconds beat sends a probe event to ``icefleet.canary`` and times it until
+    a scan shows it. ``0`` turns the canary off."""
     log_format: str = "text"
+    """``text``, or ``json``: one JSON object per line with ``batch_id`` and ``table``."""
     # table maintenance (common/maintenance/compaction.py, expiry.py, orphans.py; workers/tasks/maintenance.py)
     compact_target_file_size_bytes: int = 134_217_728
+    """Size of the files compaction writes."""
     compact_small_file_fraction: float = 0.75
+    """A file smaller than this fraction of the target size is small, a compaction candidate."""
     compact_min_files: int = 5
+    """A partition is compacted when it has at least this many small files."""
     compact_trigger_files: int = 50
+    """The scheduled compaction takes up a table once it has this many small files."""
     expire_older_than_s: float = 900.0
+    """Scheduled expiry (and the CLI's default) expires snapshots older than this ..."""
     expire_retain_last: int = 100
+    """... keeping at least this many of the newest."""
     orphan_min_age_s: float = 3 * 86_400.0
+    """Orphan removal keeps files younger than this (a write in flight looks like an orphan)."""
     maintenance_compact_interval_s: float = 600.0
+    """How often beat runs the scheduled compaction."""
     maintenance_expire_interval_s: float = 300.0
+    """How often beat runs the scheduled snapshot expiry."""
     maintenance_orphans_interval_s: float = 86_400.0
+    """How often beat runs the scheduled orphan removal."""
 
     def __repr__(self) -> str:
         hidden = ("redis_url", "http_token")
