@@ -7,7 +7,7 @@ PYTEST  = $(PYTHON) -m pytest
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install lint test test-unit test-integration test-chaos bench clean
+.PHONY: help install lint test test-unit test-integration test-chaos bench docs clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-17s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -43,6 +43,9 @@ test: lint ## lint, the whole suite under coverage, then the line and branch flo
 
 bench: ## benchmarks (python -m benchmarks)
 	$(PYTHON) -m benchmarks
+
+docs: ## regenerate docs/configuration.md from common/settings.py (tests/unit/test_docs.py checks it)
+	$(PYTHON) -m common.settings_doc docs/configuration.md
 
 clean: ## remove coverage data and tool caches
 	$(PYTHON) -m coverage erase
