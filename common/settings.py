@@ -79,7 +79,8 @@ class Settings:
     """Attempts of one catalog commit on a conflict or an unknown outcome (the watermark is
     re-read before each)."""
     retry_base_ms: int = 100
-    """Base of the commit retries' exponential backoff with jitter."""
+    """Base of the commit retries' exponential backoff with jitter; it also scales the storage and
+    catalog retry policies (the default, 100, gives their own pauses)."""
     lock_ttl_ms: int = 30_000
     """Lease of a table lock: renewed while held, freed this long after its owner died."""
     lock_wait_s: float = 120.0
