@@ -11,8 +11,8 @@ once, like :mod:`common.coord.keys` for Redis keys:
   :func:`split_child_id`). A caller's id shaped like a split child is refused
   (:func:`check_batch_id`), as it could take a child's place.
 * **The write-task message** (:class:`WriteTask`): the keyword arguments of
-  ``icefleet.write_batch`` in Celery's message protocol 2 (:func:`task_message`). README and
-  ``docs/producers.md`` describe it for producers in other languages.
+  ``icefleet.write_batch`` in Celery's message protocol 2 (:func:`task_message`).
+  ``docs/producers.md`` describes it for producers in other languages.
 """
 
 from __future__ import annotations

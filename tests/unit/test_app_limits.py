@@ -94,7 +94,7 @@ def test_defaults_keep_the_documented_visibility_timeout_and_restore_every_ten_s
     # Given the default settings, When the app is configured
     app = create_app(settings())
 
-    # Then the visibility timeout is 2 x the write timeout (60 s) + 60 s, as the README says, and
+    # Then the visibility timeout is 2 x the write timeout (60 s) + 60 s, as docs/operations.md says, and
     # kombu scans for expired unacknowledged messages every 10 s (not 10 s x its throttle of 10)
     options = app.conf.broker_transport_options
     assert options["visibility_timeout"] == 2 * 60 + 60
