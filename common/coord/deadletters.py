@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import builtins
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -53,7 +53,8 @@ class StoredDeadLetter:
     at_ms: int
 
 
-def _fields(record: DeadLetterLike, table: str | None, at_ms: int) -> dict[FieldT, EncodableT]:
+def entry_fields(record: DeadLetterLike, table: str | None, at_ms: int) -> dict[FieldT, EncodableT]:
+    """The stream entry of a dead letter (for callers that add it in a transaction of theirs)."""
     fields: dict[FieldT, EncodableT] = {
         "batch_id": record.batch_id,
         "position": record.position,
@@ -88,6 +89,12 @@ def _stored(entry_id: bytes, fields: Mapping[bytes, bytes]) -> StoredDeadLetter:
     )
 
 
+def stream_order(entry_id: str) -> tuple[int, int]:
+    """A stream entry id (``<ms>-<seq>``) as a sort key."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 class DeadLetterStore:
     """Add, page through, count and delete dead letters in ``icefleet:dead-letters``.
 
@@ -110,7 +117,9 @@ class DeadLetterStore:
         pipe = self._client.pipeline(transaction=False)
         queued = 0
         for record in records:
-            pipe.xadd(self.key, _fields(record, table, at_ms), maxlen=self.maxlen, approximate=True)
+            pipe.xadd(
+                self.key, entry_fields(record, table, at_ms), maxlen=self.maxlen, approximate=True
+            )
             queued += 1
         if not queued:
             return []
@@ -126,6 +135,29 @@ class DeadLetterStore:
         )
         entries = cast(Iterable[tuple[bytes, Mapping[bytes, bytes]]], raw or [])
         return [_stored(entry_id, fields) for entry_id, fields in entries]
+
+    def scan(self, page: int = 1_000) -> Iterator[StoredDeadLetter]:
+        """Every dead letter, oldest first, read ``page`` at a time."""
+        start = "-"
+        while letters := self.list(page, start):
+            yield from letters
+            start = "(" + letters[-1].id
+
+    def fetch(
+        self, ids: Iterable[str]
+    ) -> tuple[builtins.list[StoredDeadLetter], builtins.list[str]]:
+        """The dead letters with these stream ids, in stream order; and the ids not found."""
+        ids = builtins.list(ids)
+        found: dict[str, StoredDeadLetter] = {}
+        for entry_id in dict.fromkeys(ids):
+            try:
+                page = self.list(1, entry_id)
+            except redis.ResponseError:  # not a stream id at all
+                continue
+            if page and page[0].id == entry_id:
+                found[entry_id] = page[0]
+        letters = sorted(found.values(), key=lambda letter: stream_order(letter.id))
+        return letters, [i for i in ids if i not in found]
 
     def count(self) -> int:
         """How many dead letters are stored."""

@@ -86,7 +86,7 @@ def split(batch_id: str) -> str:
 
 def replays() -> str:
     """Dead letters assigned to a replay batch (hash: dead-letter id → batch id, and
-    ``batch:<id>`` → the batch's members; workers/cli/deadletters.py)."""
+    ``batch:<id>`` → the batch's members; common/ingest/replay.py)."""
     return f"{PREFIX}replays"
 
 

@@ -24,6 +24,7 @@ from click.testing import CliRunner
 from common.coord.deadletters import DeadLetterStore
 from common.ingest.events import DeadLetter
 from common.ingest.producer import Producer
+from common.ingest.replay import REPLAYS_KEY, Replayer
 from common.settings import Settings, load_settings
 from tests.chaos.harness import (
     assert_exactly_once,
@@ -37,7 +38,7 @@ from tests.chaos.harness import (
     running_fleet,
     wait_idle,
 )
-from workers.cli.deadletters import REPLAYS_KEY, Replayer, preview
+from workers.cli.deadletters import preview
 from workers.cli.main import main
 
 pytestmark = pytest.mark.integration
@@ -177,14 +178,14 @@ def test_a_replay_interrupted_after_its_enqueue_resends_the_same_batch(
 def test_letters_for_an_explicit_table_go_there_and_table_filter_routes(
     cli: CliRunner, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import workers.cli.deadletters
+    import common.ingest.replay
 
     sent: list[tuple[str, str | None, list[str]]] = []
 
     def record(self: Any, events: list[str], table: str | None, batch_id: str) -> None:
         sent.append((batch_id, table, events))
 
-    monkeypatch.setattr(workers.cli.deadletters.Replayer, "_enqueue", record)
+    monkeypatch.setattr(common.ingest.replay.Replayer, "_enqueue", record)
     add(redis_client, DeadLetter("b1", 0, "r", None, event_line("o1")))  # routes to events.order
     add(redis_client, DeadLetter("b2", 0, "r", None, event_line("r1", "com.example.refund")))
     add(redis_client, DeadLetter("b3", 0, "r", None, event_line("x1")), table="archive.orders")

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from common.coord import keys
+from common.ingest.replay import REPLAYS_KEY, origin_key
 from common.observe.metrics import CANARY_LAST_KEY
 from common.write.partial import split_key
-from workers.cli.deadletters import REPLAYS_KEY, origin_key
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -82,7 +82,7 @@ def test_no_redis_key_is_spelt_outside_common_keys() -> None:
     offenders = {
         str(path.relative_to(ROOT)): literals
         for folder in ("common", "workers")
-        for path in sorted((ROOT / folder).glob("*.py"))
+        for path in sorted((ROOT / folder).rglob("*.py"))
         if path.name != "keys.py" and (literals := _key_literals(path))
     }
     assert offenders == {}
