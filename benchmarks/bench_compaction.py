@@ -46,13 +46,8 @@ from pyiceberg.typedef import Record
 from benchmarks._shared import write_results
 from common.commit.committer import SEQ_PROPERTY, committed_seq, without_library_retries
 from common.coord.locks import TableLock
-from common.maintenance.compaction import (
-    REWRITE_THREADS,
-    CompactionOptions,
-    bins,
-    compact_table,
-    plan_compaction,
-)
+from common.maintenance.compaction import REWRITE_THREADS, compact_table
+from common.maintenance.compaction_plan import CompactionOptions, bins, plan_compaction
 from common.maintenance.deletes import live_data_files
 from common.maintenance.invariants import validate_lineage
 from common.maintenance.verify import verify_table

@@ -81,6 +81,15 @@ def open_catalog(settings: Settings) -> Catalog:
 LockFactory = Callable[[str], AbstractContextManager[object]]
 
 
+def catalog_tables(catalog: Catalog) -> list[str]:
+    """Every ``namespace.table`` in the catalog (one level of namespaces, as icefleet creates)."""
+    names = []
+    for namespace in catalog.list_namespaces():
+        for identifier in catalog.list_tables(namespace):
+            names.append(".".join(identifier))
+    return sorted(names)
+
+
 @dataclass
 class _Cached:
     table: Table

@@ -276,14 +276,16 @@ def test_a_capped_compaction_hands_the_rest_to_a_follow_up_task(
     pipe: Pipeline, eager: Any, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import workers.tasks.maintenance as maintenance
+    from common.maintenance.compaction_plan import CompactionOptions
+    from common.maintenance.maintainer import Maintainer
 
     # Given small files on two days, and a cap of one day's worth per run
     ingest(pipe, 8, 5, commit_every=1)
     day_bytes = sum(f.file_size_in_bytes for f in live_data_files(pipe.table()).values()) // 2
     monkeypatch.setattr(
-        maintenance.Maintainer,
+        Maintainer,
         "compaction_options",
-        lambda self, **kw: maintenance.CompactionOptions(
+        lambda self, **kw: CompactionOptions(
             64 * 1_048_576, min_files=2, max_rewrite_bytes=day_bytes + 1
         ),
     )
@@ -324,9 +326,9 @@ def test_maintenance_on_an_s3_warehouse(
     redis_url: str,
     redis_client: redis.Redis,
 ) -> None:
+    from common.maintenance.maintainer import Maintainer
     from common.maintenance.orphans import list_files
     from tests.integration.test_s3_warehouse import s3_catalog_env
-    from workers.tasks.maintenance import Maintainer
 
     # Given a table on S3 made of six small batches, and an orphan object
     s3_catalog_env(monkeypatch, s3_endpoint, s3_bucket, icefleet_home)

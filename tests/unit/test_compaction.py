@@ -18,19 +18,12 @@ from pyiceberg.typedef import Record
 from common.commit.committer import SEQ_PROPERTY, committed_seq
 from common.coord.locks import TableLock
 from common.errors import ConcurrentModificationError
-from common.maintenance.compaction import (
-    BASE_SEQ_PROPERTY,
-    CompactionOptions,
-    bins,
-    compact_table,
-    plan_compaction,
-    plan_files,
-    rewrite_plan,
-    swap_data_files,
-)
+from common.maintenance.compaction import compact_table, rewrite_plan
+from common.maintenance.compaction_plan import CompactionOptions, bins, plan_compaction, plan_files
 from common.maintenance.deletes import live_data_files, remove_data_files
 from common.maintenance.invariants import validate_lineage
 from common.maintenance.orphans import canonical_path
+from common.maintenance.swap import BASE_SEQ_PROPERTY, swap_data_files
 from tests.pipeline import TABLE, Pipeline, make_events, make_pipeline, outside_append
 
 pytestmark = pytest.mark.unit

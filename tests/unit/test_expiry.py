@@ -18,7 +18,8 @@ from pyiceberg.table.snapshots import Snapshot
 
 from common.commit.committer import committed_seq
 from common.coord.locks import TableLock
-from common.maintenance.compaction import CompactionOptions, compact_table
+from common.maintenance.compaction import compact_table
+from common.maintenance.compaction_plan import CompactionOptions
 from common.maintenance.deletes import live_data_files
 from common.maintenance.expiry import ExpiryPolicy, expire_snapshots, snapshots_to_expire
 from common.maintenance.invariants import validate_lineage

@@ -23,7 +23,7 @@ from workers.cli.errors import errors
 from workers.cli.errors import fail as _fail
 
 if TYPE_CHECKING:
-    from workers.tasks.maintenance import Maintainer
+    from common.maintenance.maintainer import Maintainer
 
 out = Console(highlight=False, soft_wrap=True)
 
@@ -42,8 +42,8 @@ def _maintainer(*, needs_redis: bool = True) -> Iterator[Maintainer]:
     import redis
 
     from common.lake.catalog import open_catalog
+    from common.maintenance.maintainer import Maintainer
     from common.settings import load_settings
-    from workers.tasks.maintenance import Maintainer
 
     with _errors():
         settings = load_settings()

@@ -16,6 +16,7 @@ from rich.table import Table as RichTable
 from common.commit.committer import committed_seq
 from common.coord.backlog import Backlog, read_backlog
 from common.coord.deadletters import DeadLetterStore
+from common.lake.catalog import catalog_tables
 from common.redaction import redact_url
 from common.settings import Settings
 
@@ -44,15 +45,6 @@ class TableStats:
             commit_seq=committed_seq(table),
             last_commit_ms=snapshot.timestamp_ms if snapshot is not None else None,
         )
-
-
-def catalog_tables(catalog: Catalog) -> list[str]:
-    """Every ``namespace.table`` in the catalog (one level of namespaces, as icefleet creates)."""
-    names = []
-    for namespace in catalog.list_namespaces():
-        for identifier in catalog.list_tables(namespace):
-            names.append(".".join(identifier))
-    return sorted(names)
 
 
 def table_stats(catalog: Catalog, names: list[str] | None = None) -> dict[str, TableStats]:
