@@ -9,11 +9,10 @@ from typing import Any
 import orjson
 import pytest
 
-from workers.gateway import (
+from workers.gateway import Outcome, ProducerPool
+from workers.gateway_modes import (
     BATCH,
     STRUCTURED,
-    Outcome,
-    ProducerPool,
     Rejection,
     RequestError,
     binary_event,
