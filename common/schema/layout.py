@@ -41,7 +41,8 @@ from pyiceberg.types import (
 )
 
 from common.ingest.events import Event, paused_gc
-from common.schema.inference import desired_data_struct, fits, misfits
+from common.schema.fitting import fits, misfits
+from common.schema.inference import desired_data_struct
 from common.settings import SchemaMode
 
 DATA = "data"
@@ -190,7 +191,7 @@ def project(
     to ``raw_event``.
 
     Built column by column, the hot path of a writer: ``data`` values go straight into one list
-    per column, each column is checked at once (:func:`~common.schema.inference.column_checker`), and
+    per column, each column is checked at once (:func:`~common.schema.fitting.column_checker`), and
     only the events with something to rescue (a key without a column, a value that does not fit,
     a renamed key, a ``data`` that is not an object) take the row-by-row path of
     :func:`_project_row`.

@@ -21,7 +21,8 @@ from pyiceberg.types import (
     StructType,
 )
 
-from common.schema.inference import desired_data_struct, fits, usable_key
+from common.schema.fitting import fits
+from common.schema.inference import desired_data_struct, usable_key
 
 pytestmark = pytest.mark.unit
 
