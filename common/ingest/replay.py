@@ -38,6 +38,7 @@ import redis
 
 from common.coord import keys
 from common.coord.deadletters import DeadLetterStore, StoredDeadLetter, entry_fields
+from common.coord.replies import as_text
 from common.ingest.events import DeadLetter, parse_batch, split_events
 from common.ingest.routing import Router
 from common.settings import Settings
@@ -58,10 +59,6 @@ end
 redis.call('hset', KEYS[1], 'batch:' .. ARGV[1], ARGV[2])
 return 1
 """
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _items(letter: StoredDeadLetter) -> list[bytes]:
@@ -122,7 +119,7 @@ class Replayer:
         """The replay batches of ``letters``, assigning those that have none yet."""
         ids = [letter.id for letter in letters]
         current = self.client.hmget(REPLAYS_KEY, ids) if ids else []
-        batches = dict.fromkeys(_text(b) for b in current if b is not None)
+        batches = dict.fromkeys(as_text(b) for b in current if b is not None)
         fresh = self._originals(
             [letter for letter, b in zip(letters, current, strict=True) if b is None], report
         )
@@ -139,7 +136,7 @@ class Replayer:
                     # a concurrent replay took some of them: follow its assignments
                     for taken in self.client.hmget(REPLAYS_KEY, members):
                         if taken is not None:
-                            batches[_text(taken)] = None
+                            batches[as_text(taken)] = None
                     continue
                 batches[batch_id] = None
         return list(batches)
@@ -158,7 +155,7 @@ class Replayer:
         twins: list[StoredDeadLetter] = []
         for n, letter in enumerate(letters):
             owner = replies[2 * n + 1]
-            (originals if owner is None or _text(owner) == letter.id else twins).append(letter)
+            (originals if owner is None or as_text(owner) == letter.id else twins).append(letter)
         if twins:
             report.duplicates += self.store.delete(letter.id for letter in twins)
         return originals
