@@ -50,8 +50,8 @@ from common.coord.deadletters import DeadLetterStore, StoredDeadLetter
 from common.errors import IcefleetError
 from common.ingest.events import DeadLetter, parse_batch, split_events
 from common.ingest.routing import Router, TableName
-from common.settings import Settings, load_settings
-from workers.cli.errors import fail
+from common.settings import Settings
+from workers.cli.errors import errors
 
 console = Console(stderr=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -78,19 +78,14 @@ return 1
 
 @contextmanager
 def _connected() -> Iterator[tuple[Settings, redis.Redis]]:
+    from workers.cli.context import connect, load_context
+
+    with errors():
+        context = load_context()
+        client = connect(context)
     try:
-        settings = load_settings()
-    except IcefleetError as exc:
-        fail(str(exc))
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        fail(f"Redis not reachable: {exc}")
-    try:
-        yield settings, client
-    except (IcefleetError, redis.RedisError) as exc:
-        fail(str(exc))
+        with errors():
+            yield context.settings, client
     finally:
         client.close()
 
