@@ -141,10 +141,22 @@ def connect(context: Context, wait_s: float = 0.0) -> redis.Redis:
 
 
 def open_catalog_checked(context: Context) -> Catalog:
-    """The catalog, loaded (a SQL catalog connects to its database as it loads)."""
+    """The catalog, loaded (a SQL catalog connects to its database as it loads).
+
+    Two commands opening a fresh embedded catalog at once race in pyiceberg's "create the
+    catalog tables unless they exist": the loser's CREATE TABLE fails with "already exists",
+    and a second load finds them.
+    """
+    from sqlalchemy.exc import OperationalError
+
     from common.lake.catalog import open_catalog
 
-    return open_catalog(context.settings)
+    try:
+        return open_catalog(context.settings)
+    except OperationalError as exc:
+        if "already exists" not in str(exc):
+            raise
+        return open_catalog(context.settings)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -40,8 +40,8 @@ def evolve(table: str, renames: tuple[str, ...]) -> None:
         raise click.UsageError("nothing to do: give at least one --rename OLD=NEW")
     with errors():
         context = load_context()
-        catalog = open_catalog_checked(context)
         client = connect(context)
+        catalog = open_catalog_checked(context)
         settings = context.settings
         if not catalog.table_exists(name.parts):
             raise TableNotFoundError(str(name))

@@ -49,10 +49,10 @@ def tables(as_json: bool) -> None:
     a Redis is configured or a local fleet runs."""
     with errors():
         context = load_context(needs_redis=False)
+        client = connect(context) if context.redis_configured else None
         stats = table_stats(open_catalog_checked(context))
         lags: dict[str, int | None] | None = None
-        if context.redis_configured:
-            client = connect(context)
+        if client is not None:
             lags = oldest_pending_ms(client, list(stats))
             client.close()
     now_ms = int(time.time() * 1000)

@@ -85,7 +85,7 @@ def send_payload(
 
 
 @click.command()
-@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.argument("file", type=click.Path(allow_dash=True))
 @click.option("--table", "-t", help="Send every event to this namespace.table.")
 @click.option("--batch-id", help="Idempotency key: the same events under the same id land once.")
 def send(file: str, table: str | None, batch_id: str | None) -> None:
