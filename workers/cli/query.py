@@ -79,6 +79,7 @@ def tables(as_json: bool) -> None:
     grid = Table(show_edge=False, header_style="bold")
     for column in ("table", "rows", "files", "snapshots", "last commit", "lag"):
         grid.add_column(column, justify="left" if column == "table" else "right")
+    grid.columns[0].min_width = max(len(row["sql_name"]) for row in rows)  # whole names
     for row in rows:
         last = row["last_commit_ms"]
         grid.add_row(

@@ -168,6 +168,8 @@ def renderable(data: dict[str, Any]) -> Group:
         "lag",
     ):
         table.add_column(column, justify="left" if column == "table" else "right")
+    # whole names, however narrow the terminal: the numbers wrap instead
+    table.columns[0].min_width = max((len(row["table"]) for row in data["tables"]), default=5)
     for row in data["tables"]:
         table.add_row(
             row["table"],
