@@ -24,8 +24,9 @@ from rich.markup import escape
 from common.coord.deadletters import DeadLetterStore
 from common.errors import IcefleetError
 from common.ingest.events import DeadLetter, parse_batch
-from common.ingest.producer import Producer, check_batch_id
+from common.ingest.producer import Producer
 from common.ingest.routing import TableName
+from common.wire import check_batch_id
 from workers.cli.context import connect, load_context
 from workers.cli.deadletters import preview
 from workers.cli.errors import errors, fail
