@@ -19,6 +19,7 @@ from common.errors import StaleFleetRecordError
 from workers.cli.context import FROM_ENV, load_context
 from workers.fleet_record import (
     FleetRecord,
+    keep_recorded,
     process_alive,
     process_started,
     read_record,
@@ -165,3 +166,16 @@ def test_a_dead_owners_record_is_removed_and_redis_commands_refuse_the_default(
     assert context.record is None
     assert not context.redis_configured
     assert not dead.path.exists()
+
+
+def test_a_running_fleet_writes_its_record_again_when_it_was_removed(tmp_path: Path) -> None:
+    # Given a fleet's record that a command removed (its Redis was restarting)
+    record = FleetRecord.for_this_process(URL, None, tmp_path, "up")
+    write_record(record)
+    record.path.unlink()
+
+    # When the fleet's supervision loop checks it
+    keep_recorded(record)
+
+    # Then it is back, the same
+    assert read_record(tmp_path) == record

@@ -15,7 +15,7 @@ import pytest
 
 from common.errors import QueryError, TableNotFoundError
 from common.lake.query import file_io_properties, mentioned, query_error, sql_name
-from workers.cli.query import cell, write_csv, write_json
+from workers.cli.query import cell, write_csv, write_json, write_table
 
 pytestmark = pytest.mark.unit
 
@@ -115,3 +115,22 @@ def test_csv_has_a_header_and_nested_values_as_json() -> None:
         ["", "", "", "", ""],
     ]
     assert cell(b"\x00\x01") == "AAE="
+
+
+def test_table_output_shows_max_rows_and_counts_the_rest(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    # Given 5 rows in two batches
+    table = pa.table({"n": list(range(5)), "name": ["a", None, "c", "d", "e"]})
+    batches = table.to_batches(max_chunksize=3)
+
+    # When the table output may show 2
+    write_table(table.schema, batches, max_rows=2)
+
+    # Then 2 rows are shown (a null as NULL) and the 3 others counted
+    captured = capsys.readouterr()
+    assert "NULL" in captured.out
+    assert " c " not in captured.out
+    assert captured.err.strip() == (
+        "5 row(s); 3 more not shown (--max-rows, LIMIT, or --csv/--json)"
+    )
