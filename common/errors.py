@@ -189,3 +189,41 @@ class LockLostError(LockError):
 
 class PayloadEncodingError(IcefleetError):
     """A write task's payload is not in the encoding it says (:mod:`common.ingest.payloads`)."""
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+class RedisUnavailableError(IcefleetError):
+    """Raised when the Redis a command needs cannot be used: not answering, or refusing our
+    credentials. ``url`` is already redacted; ``origin`` says where the URL came from."""
+
+    def __init__(self, url: str, origin: str, problem: str, hint: str) -> None:
+        self.url = url
+        self.origin = origin
+        self.problem = problem
+        super().__init__(f"Redis at {url} ({origin}) {problem}: {hint}")
+
+
+class StaleFleetRecordError(IcefleetError):
+    """Raised when the local fleet a record under ``ICEFLEET_HOME`` describes is gone: its record
+    is removed, and the command refuses to fall back to the default Redis in its place."""
+
+    def __init__(self, path: str, why: str) -> None:
+        self.path = path
+        super().__init__(
+            f"the local fleet recorded in {path} is gone ({why}); the stale record was removed. "
+            "Start it again with `icefleet up`, or set ICEFLEET_REDIS_URL"
+        )
+
+
+class TableNotFoundError(IcefleetError):
+    """Raised when a command names a table the catalog does not have."""
+
+    def __init__(self, table: str) -> None:
+        self.table = table
+        super().__init__(f"no table {table} in the catalog (`icefleet tables` lists them)")
+
+
+class QueryError(IcefleetError):
+    """Raised when the query engine refuses or fails a SQL query; the message is its reason."""

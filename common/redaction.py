@@ -27,14 +27,15 @@ def redact_url(url: str) -> str:
     """Replace the password of a URL (``redis://:pw@host``) with ``***``; other parts stay."""
     try:
         parts = urlsplit(url)
+        port = parts.port  # raises on a port that is not a number (a malformed URL)
     except ValueError:
         return _URL_PASSWORD.sub(rf"\g<scheme>\g<user>:{REDACTED}@", url)
     if parts.password is None:
         return url
     user = parts.username or ""
     host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
+    if port is not None:
+        host = f"{host}:{port}"
     netloc = f"{user}:{REDACTED}@{host}"
     return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
 

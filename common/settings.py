@@ -18,6 +18,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from common.errors import ConfigError, InvalidIdentifierError
 from common.redaction import REDACTED, redact_url
@@ -238,8 +239,19 @@ def _schema_modes(raw: str) -> tuple[tuple[str, SchemaMode], ...]:
 
 
 def _redis_url(raw: str) -> str:
+    accepts = "a Redis URL such as redis://127.0.0.1:6379/0 (or rediss://, unix://)"
     if not re.match(r"^(redis|rediss|unix)://", raw):
-        raise ValueError("a Redis URL such as redis://127.0.0.1:6379/0 (or rediss://, unix://)")
+        raise ValueError(accepts)
+    if raw.startswith("unix://"):
+        return raw
+    # Checked here, not when the first command connects: redis-py would raise a bare ValueError
+    # there, deep in a traceback ("Port could not be cast to integer value").
+    try:
+        port = urlsplit(raw).port
+    except ValueError:
+        raise ValueError(f"{accepts}; its port is not a number from 1 to 65535") from None
+    if port == 0:
+        raise ValueError(f"{accepts}; its port is not a number from 1 to 65535")
     return raw
 
 

@@ -67,15 +67,23 @@ class RedisProcess:
     ``appendonly``), which is what the chaos tests need; ``stop(kill=True)`` is a crash.
     """
 
-    def __init__(self, workdir: Path, port: int | None = None, appendonly: bool = True) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        port: int | None = None,
+        appendonly: bool = True,
+        password: str | None = None,
+    ) -> None:
         self.workdir = workdir
         self.port = port if port is not None else free_port()
         self.appendonly = appendonly
+        self.password = password  # requirepass: clients must AUTH
         self._proc: subprocess.Popen[bytes] | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://{LOOPBACK}:{self.port}/0"
+        auth = f":{self.password}@" if self.password else ""
+        return f"redis://{auth}{LOOPBACK}:{self.port}/0"
 
     @property
     def running(self) -> bool:
@@ -95,6 +103,8 @@ class RedisProcess:
             "--appendfsync", "everysec", "--protected-mode", "yes",
             "--logfile", str(self.workdir / "redis.log"),
         ]  # fmt: skip
+        if self.password:
+            args += ["--requirepass", self.password]
         self._proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self._wait_ready(timeout_s)
 
@@ -120,6 +130,10 @@ class RedisProcess:
                 raise RuntimeError(f"redis-server exited with {self._proc.returncode}:\n{tail}")
             try:
                 with socket.create_connection((LOOPBACK, self.port), timeout=0.5) as sock:
+                    if self.password:  # inline command: a password holds no spaces here
+                        sock.sendall(f"AUTH {self.password}\r\n".encode())
+                        if not sock.recv(64).startswith(b"+OK"):
+                            continue
                     sock.sendall(b"PING\r\n")
                     if sock.recv(64).startswith(b"+PONG"):
                         return

@@ -20,7 +20,9 @@ COMMANDS = {
     "up": ["--writers", "--flower"],
     "send": ["FILE", "--table", "--batch-id"],
     "wait": ["--timeout", "--batch-id"],
-    "status": ["--json"],
+    "status": ["--json", "--watch"],
+    "tables": ["--json"],
+    "query": ["SQL", "--json", "--csv"],
     "worker": ["writer|committer", "--pool", "--beat"],
 }
 
@@ -57,9 +59,12 @@ def test_every_command_has_help(runner: CliRunner, command: str) -> None:
         (["worker", "scheduler"], "writer"),
         (["worker", "committer", "--concurrency", "2"], "one task at a time"),
         (["send"], "FILE"),
-        (["send", "/nonexistent/events.ndjson"], "No such file"),
         (["send", "-", "--table", "Events.Page"], "--table"),
+        (["send", "-", "--batch-id", "orders~12"], "--batch-id"),
         (["wait", "--timeout", "-1"], "--timeout"),
+        (["status", "--watch", "--json"], "--watch"),
+        (["query", "  "], "SQL"),
+        (["query", "SELECT 1", "--max-rows", "0"], "--max-rows"),
         (["nonsense"], "No such command"),
     ],
 )
@@ -108,3 +113,21 @@ def test_up_without_redis_server_fails_before_starting_anything(
     result = runner.invoke(main, ["up", "--flower"])
     assert result.exit_code == 1
     assert "apt-get install redis-server" in result.output
+
+
+@pytest.mark.parametrize("make", ["missing", "directory"])
+def test_a_file_send_cannot_read_is_one_line_exit_1(
+    runner: CliRunner, tmp_path: Path, make: str
+) -> None:
+    # Given a path that does not exist, or a directory
+    path = tmp_path / "events.ndjson"
+    if make == "directory":
+        path.mkdir()
+
+    # When send is given it
+    result = runner.invoke(main, ["send", str(path)])
+
+    # Then one line says it cannot be read, before anything connects
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip().count("\n") == 0
+    assert result.stderr.startswith(f"error: cannot read {path}")

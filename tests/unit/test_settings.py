@@ -61,6 +61,8 @@ def test_values_are_parsed_and_typed() -> None:
         ("ICEFLEET_ROUTES", "x=../../etc.passwd", "namespace.table"),
         ("ICEFLEET_SCHEMA_MODES", "events.push=lenient", "MODE one of"),
         ("ICEFLEET_REDIS_URL", "http://localhost", "Redis URL"),
+        ("ICEFLEET_REDIS_URL", "redis://127.0.0.1:notaport/0", "port is not a number"),
+        ("ICEFLEET_REDIS_URL", "redis://127.0.0.1:0/0", "port is not a number"),
         ("ICEFLEET_LOCK_WAIT_S", "never", "positive number of seconds"),
         ("ICEFLEET_HOME", "  ", "non-empty"),
         ("ICEFLEET_LOG_LEVEL", "chatty", "one of debug"),
@@ -87,6 +89,11 @@ def test_secret_never_in_repr_or_error() -> None:
     with pytest.raises(ConfigError) as raised:
         load_settings({"ICEFLEET_REDIS_URL": "http://user:hunter2@host"})
     assert "hunter2" not in str(raised.value)
+    # And so is one whose port is malformed (urllib raises on reading such a port)
+    with pytest.raises(ConfigError) as raised:
+        load_settings({"ICEFLEET_REDIS_URL": "redis://:hunter2@127.0.0.1:notaport/0"})
+    assert "hunter2" not in str(raised.value)
+    assert "redis://:***@127.0.0.1:notaport/0" in str(raised.value)
 
 
 def test_unknown_variable_is_ignored_with_warning(caplog: pytest.LogCaptureFixture) -> None:

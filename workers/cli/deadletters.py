@@ -26,8 +26,8 @@ from common.coord.deadletters import DeadLetterStore, StoredDeadLetter
 from common.errors import IcefleetError
 from common.ingest.replay import REPLAYS_KEY, Replayer, routes_to
 from common.ingest.routing import Router, TableName
-from common.settings import Settings, load_settings
-from workers.cli.errors import fail
+from common.settings import Settings
+from workers.cli.errors import errors
 
 console = Console(stderr=True)
 out = Console(highlight=False, soft_wrap=True)
@@ -37,19 +37,14 @@ PREVIEW_CHARS = 80
 
 @contextmanager
 def _connected() -> Iterator[tuple[Settings, redis.Redis]]:
+    from workers.cli.context import connect, load_context
+
+    with errors():
+        context = load_context()
+        client = connect(context)
     try:
-        settings = load_settings()
-    except IcefleetError as exc:
-        fail(str(exc))
-    client = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        fail(f"Redis not reachable: {exc}")
-    try:
-        yield settings, client
-    except (IcefleetError, redis.RedisError) as exc:
-        fail(str(exc))
+        with errors():
+            yield context.settings, client
     finally:
         client.close()
 

@@ -9,6 +9,7 @@ colliding with the ids of an earlier run.
 from __future__ import annotations
 
 import random
+import shlex
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -21,6 +22,7 @@ from pyiceberg.catalog import Catalog
 from common.coord.backlog import Waiter
 from common.ingest.producer import Producer
 from common.ingest.routing import Router
+from common.lake.query import sql_name
 from common.settings import Settings
 from workers.cli.status import TableStats, table_stats
 
@@ -120,6 +122,16 @@ def synthetic_events(count: int, seed: int = 7, run_id: str = "demo") -> Iterato
 def demo_tables(settings: Settings) -> list[str]:
     router = Router(settings.routes, settings.namespace)
     return [str(router.table_for(event_type)) for event_type, _ in TYPES]
+
+
+def next_commands(settings: Settings) -> list[str]:
+    """What to run after the demo to look at its data (printed at its end)."""
+    orders = sql_name(demo_tables(settings)[1].split("."))
+    sql = (
+        "SELECT customer.country AS country, count(*) AS orders, round(sum(total), 2) AS revenue "
+        f"FROM {orders} GROUP BY 1 ORDER BY orders DESC"
+    )
+    return ["icefleet tables", f"icefleet query {shlex.quote(sql)}"]
 
 
 @dataclass

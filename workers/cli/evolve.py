@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import click
-import redis
 
 from common.coord.locks import table_lock
-from common.errors import IcefleetError
+from common.errors import IcefleetError, TableNotFoundError
 from common.ingest.routing import TableName
-from common.lake.catalog import open_catalog
 from common.schema.evolution import rename_data_field
-from common.settings import load_settings
+from workers.cli.context import connect, load_context, open_catalog_checked
+from workers.cli.errors import errors
 
 
 def _pair(text: str) -> tuple[str, str]:
@@ -34,16 +33,21 @@ def evolve(table: str, renames: tuple[str, ...]) -> None:
     """Change the schema of TABLE (namespace.table) through the committer's lock."""
     try:
         name = TableName.parse(table)
-        pairs = [_pair(r) for r in renames]
-        if not pairs:
-            raise click.UsageError("nothing to do: give at least one --rename OLD=NEW")
-        settings = load_settings()
-        catalog = open_catalog(settings)
-        client = redis.Redis.from_url(settings.redis_url)
+    except IcefleetError as exc:
+        raise click.BadParameter(str(exc), param_hint="TABLE") from None
+    pairs = [_pair(r) for r in renames]
+    if not pairs:
+        raise click.UsageError("nothing to do: give at least one --rename OLD=NEW")
+    with errors():
+        context = load_context()
+        client = connect(context)
+        catalog = open_catalog_checked(context)
+        settings = context.settings
+        if not catalog.table_exists(name.parts):
+            raise TableNotFoundError(str(name))
         with table_lock(client, str(name), settings):
             current = catalog.load_table(name.parts)
             for old, new in pairs:
                 current = rename_data_field(current, old, new)
                 click.echo(f"{name}: renamed {old} -> {new}")
-    except IcefleetError as exc:
-        raise click.ClickException(str(exc)) from None
+        client.close()

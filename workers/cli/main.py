@@ -1,33 +1,37 @@
-"""The ``icefleet`` command line: demo, up, send, wait, status, worker (design.md §5)."""
+"""The ``icefleet`` command line: demo, up, send, wait, status, worker (design.md §5).
+
+Every command finds its Redis and catalog through :mod:`workers.cli.context` (the variables, else
+the record of a local fleet under ICEFLEET_HOME) and fails with one line (:mod:`workers.cli.errors`).
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import time
+from contextlib import ExitStack
 from typing import Any
 
 import click
 from rich.console import Console
 
-from common.errors import InvalidIdentifierError
-from common.settings import Settings, load_settings
+from common.redaction import redact_url
+from common.settings import Settings
+from workers.cli.context import FROM_ENV, Context, connect, load_context
 from workers.cli.errors import errors as _errors
 from workers.cli.errors import fail as _fail
 
 console = Console(stderr=True)
 out = Console()
 POOLS = ("prefork", "solo")  # one BatchWriter per process: no thread pools
+# How long a long-running command (up, demo, worker) waits for a configured Redis to answer:
+# services started together may come up in any order. A refused password fails at once.
+STARTUP_WAIT_S = 5.0
 
 
-def _settings(**overrides: Any) -> Settings:
+def _context(needs_redis: bool = True) -> Context:
     with _errors():
-        return load_settings(**overrides)
-
-
-def _configured_redis() -> bool:
-    return bool(os.environ.get("ICEFLEET_REDIS_URL"))
+        return load_context(needs_redis)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -57,30 +61,66 @@ def demo(
 ) -> None:
     """Start Redis, WRITERS writers and a committer, send EVENTS synthetic events, wait until all
     are committed, print throughput and the tables, and stop everything again."""
-    from workers.fleet import Fleet, signals_raise_keyboard_interrupt
+    from workers.fleet import signals_raise_keyboard_interrupt
 
-    settings = _settings()
-    fleet = Fleet(settings, writers=writers, spawn_redis=not _configured_redis(), pool=pool)
-    with _errors(), signals_raise_keyboard_interrupt():
+    context = _context(needs_redis=False)
+    fleet = _prepare_fleet(context, writers=writers, pool=pool)
+    record = ExitStack()  # closed after the fleet stopped: see _record
+    with record, _errors(), signals_raise_keyboard_interrupt():
         try:
             with console.status("starting Redis, writers and the committer..."):
                 fleet.start()
+                _record(record, fleet, "demo")
                 fleet.wait_ready()
             console.print(
                 f"fleet up: {writers} writer(s) and a committer ({pool} pool), "
-                f"Redis {fleet.settings.redis_url}\nlogs: {fleet.log_dir}",
+                f"Redis {redact_url(fleet.settings.redis_url)}\nlogs: {fleet.log_dir}",
                 highlight=False,
+                soft_wrap=True,
             )
             report = _run_demo(fleet.settings, events, batch_size, seed, timeout_s)
         except KeyboardInterrupt:
             console.print("interrupted: stopping the fleet")
             raise SystemExit(130) from None
         except (TimeoutError, RuntimeError) as exc:
-            _fail(str(exc))
+            _fail(str(exc), keep_lines=True)
         finally:
             with console.status("stopping the fleet..."):
                 fleet.stop()
-    _print_report(report, settings)
+    _print_report(report, context.settings)
+
+
+def _prepare_fleet(context: Context, **options: Any) -> Any:
+    """A local fleet for ``up``/``demo``, after the checks that make starting it pointless:
+    another fleet already running from this home, a configured Redis or the catalog unusable."""
+    from workers.cli.context import open_catalog_checked
+    from workers.fleet import Fleet
+
+    if context.record is not None:
+        _fail(
+            f"{context.record.describe()} is running: stop it first (Ctrl-C in its terminal), "
+            "or use another ICEFLEET_HOME"
+        )
+    spawn_redis = context.redis_from != FROM_ENV
+    with _errors():
+        if not spawn_redis:
+            connect(context, wait_s=STARTUP_WAIT_S).close()
+        open_catalog_checked(context)
+    return Fleet(context.settings, spawn_redis=spawn_redis, **options)
+
+
+def _record(stack: ExitStack, fleet: Any, command: str) -> Any:
+    """Record the fleet under its home (its Redis answers by now) until ``stack`` closes.
+
+    Removed only after the fleet stopped: a command run meanwhile finds a record whose Redis
+    is going away (a clear error), never no record (the default port, maybe another Redis).
+    """
+    from workers.fleet_record import recorded
+
+    settings = fleet.settings
+    return stack.enter_context(
+        recorded(settings.redis_url, settings.catalog_name, fleet.home, command)
+    )
 
 
 def _run_demo(settings: Settings, events: int, batch_size: int, seed: int, timeout_s: float) -> Any:
@@ -125,6 +165,8 @@ def _run_demo(settings: Settings, events: int, batch_size: int, seed: int, timeo
 def _print_report(report: Any, settings: Settings) -> None:
     from rich.table import Table
 
+    from workers.cli import demo as demo_mod
+
     table = Table(show_edge=False, header_style="bold")
     table.add_column("table", no_wrap=True)
     for column in ("events sent", "rows added", "commits", "files", "rows total"):
@@ -147,7 +189,11 @@ def _print_report(report: Any, settings: Settings) -> None:
     if report.dead_letters:
         out.print(f"[yellow]{report.dead_letters} dead letter(s): see `icefleet status`[/]")
     where = settings.catalog_name or f"SQLite catalog and warehouse under {settings.home.resolve()}"
-    out.print(f"tables: {where}")
+    out.print(f"tables: {where}", highlight=False)
+    if report.rows_added == sum(report.sent.values()) - report.dead_letters:
+        out.print("look at the data:", highlight=False)
+        for command in demo_mod.next_commands(settings):
+            out.print(f"  {command}", markup=False, highlight=False, soft_wrap=True)
     if report.rows_added != sum(report.sent.values()) - report.dead_letters:
         _fail(f"rows added ({report.rows_added}) do not match the events sent ({report.events})")
 
@@ -161,70 +207,51 @@ def _print_report(report: Any, settings: Settings) -> None:
 @click.option("--flower-port", default=5555, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--pool", type=click.Choice(POOLS), default="prefork", show_default=True)
 def up(writers: int, flower: bool, flower_port: int, pool: str) -> None:
-    """Run the local fleet in the foreground until Ctrl-C, restarting processes that die."""
-    from workers.fleet import Fleet, signals_raise_keyboard_interrupt
+    """Run the local fleet in the foreground until Ctrl-C, restarting processes that die.
 
-    settings = _settings()
-    fleet = Fleet(
-        settings,
-        writers=writers,
-        spawn_redis=not _configured_redis(),
-        flower=flower,
-        flower_port=flower_port,
-        pool=pool,
+    Its Redis URL and catalog are recorded in ICEFLEET_HOME/fleet.json while it runs: the other
+    commands, run with the same ICEFLEET_HOME, use them when ICEFLEET_REDIS_URL is unset.
+    """
+    from workers.fleet import signals_raise_keyboard_interrupt
+    from workers.fleet_record import keep_recorded
+
+    context = _context(needs_redis=False)
+    fleet = _prepare_fleet(
+        context, writers=writers, flower=flower, flower_port=flower_port, pool=pool
     )
-    with _errors(), signals_raise_keyboard_interrupt():
+    records = ExitStack()  # closed after the fleet stopped: see _record
+    with records, _errors(), signals_raise_keyboard_interrupt():
         try:
             with console.status("starting the fleet..."):
                 fleet.start()
+                record = _record(records, fleet, "up")
                 fleet.wait_ready()
             console.print(f"[bold green]fleet up[/]: {', '.join(fleet.worker_names())}")
-            console.print(f"  export ICEFLEET_REDIS_URL={fleet.settings.redis_url}")
-            console.print(f"  logs: {fleet.log_dir}")
+            console.print(
+                f"  Redis {redact_url(fleet.settings.redis_url)}, recorded in {record.path}: "
+                f"icefleet commands run from this directory (or with ICEFLEET_HOME={fleet.home}) "
+                "use it",
+                highlight=False,
+                soft_wrap=True,
+            )
+            console.print(f"  logs: {fleet.log_dir}", highlight=False)
             if flower:
                 console.print(f"  Flower: http://127.0.0.1:{flower_port}")
             console.print("Ctrl-C stops everything")
             while True:
                 for name in fleet.supervise_once():
                     console.print(f"[yellow]restarted {name}[/]")
+                keep_recorded(record)
                 time.sleep(1.0)
         except KeyboardInterrupt:
             console.print("stopping the fleet...")
         except (TimeoutError, RuntimeError) as exc:
-            _fail(str(exc))
+            _fail(str(exc), keep_lines=True)
         finally:
             fleet.stop()
 
 
 # --- send / wait / status --------------------------------------------------------------------------
-
-
-@main.command()
-@click.argument("file", type=click.File("rb"))
-@click.option("--table", "-t", help="Send every event to this namespace.table.")
-@click.option("--batch-id", help="Idempotency key: the same events under the same id land once.")
-def send(file: Any, table: str | None, batch_id: str | None) -> None:
-    """Enqueue CloudEvents from FILE (- for stdin): NDJSON, a JSON array or a CloudEvents batch.
-
-    Prints the ids of the batches sent, one per line.
-    """
-    from common.ingest.producer import Producer
-
-    if table is not None:
-        try:
-            from common.ingest.routing import TableName
-
-            TableName.parse(table)
-        except InvalidIdentifierError as exc:
-            raise click.BadParameter(str(exc), param_hint="--table") from None
-    payload = file.read()
-    with _errors(), Producer(_settings()) as producer:
-        try:
-            ids = producer.enqueue_many(payload, table=table, batch_id=batch_id)
-        except ValueError as exc:
-            _fail(str(exc))
-    for batch in ids:
-        out.print(batch, highlight=False)
 
 
 @main.command()
@@ -245,8 +272,12 @@ def wait(timeout_s: float | None, batch_ids: tuple[str, ...]) -> None:
     """
     from common.ingest.producer import Producer
 
-    with _errors(), Producer(_settings()) as producer:
-        result = producer.wait(timeout_s, batch_ids=batch_ids or None)
+    context = _context()
+    with _errors():
+        client = connect(context)
+        with Producer(context.settings, client=client) as producer:
+            result = producer.wait(timeout_s, batch_ids=batch_ids or None)
+        client.close()
     if not result.done:
         _fail(f"not committed after {timeout_s}s: " + result.describe())
     out.print(result.describe())
@@ -255,23 +286,35 @@ def wait(timeout_s: float | None, batch_ids: tuple[str, ...]) -> None:
 @main.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--no-workers", is_flag=True, help="Don't ping the workers (saves a second).")
-def status(as_json: bool, no_workers: bool) -> None:
+@click.option("--watch", "-w", is_flag=True, help="Refresh in place until Ctrl-C.")
+@click.option(
+    "--interval", default=2.0, show_default=True, type=click.FloatRange(0.1), help="Seconds."
+)
+@click.option("--count", type=click.IntRange(1), help="With --watch: stop after N refreshes.")
+def status(
+    as_json: bool, no_workers: bool, watch: bool, interval: float, count: int | None
+) -> None:
     """Queues, batches not yet committed, dead letters, and per table: snapshots, files, rows,
-    the last commit and the lag."""
-    import redis
+    the last commit and the lag. Says which Redis and catalog it looked at, and why those."""
+    from workers.cli.context import open_catalog_checked
+    from workers.cli.status import collect, render, watch_status
 
-    from common.lake.catalog import open_catalog
-    from workers.cli.status import collect, render
-
-    settings = _settings()
+    if watch and as_json:
+        raise click.UsageError("--watch refreshes a table for people: leave out --json")
+    context = _context()
+    settings = context.settings
     with _errors():
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
-        try:
-            client.ping()
-        except redis.RedisError as exc:
-            _fail(f"Redis at {settings.redis_url} not reachable: {exc}")
-        workers = None if no_workers else _ping_workers(settings)
-        data = collect(settings, client, open_catalog(settings), workers)
+        client = connect(context)
+        catalog = open_catalog_checked(context)
+
+        def snapshot() -> dict[str, Any]:
+            workers = None if no_workers else _ping_workers(settings)
+            return {**collect(settings, client, catalog, workers), **context.status()}
+
+        if watch:
+            watch_status(snapshot, out, interval, count)
+            return
+        data = snapshot()
         client.close()
     if as_json:
         out.print_json(json.dumps(data))
@@ -320,7 +363,10 @@ def worker(
         raise click.BadParameter(
             "the committer runs one task at a time", param_hint="--concurrency"
         )
-    settings = _settings()
+    context = _context()
+    with _errors():  # fail with one line now, not in Celery's endless connection retries
+        connect(context, wait_s=STARTUP_WAIT_S).close()
+    settings = context.settings
     settings.home.mkdir(parents=True, exist_ok=True)  # beat keeps its schedule file there
     queue = COMMIT_QUEUE if role == "committer" else INGEST_QUEUE
     argv = [
@@ -338,6 +384,15 @@ def worker(
     with _errors():
         create_app(settings).worker_main(argv)
 
+
+from workers.cli.send import send  # noqa: E402
+
+main.add_command(send)
+
+from workers.cli.query import query, tables  # noqa: E402
+
+main.add_command(tables)
+main.add_command(query)
 
 from workers.cli.serve import serve  # noqa: E402  (a module of its own: the HTTP gateway)
 

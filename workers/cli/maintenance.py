@@ -41,31 +41,22 @@ def _errors() -> Iterator[None]:
 def _maintainer(*, needs_redis: bool = True) -> Iterator[Maintainer]:
     import redis
 
-    from common.lake.catalog import open_catalog
     from common.maintenance.maintainer import Maintainer
-    from common.settings import load_settings
+    from workers.cli.context import connect, load_context, open_catalog_checked
 
     with _errors():
-        settings = load_settings()
-        client = redis.Redis.from_url(settings.redis_url, socket_timeout=10)
-        if needs_redis:
-            try:
-                client.ping()
-            except redis.RedisError as exc:
-                _fail(
-                    f"Redis at {_redis_shown(settings.redis_url)} is not reachable ({exc}): "
-                    "maintenance takes the table locks there"
-                )
+        context = load_context(needs_redis)
+        settings = context.settings
+        # maintenance takes the table locks in Redis; verify only reads (its client never connects)
+        client = (
+            connect(context)
+            if needs_redis
+            else redis.Redis.from_url(settings.redis_url, socket_timeout=10)
+        )
         try:
-            yield Maintainer(settings, open_catalog(settings), client)
+            yield Maintainer(settings, open_catalog_checked(context), client)
         finally:
             client.close()
-
-
-def _redis_shown(url: str) -> str:
-    from common.redaction import redact_url
-
-    return redact_url(url)
 
 
 class Duration(click.ParamType):

@@ -7,13 +7,13 @@ nothing from it, so ``python -m workers.cli.main`` does not import the CLI modul
 from __future__ import annotations
 
 import logging
-import sys
 
 import click
 
-from common.errors import IcefleetError
+from workers.cli.errors import errors
 
 logger = logging.getLogger(__name__)
+STARTUP_WAIT_S = 5.0  # services started together come up in any order (compose waits for Redis)
 
 
 @click.command()
@@ -35,14 +35,13 @@ def serve(host: str, port: int, metrics_port: int | None) -> None:
     import uvicorn
 
     from common.observe.logs import configure_logging
-    from common.settings import load_settings
+    from workers.cli.context import connect, load_context
     from workers.gateway import create_gateway
 
-    try:
-        settings = load_settings()
-    except IcefleetError as exc:
-        click.echo(f"error: {exc}", err=True)
-        sys.exit(1)
+    with errors():  # one line now, not a gateway answering 503 to every request
+        context = load_context()
+        connect(context, wait_s=STARTUP_WAIT_S).close()
+    settings = context.settings
     configure_logging(settings.log_format, settings.log_level)
     metrics_port = metrics_port or settings.metrics_port
     if metrics_port == port:

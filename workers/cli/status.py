@@ -4,14 +4,18 @@ and the last commit with its lag. Also the per-table figures the demo prints."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
 from pyiceberg.catalog import Catalog
 from pyiceberg.table import Table
-from rich.console import Console
+from rich.console import Console, Group
+from rich.live import Live
+from rich.markup import escape
 from rich.table import Table as RichTable
+from rich.text import Text
 
 from common.commit.committer import committed_seq
 from common.coord.backlog import Backlog, read_backlog
@@ -96,7 +100,7 @@ def collect(
     }
 
 
-def _age(ms: int | None) -> str:
+def age_text(ms: int | None) -> str:
     if ms is None:
         return "-"
     seconds = ms / 1000
@@ -108,23 +112,41 @@ def _age(ms: int | None) -> str:
 
 
 def render(data: dict[str, Any], console: Console) -> None:
+    console.print(renderable(data))
+
+
+def renderable(data: dict[str, Any]) -> Group:
+    """What ``status`` shows, as one rich renderable (printed once, or refreshed by --watch)."""
     backlog = data["backlog"]
     queued = backlog["queued"]
-    console.print(f"[bold]Redis[/] {data['redis_url']}   [bold]catalog[/] {data['catalog']}")
+    lines: list[Any] = [
+        Text.from_markup(
+            f"[bold]Redis[/] {escape(data['redis_url'])}"
+            + (f" ({escape(data['redis_from'])})" if data.get("redis_from") else "")
+        ),
+        Text.from_markup(
+            f"[bold]catalog[/] {escape(data['catalog'])}"
+            + (f" ({escape(data['catalog_from'])})" if data.get("catalog_from") else "")
+        ),
+    ]
     workers = data["workers"]
     if workers is not None:
-        console.print(
-            f"[bold]workers[/] ({len(workers)}): {', '.join(workers) or 'none answering'}"
+        lines.append(
+            Text.from_markup(
+                f"[bold]workers[/] ({len(workers)}): {', '.join(workers) or 'none answering'}"
+            )
         )
     oldest = backlog["oldest_outstanding_ms"]
-    console.print(
-        f"[bold]queues[/] ingest {queued.get('ingest', 0)}, commit {queued.get('commit', 0)}, "
-        f"delivered and unacknowledged {backlog['unacked']}   "
-        f"[bold]batches[/] not written {backlog['outstanding']}"
-        + (f" (oldest {_age(data['at_ms'] - oldest)})" if oldest else "")
-        + f", written not committed {sum(backlog['pending'].values())}   "
-        f"[bold]prepared commits[/] {len(backlog['prepared'])}   "
-        f"[bold]dead letters[/] {data['dead_letters']}"
+    lines.append(
+        Text.from_markup(
+            f"[bold]queues[/] ingest {queued.get('ingest', 0)}, commit {queued.get('commit', 0)}, "
+            f"delivered and unacknowledged {backlog['unacked']}   "
+            f"[bold]batches[/] not written {backlog['outstanding']}"
+            + (f" (oldest {age_text(data['at_ms'] - oldest)})" if oldest else "")
+            + f", written not committed {sum(backlog['pending'].values())}   "
+            f"[bold]prepared commits[/] {len(backlog['prepared'])}   "
+            f"[bold]dead letters[/] {data['dead_letters']}"
+        )
     )
     table = RichTable(title=None, show_edge=False, header_style="bold")
     for column in (
@@ -138,6 +160,8 @@ def render(data: dict[str, Any], console: Console) -> None:
         "lag",
     ):
         table.add_column(column, justify="left" if column == "table" else "right")
+    # whole names, however narrow the terminal: the numbers wrap instead
+    table.columns[0].min_width = max((len(row["table"]) for row in data["tables"]), default=5)
     for row in data["tables"]:
         table.add_row(
             row["table"],
@@ -145,12 +169,31 @@ def render(data: dict[str, Any], console: Console) -> None:
             f"{row.get('files', 0):,}",
             f"{row.get('rows', 0):,}",
             str(row.get("commit_seq", "-")),
-            _age(row.get("last_commit_age_ms")) + (" ago" if row.get("last_commit_age_ms") else ""),
+            age_text(row.get("last_commit_age_ms"))
+            + (" ago" if row.get("last_commit_age_ms") else ""),
             str(row["pending_batches"]),
-            _age(row["lag_ms"]) if row["lag_ms"] else "-",
+            age_text(row["lag_ms"]) if row["lag_ms"] else "-",
         )
-    if data["tables"]:
-        console.print(table)
-    else:
-        console.print("no tables yet")
-    console.print(data["summary"])
+    lines.append(table if data["tables"] else Text("no tables yet"))
+    lines.append(Text(data["summary"]))
+    return Group(*lines)
+
+
+def watch_status(
+    snapshot: Callable[[], dict[str, Any]],
+    console: Console,
+    interval_s: float,
+    count: int | None = None,
+) -> None:
+    """Refresh ``renderable(snapshot())`` in place every ``interval_s`` until Ctrl-C (or
+    ``count`` refreshes)."""
+    shown = 0
+    with Live(renderable(snapshot()), console=console, auto_refresh=False) as live:
+        shown += 1
+        try:
+            while count is None or shown < count:
+                time.sleep(interval_s)
+                live.update(renderable(snapshot()), refresh=True)
+                shown += 1
+        except KeyboardInterrupt:
+            pass  # Ctrl-C is how a watch ends: not an error
