@@ -27,20 +27,18 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.chaos.faults import SlowDownProxy, TcpProxy
-from tests.chaos.harness import (
-    ChaosReport,
-    chaos_round,
+from tests.support.chaos import ChaosReport, chaos_round, verify_tables
+from tests.support.faults import SlowDownProxy, TcpProxy
+from tests.support.fleet import (
     environment,
     fleet_env,
-    make_stack,
     redeliver_unacked,
     running_fleet,
     settings_for,
     supervised,
-    verify_tables,
 )
-from tests.services import RedisProcess, S3Endpoint
+from tests.support.services import RedisProcess, S3Endpoint
+from tests.support.stack import make_stack
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
 

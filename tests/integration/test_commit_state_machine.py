@@ -31,16 +31,11 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from common.maintenance.invariants import assert_exactly_once, validate_lineage
-from tests.pipeline import (
-    TABLE,
-    CommitterCrash,
-    ids_of,
-    make_events,
-    make_pipeline,
-    outside_append,
-    raise_at,
-)
+from common.maintenance.invariants import validate_lineage
+from tests.support.events import ids_of, make_events
+from tests.support.faults import CommitterCrash, raise_at
+from tests.support.readback import assert_exactly_once
+from tests.support.stack import TABLE, make_stack, outside_append
 
 pytestmark = pytest.mark.integration
 
@@ -62,7 +57,7 @@ class CommitProtocol(RuleBasedStateMachine):
         client.flushall()
         client.close()
         self.home = Path(tempfile.mkdtemp(dir=self.workdir))
-        self.pipe = make_pipeline(self.redis_url, self.home)
+        self.pipe = make_stack(self.redis_url, self.home)
         self.events: dict[str, list[dict[str, Any]]] = {}  # every batch written
         # The model: each written batch is in exactly one of these.
         self.pending: set[str] = set()  # not in the table

@@ -33,9 +33,11 @@ from common.coord.deadletters import DeadLetterStore
 from common.ingest.producer import Producer
 from common.lake.catalog import open_catalog
 from common.settings import Settings, load_settings
-from tests.chaos.harness import expected_by_table, running_fleet
-from tests.pipeline import in_process_tasks, rust_ids, wait_until
-from tests.services import S3Endpoint, free_port
+from tests.support.events import expected_by_table
+from tests.support.fleet import running_fleet
+from tests.support.readback import rust_ids
+from tests.support.services import S3Endpoint, free_port, wait_until
+from tests.support.stack import in_process_tasks
 from workers.app import create_app
 from workers.cli.demo import synthetic_events
 from workers.fleet import Fleet

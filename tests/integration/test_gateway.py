@@ -40,7 +40,7 @@ from tests.integration.test_fleet import (  # noqa: F401  (fixtures: the fleet o
     fleet,
     fleet_settings,
 )
-from tests.services import free_port, wait_for_port
+from tests.support.services import free_port, wait_for_port
 from workers.fleet import Fleet
 
 pytestmark = pytest.mark.integration

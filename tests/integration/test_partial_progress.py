@@ -20,20 +20,10 @@ from common.ingest.producer import Producer
 from common.settings import load_settings
 from common.wire import split_child_id
 from common.write.partial import SplitConflictError, SplitRecords, chunk_events, split_key
-from tests.chaos.harness import (
-    Stack,
-    assert_exactly_once,
-    environment,
-    expected_by_table,
-    fleet_config,
-    ids_in,
-    make_events,
-    make_stack,
-    ndjson,
-    running_fleet,
-    wait_idle,
-)
-from tests.pipeline import in_process_tasks
+from tests.support.events import expected_by_table, make_events, ndjson
+from tests.support.fleet import environment, fleet_config, running_fleet, wait_idle
+from tests.support.readback import assert_exactly_once, read_ids
+from tests.support.stack import Stack, in_process_tasks, make_stack
 
 pytestmark = pytest.mark.integration
 
@@ -85,7 +75,7 @@ def commit_and_check(stack: Stack, events: list[dict[str, Any]]) -> None:
     stack.commit_all()
     expected = expected_by_table(stack.settings, events)
     for name in ("events.order", "events.refund"):
-        assert_exactly_once(ids_in(stack.table(name)), expected[name], name)
+        assert_exactly_once(read_ids(stack.table(name)), expected[name], name)
 
 
 def test_a_batch_stopped_between_chunks_is_split_and_lands_exactly_once(stack: Stack) -> None:
@@ -117,7 +107,7 @@ def test_a_batch_stopped_between_chunks_is_split_and_lands_exactly_once(stack: S
     )
     assert child.records == 700 and child.remainder is None
     commit_and_check(stack, events)
-    batches = ids_in(stack.table("events.order"), "_batch_id")
+    batches = read_ids(stack.table("events.order"), "_batch_id")
     assert set(batches) == {"b1", "b1~300"}
 
 
@@ -284,7 +274,7 @@ def test_two_attempts_splitting_differently_the_second_follows_the_first(stack: 
     written = write_all(stack, "b6", payload, chunk_events=100)
     assert written == ["b6", "b6~100"]
     stack.commit_all()
-    assert_exactly_once(ids_in(stack.table("events.order")), [e["id"] for e in events])
+    assert_exactly_once(read_ids(stack.table("events.order")), [e["id"] for e in events])
 
 
 def test_a_child_may_split_again(stack: Stack) -> None:
@@ -313,7 +303,7 @@ def test_a_child_may_split_again(stack: Stack) -> None:
     )
     write_all(stack, second.remainder.batch_id, second.remainder.payload)
     stack.commit_all()
-    assert_exactly_once(ids_in(stack.table("events.order")), [e["id"] for e in events])
+    assert_exactly_once(read_ids(stack.table("events.order")), [e["id"] for e in events])
     assert stack.client.ttl(split_key("b7")) > 0  # kept for the dedup window, then forgotten
 
 
@@ -357,8 +347,8 @@ def test_real_workers_split_batches_that_exceed_the_time_limit(
     try:
         expected = expected_by_table(catalog_settings, events)
         for name, ids in expected.items():
-            assert_exactly_once(ids_in(stack.table(name)), ids, name)
-        batch_ids = set(ids_in(stack.table("events.order"), "_batch_id"))
+            assert_exactly_once(read_ids(stack.table(name)), ids, name)
+        batch_ids = set(read_ids(stack.table("events.order"), "_batch_id"))
         assert {"big-a", "big-b"} <= batch_ids
         assert any(b.startswith("big-a~") for b in batch_ids), batch_ids
         assert redis_client.get(split_key("big-a")) is not None

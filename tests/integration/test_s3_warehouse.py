@@ -21,7 +21,7 @@ from common.ingest.routing import Router
 from common.lake.catalog import TableStore, open_catalog
 from common.settings import load_settings
 from common.write.batch_writer import BatchWriter
-from tests.services import S3Endpoint
+from tests.support.services import S3Endpoint
 
 pytestmark = pytest.mark.integration
 

@@ -22,7 +22,8 @@ from common.lake.catalog import open_catalog
 from common.settings import load_settings
 from common.wire import split_child_id
 from common.write.partial import SplitRecords
-from tests.chaos.harness import make_events, running_fleet
+from tests.support.events import make_events
+from tests.support.fleet import running_fleet
 
 pytestmark = pytest.mark.integration
 

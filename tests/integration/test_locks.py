@@ -19,7 +19,7 @@ from common.coord import keys
 from common.coord.locks import TableLock
 from common.errors import LockLostError, LockNotAcquiredError
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 TABLE = "events.push"
 

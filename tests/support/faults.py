@@ -1,4 +1,5 @@
-"""Faults to inject, on 127.0.0.1: an S3 proxy that throttles, a TCP proxy that can be cut.
+"""Faults to inject: an S3 proxy that throttles, a TCP proxy that can be cut (both on
+127.0.0.1), and fault hooks that make a committer die at a named step.
 
 :class:`SlowDownProxy` sits between the workers and moto's S3 server and answers a share of the
 requests (``fault_rate``) with what S3 sends when it throttles: HTTP 503 with the ``SlowDown`` XML
@@ -10,11 +11,15 @@ first and ours (``common/lake/retry.py``) take over when those are exhausted.
 open connection is reset and new ones are refused, as when the catalog's database goes away,
 until :meth:`TcpProxy.restore`. The shared PostgreSQL cluster is never stopped, so other test
 sessions on the machine are not disturbed.
+
+:func:`raise_at` and :func:`crash_at` are ``FaultHook`` values for ``Committer(fault=...)``: the
+committer calls its hook at each step of the commit protocol, by name.
 """
 
 from __future__ import annotations
 
 import http.client
+import os
 import random
 import socket
 import threading
@@ -25,6 +30,8 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from common.commit.committer import FaultHook
 
 LOOPBACK = "127.0.0.1"
 # Headers that describe one hop of a connection, not the message (RFC 9110 §7.6.1).
@@ -296,3 +303,32 @@ class TcpProxy:
             with self._lock:
                 self._conns.discard(src)
                 self._conns.discard(dst)
+
+
+# --- committer fault hooks -------------------------------------------------------------------
+
+
+class CommitterCrash(Exception):
+    """A committer dying at a fault point, in-process (see :func:`raise_at`)."""
+
+
+def raise_at(point: str) -> FaultHook:
+    """A fault hook that raises :class:`CommitterCrash` at ``point``: the committer's state in
+    Redis and the catalog is what a crash there leaves, and its lock is released on the way out
+    (as its TTL would free it)."""
+
+    def hook(reached: str) -> None:
+        if reached == point:
+            raise CommitterCrash(point)
+
+    return hook
+
+
+def crash_at(point: str, exit_code: int = 17) -> FaultHook:
+    """A fault hook that kills the process the hard way (no cleanup, no ``finally``) at ``point``."""
+
+    def hook(reached: str) -> None:
+        if reached == point:
+            os._exit(exit_code)
+
+    return hook
