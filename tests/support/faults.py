@@ -3,7 +3,8 @@
 
 :class:`SlowDownProxy` sits between the workers and moto's S3 server and answers a share of the
 requests (``fault_rate``) with what S3 sends when it throttles: HTTP 503 with the ``SlowDown`` XML
-error. The workers reach S3 through pyarrow's S3 client inside pyiceberg's FileIO (the AWS C++
+error; it can also hold chosen requests for ``delay_s`` before forwarding them (``delay_when``),
+a floor under how long they take that does not depend on the machine's speed. The workers reach S3 through pyarrow's S3 client inside pyiceberg's FileIO (the AWS C++
 SDK), so an HTTP proxy is the honest way to reach them: no patching, the SDK's own retries run
 first and ours (``common/lake/retry.py``) take over when those are exhausted.
 
@@ -25,7 +26,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -58,16 +59,26 @@ SLOW_DOWN_XML = (
 class ProxyStats:
     requests: int = 0
     faults: int = 0
+    delayed: int = 0
 
 
 class _ProxyServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, upstream: tuple[str, int], fault_rate: float, seed: int) -> None:
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        fault_rate: float,
+        seed: int,
+        delay_s: float = 0.0,
+        delay_when: Callable[[str, str], bool] | None = None,
+    ) -> None:
         super().__init__((LOOPBACK, 0), _ProxyHandler)
         self.upstream = upstream
         self.fault_rate = fault_rate
+        self.delay_s = delay_s
+        self.delay_when = delay_when
         self.stats = ProxyStats()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -131,6 +142,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         body = self._body()
+        delay_when = self.server.delay_when
+        if self.server.delay_s and (delay_when is None or delay_when(self.command, self.path)):
+            self.server.stats.delayed += 1
+            time.sleep(self.server.delay_s)
         if self.server.should_fail():
             xml = SLOW_DOWN_XML.format(request_id=uuid.uuid4().hex).encode()
             self.send_response(503, "Slow Down")
@@ -165,13 +180,22 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 class SlowDownProxy:
     """An HTTP proxy in front of an S3 endpoint answering ``503 SlowDown`` to a share of requests.
 
-    ``fault_rate`` may be changed while it runs (0 to stop injecting). :attr:`stats` counts the
-    requests seen and the faults injected.
+    ``fault_rate`` may be changed while it runs (0 to stop injecting). Requests for which
+    ``delay_when(method, path)`` is true (all, without it) wait ``delay_s`` before they are
+    forwarded. :attr:`stats` counts the requests seen, the faults injected and the delays.
     """
 
-    def __init__(self, upstream_url: str, fault_rate: float = 0.2, seed: int = 7) -> None:
+    def __init__(
+        self,
+        upstream_url: str,
+        fault_rate: float = 0.2,
+        seed: int = 7,
+        *,
+        delay_s: float = 0.0,
+        delay_when: Callable[[str, str], bool] | None = None,
+    ) -> None:
         host, _, port = upstream_url.removeprefix("http://").rstrip("/").partition(":")
-        self._server = _ProxyServer((host, int(port or 80)), fault_rate, seed)
+        self._server = _ProxyServer((host, int(port or 80)), fault_rate, seed, delay_s, delay_when)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
