@@ -87,7 +87,7 @@ def check_round(redis_url: str, home: Path, sent: list[dict[str, Any]], what: st
     """Every event sent so far exactly once (pyiceberg), no dead letters; return the rows read."""
     from common.coord.deadletters import DeadLetterStore
 
-    checker = make_stack(redis_url, home, catalog_name=CATALOG)
+    checker = make_stack(redis_url, home, catalog=CATALOG)
     try:
         dead = DeadLetterStore(checker.client).list(5)
         assert not dead, f"{what}: dead letters {[(d.batch_id, d.reason) for d in dead]}"
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         throttle.fault_rate = 0.0
-        checker = make_stack(server.url, home, catalog_name=CATALOG)
+        checker = make_stack(server.url, home, catalog=CATALOG)
         try:
             file_io = {**s3, "s3.path-style-access": "true"}
             for name, ids in expected_by_table(checker.settings, sent).items():

@@ -328,11 +328,12 @@ def test_maintenance_on_an_s3_warehouse(
 ) -> None:
     from common.maintenance.maintainer import Maintainer
     from common.maintenance.orphans import list_files
-    from tests.integration.test_s3_warehouse import s3_catalog_env
+    from tests.support.catalogs import s3_backend
 
     # Given a table on S3 made of six small batches, and an orphan object
-    s3_catalog_env(monkeypatch, s3_endpoint, s3_bucket, icefleet_home)
-    pipe = make_stack(redis_url, icefleet_home, catalog_name="s3test")
+    s3 = s3_backend(s3_endpoint, s3_bucket, icefleet_home / "catalog.db")
+    s3.apply(monkeypatch)
+    pipe = make_stack(redis_url, icefleet_home, catalog=s3.catalog_name)
     try:
         ingest(pipe, 6, 5, commit_every=1)
         table = pipe.table()
