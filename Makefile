@@ -20,10 +20,10 @@ lint: ## ruff check, ruff format --check, mypy (common/ and workers/)
 	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m mypy
 
-test-unit: ## fast tests, no servers
+test-unit: ## fast tests of one module, no servers (tests/unit)
 	$(PYTEST) -m unit $(PYTEST_ARGS)
 
-test-integration: ## real redis-server, Celery workers, PostgreSQL and moto S3
+test-integration: ## real redis-server, Celery workers, PostgreSQL and moto S3 (tests/integration)
 	$(PYTEST) -m integration $(PYTEST_ARGS)
 
 test-chaos: ## real workers killed, Redis restarted, S3 throttled, the catalog cut off (~3 min)

@@ -31,22 +31,12 @@ from typing import Any
 
 import redis
 
-from tests.chaos.faults import SlowDownProxy, TcpProxy
-from tests.chaos.harness import (
-    ChaosReport,
-    assert_exactly_once,
-    chaos_round,
-    environment,
-    expected_by_table,
-    fleet_env,
-    ids_in,
-    make_stack,
-    redeliver_unacked,
-    running_fleet,
-    rust_ids,
-    supervised,
-)
-from tests.services import (
+from tests.support.chaos import ChaosReport, chaos_round
+from tests.support.events import expected_by_table
+from tests.support.faults import SlowDownProxy, TcpProxy
+from tests.support.fleet import environment, fleet_env, redeliver_unacked, running_fleet, supervised
+from tests.support.readback import assert_exactly_once, read_ids, rust_ids
+from tests.support.services import (
     DEFAULT_POSTGRES_URL,
     POSTGRES_URL_ENV,
     RedisProcess,
@@ -54,6 +44,7 @@ from tests.services import (
     moto_s3_server,
     s3_test_bucket,
 )
+from tests.support.stack import make_stack
 
 CATALOG = "chaosbench"
 
@@ -96,13 +87,13 @@ def check_round(redis_url: str, home: Path, sent: list[dict[str, Any]], what: st
     """Every event sent so far exactly once (pyiceberg), no dead letters; return the rows read."""
     from common.coord.deadletters import DeadLetterStore
 
-    checker = make_stack(redis_url, home, catalog_name=CATALOG)
+    checker = make_stack(redis_url, home, catalog=CATALOG)
     try:
         dead = DeadLetterStore(checker.client).list(5)
         assert not dead, f"{what}: dead letters {[(d.batch_id, d.reason) for d in dead]}"
         rows = 0
         for name, ids in expected_by_table(checker.settings, sent).items():
-            found = ids_in(checker.table(name))
+            found = read_ids(checker.table(name))
             assert_exactly_once(found, ids, f"{what}: {name}")
             rows += len(found)
         return rows
@@ -211,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
                 flush=True,
             )
         throttle.fault_rate = 0.0
-        checker = make_stack(server.url, home, catalog_name=CATALOG)
+        checker = make_stack(server.url, home, catalog=CATALOG)
         try:
             file_io = {**s3, "s3.path-style-access": "true"}
             for name, ids in expected_by_table(checker.settings, sent).items():

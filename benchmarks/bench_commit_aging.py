@@ -30,8 +30,9 @@ from typing import Any
 
 from benchmarks._shared import environment, median, now_iso, row, verdict, write_results
 from common.coord.locks import TableLock
-from tests.pipeline import Pipeline, make_events, make_pipeline
-from tests.services import redis_server
+from tests.support.events import make_events
+from tests.support.services import redis_server
+from tests.support.stack import Stack, make_stack
 
 NAME = "commit_aging"
 TARGET_RATIO = 2.0
@@ -61,7 +62,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def expire(pipe: Pipeline, table: str, retain: int) -> dict[str, Any]:
+def expire(pipe: Stack, table: str, retain: int) -> dict[str, Any]:
     """Expire all but the newest ``retain`` snapshots of ``table``; what it did."""
     try:
         from common.maintenance.expiry import ExpiryPolicy, expire_snapshots
@@ -85,7 +86,7 @@ def expire(pipe: Pipeline, table: str, retain: int) -> dict[str, Any]:
 
 
 def run_series(
-    pipe: Pipeline, label: str, commits: int, max_s: float, expire_every: int, retain: int
+    pipe: Stack, label: str, commits: int, max_s: float, expire_every: int, retain: int
 ) -> dict[str, Any]:
     event_type = SERIES[label]
     table = str(pipe.writer.router.table_for(event_type))
@@ -95,7 +96,7 @@ def run_series(
     started = time.monotonic()
     for n in range(1, commits + 1):
         batch = f"{label}-{n:06d}"
-        pipe.write(batch, make_events(batch, 1, event_type=event_type, day_offset=n % 7))
+        pipe.write(batch, make_events(batch, 1, types=(event_type,), day_offset=n % 7))
         began = time.perf_counter()
         results = pipe.commit(table)
         commit_ms.append((time.perf_counter() - began) * 1000)
@@ -181,7 +182,7 @@ def run(
         tempfile.TemporaryDirectory(prefix="icefleet-bench-aging-") as tmp,
         redis_server(Path(tmp) / "redis", appendonly=False) as url,
     ):
-        pipe = make_pipeline(url, Path(tmp) / "home", lock_ttl_ms=30_000, retry_base_ms=50)
+        pipe = make_stack(url, Path(tmp) / "home", lock_ttl_ms=30_000, retry_base_ms=50)
         try:
             series = {
                 label: run_series(

@@ -52,8 +52,10 @@ from common.maintenance.deletes import live_data_files
 from common.maintenance.invariants import validate_lineage
 from common.maintenance.verify import verify_table
 from common.write.datafile_writer import data_file_path, write_data_file
-from tests.pipeline import TABLE, Pipeline, local_path, make_events, make_pipeline
-from tests.services import redis_server
+from tests.support.events import make_events
+from tests.support.readback import local_path
+from tests.support.services import redis_server
+from tests.support.stack import TABLE, Stack, make_stack
 
 TARGET_S = 60.0
 MB = 1_048_576
@@ -170,7 +172,7 @@ def run(files: int, file_mb: float, target_mb: int) -> dict[str, Any]:
         tempfile.TemporaryDirectory(prefix="icefleet-bench-compaction-") as tmp,
         redis_server(Path(tmp) / "redis", appendonly=False) as url,
     ):
-        pipe: Pipeline = make_pipeline(url, Path(tmp) / "home", lock_ttl_ms=30_000)
+        pipe: Stack = make_stack(url, Path(tmp) / "home", lock_ttl_ms=30_000)
         try:
             pipe.write("seed", make_events("seed", 1))  # creates the table (not committed)
             table = pipe.table()

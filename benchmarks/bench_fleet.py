@@ -38,7 +38,7 @@ from common.coord.backlog import Waiter
 from common.ingest.producer import Producer
 from common.lake.catalog import TABLE_PROPERTIES, open_catalog
 from common.settings import load_settings
-from tests.pipeline import ndjson
+from tests.support.events import ndjson
 from workers.cli.demo import synthetic_events
 from workers.fleet import Fleet
 

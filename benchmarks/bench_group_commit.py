@@ -38,8 +38,10 @@ from pyiceberg.table import Table
 from benchmarks._shared import write_results
 from common.lake.catalog import TABLE_PROPERTIES
 from common.maintenance.invariants import validate_lineage
-from tests.pipeline import TABLE, Pipeline, local_path, make_events, make_pipeline
-from tests.services import redis_server
+from tests.support.events import make_events
+from tests.support.readback import local_path
+from tests.support.services import redis_server
+from tests.support.stack import TABLE, Stack, make_stack
 
 TARGET_MS = 500.0
 
@@ -61,7 +63,7 @@ def timed(fn: Callable[[], Any]) -> tuple[Any, float]:
     return value, (time.perf_counter() - started) * 1000
 
 
-def fresh_table(pipe: Pipeline, like: Table, name: str) -> Table:
+def fresh_table(pipe: Stack, like: Table, name: str) -> Table:
     """An empty table with ``like``'s schema, partitioning and properties."""
     from contextlib import suppress
 
@@ -80,7 +82,7 @@ def fresh_table(pipe: Pipeline, like: Table, name: str) -> Table:
     return table
 
 
-def write_files(pipe: Pipeline, files: int, events: int) -> tuple[list[DataFile], float]:
+def write_files(pipe: Stack, files: int, events: int) -> tuple[list[DataFile], float]:
     data_files: list[DataFile] = []
 
     def write_all() -> None:
@@ -94,7 +96,7 @@ def write_files(pipe: Pipeline, files: int, events: int) -> tuple[list[DataFile]
     return data_files, ms
 
 
-def bench_group_commit(pipe: Pipeline, files: int) -> dict[str, Any]:
+def bench_group_commit(pipe: Stack, files: int) -> dict[str, Any]:
     pending = len(pipe.registry.pending_entries(TABLE))
     results, ms = timed(pipe.commit)
     table = pipe.table()
@@ -112,7 +114,7 @@ def bench_group_commit(pipe: Pipeline, files: int) -> dict[str, Any]:
     }
 
 
-def bench_fast_append(pipe: Pipeline, like: Table, data_files: list[DataFile]) -> float:
+def bench_fast_append(pipe: Stack, like: Table, data_files: list[DataFile]) -> float:
     table = fresh_table(pipe, like, "fast_append")
 
     def commit() -> None:
@@ -124,7 +126,7 @@ def bench_fast_append(pipe: Pipeline, like: Table, data_files: list[DataFile]) -
     return ms
 
 
-def bench_add_files(pipe: Pipeline, like: Table, data_files: list[DataFile]) -> float | str:
+def bench_add_files(pipe: Stack, like: Table, data_files: list[DataFile]) -> float | str:
     table = fresh_table(pipe, like, "add_files")
     try:
         _, ms = timed(lambda: table.add_files([f.file_path for f in data_files]))
@@ -134,7 +136,7 @@ def bench_add_files(pipe: Pipeline, like: Table, data_files: list[DataFile]) -> 
 
 
 def bench_appends(
-    pipe: Pipeline, like: Table, data_files: list[DataFile], measured: int
+    pipe: Stack, like: Table, data_files: list[DataFile], measured: int
 ) -> dict[str, Any]:
     table = fresh_table(pipe, like, "appends")
     schema = table.schema().as_arrow()
@@ -178,7 +180,7 @@ def run(files: int, events: int, appends: int) -> dict[str, Any]:
         tempfile.TemporaryDirectory(prefix="icefleet-bench-") as tmp,
         redis_server(Path(tmp) / "redis", appendonly=False) as url,
     ):
-        pipe = make_pipeline(
+        pipe = make_stack(
             url,
             Path(tmp) / "home",
             lock_ttl_ms=30_000,

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks._shared import environment, now_iso, peak_rss_mb, row, write_results
-from tests.services import redis_server
+from tests.support.services import redis_server
 
 NAME = "memory"
 KINDS = ("imports_only", "icefleet", "plain_pyiceberg", "raw_ceiling")
@@ -60,10 +60,11 @@ def child(kind: str, size: int, batches: int, redis_url: str, home: Path) -> dic
 
     from benchmarks.bench_writer import order_events, plain_rows
     from common.lake.catalog import TABLE_PROPERTIES
-    from tests.pipeline import make_pipeline, ndjson
+    from tests.support.events import ndjson
+    from tests.support.stack import make_stack
 
     payload = ndjson(order_events(size, run_id="mem"))
-    pipe = make_pipeline(redis_url, home / kind)
+    pipe = make_stack(redis_url, home / kind)
     after_imports = current_rss_mb()
     write: Any
     if kind == "icefleet":

@@ -42,8 +42,9 @@ from benchmarks._shared import (
     write_results,
 )
 from common.ingest.routing import TableName
-from tests.pipeline import Pipeline, make_events, make_pipeline
-from tests.services import redis_server
+from tests.support.events import make_events
+from tests.support.services import redis_server
+from tests.support.stack import Stack, make_stack
 
 NAME = "metadata"
 TARGET_P95_MS = 100.0
@@ -60,14 +61,14 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def make_tables(pipe: Pipeline, tables: int, snapshots: int) -> list[TableName]:
+def make_tables(pipe: Stack, tables: int, snapshots: int) -> list[TableName]:
     names = []
     for t in range(tables):
         event_type = f"com.example.bench.metadata_{t:04d}"
         table = str(pipe.writer.router.table_for(event_type))
         for s in range(snapshots):
             batch = f"meta-{t:04d}-{s:02d}"
-            pipe.write(batch, make_events(batch, 3, event_type=event_type, day_offset=s))
+            pipe.write(batch, make_events(batch, 3, types=(event_type,), day_offset=s))
             pipe.commit(table)
         names.append(TableName.parse(table))
     return names
@@ -96,7 +97,7 @@ def summary(ms: list[float]) -> dict[str, float]:
     }
 
 
-def concurrent_loads(pipe: Pipeline, names: list[TableName], count: int) -> dict[str, Any]:
+def concurrent_loads(pipe: Stack, names: list[TableName], count: int) -> dict[str, Any]:
     barrier = threading.Barrier(count + 1)
     errors: list[str] = []
     done_ms: list[float] = []
@@ -132,7 +133,7 @@ def concurrent_loads(pipe: Pipeline, names: list[TableName], count: int) -> dict
     }
 
 
-def serial_loads(pipe: Pipeline, names: list[TableName], count: int) -> dict[str, Any]:
+def serial_loads(pipe: Stack, names: list[TableName], count: int) -> dict[str, Any]:
     started = time.perf_counter()
     for n in range(count):
         pipe.catalog.load_table(names[n % len(names)].parts)
@@ -144,7 +145,7 @@ def run(tables: int, snapshots: int, rounds: int, concurrent: int) -> dict[str, 
         tempfile.TemporaryDirectory(prefix="icefleet-bench-metadata-") as tmp,
         redis_server(Path(tmp) / "redis", appendonly=False) as url,
     ):
-        pipe = make_pipeline(url, Path(tmp) / "home", lock_ttl_ms=30_000)
+        pipe = make_stack(url, Path(tmp) / "home", lock_ttl_ms=30_000)
         try:
             setup_started = time.monotonic()
             names = make_tables(pipe, tables, snapshots)

@@ -28,8 +28,8 @@ from benchmarks.bench_writer import order_events
 from common.ingest.payloads import pack, unpack
 from common.ingest.producer import KombuPublisher
 from common.wire import WRITE_TASK
-from tests.pipeline import ndjson
-from tests.services import redis_server
+from tests.support.events import ndjson
+from tests.support.services import redis_server
 
 NAME = "payload"
 QUEUE = "bench-payload"

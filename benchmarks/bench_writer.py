@@ -52,8 +52,9 @@ from benchmarks._shared import (
     write_results,
 )
 from common.lake.catalog import TABLE_PROPERTIES
-from tests.pipeline import make_pipeline, ndjson
-from tests.services import redis_server
+from tests.support.events import ndjson
+from tests.support.services import redis_server
+from tests.support.stack import make_stack
 from workers.cli.demo import synthetic_events
 
 NAME = "writer"
@@ -93,7 +94,7 @@ class Contenders:
     """The three ways to write one batch, each set up once (tables created, warm)."""
 
     def __init__(self, tmp: Path, redis_url: str, warm_payload: str) -> None:
-        self.pipe = make_pipeline(redis_url, tmp / "home")
+        self.pipe = make_stack(redis_url, tmp / "home")
         self.raw_dir = tmp / "raw"
         self.raw_dir.mkdir()
         self.serial = 0

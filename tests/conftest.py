@@ -5,6 +5,12 @@
 - PostgreSQL: ``postgres_url`` (``ICEFLEET_TEST_POSTGRES_URL``, else the local default) and
   ``postgres_catalog_url``, a fresh empty database per test for a pyiceberg ``SqlCatalog``.
 - S3: moto's server once per session (``s3_endpoint``), a fresh bucket per test (``s3_bucket``).
+- Catalog: ``catalog_backend`` runs a test once on the embedded SQLite catalog and once on a
+  PostgreSQL one (its own database), for the tests whose subject is the catalog.
+
+Markers come from the directory (``tests/unit`` → ``unit`` and so on, see
+:func:`pytest_collection_modifyitems`), so no test goes unmarked and ``make test-unit`` cannot
+miss one.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.services import (
+from tests.support.catalogs import CatalogBackend, postgres_backend, sqlite_backend
+from tests.support.services import (
     DEFAULT_POSTGRES_URL,
     POSTGRES_URL_ENV,
     RedisProcess,
@@ -27,6 +34,28 @@ from tests.services import (
     redis_server,
     s3_test_bucket,
 )
+
+MARKER_BY_DIRECTORY = {"unit": "unit", "integration": "integration", "chaos": "chaos"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Mark each test by the directory it is in: the directory says what a test may use."""
+    root = Path(__file__).parent
+    for item in items:
+        try:
+            top = item.path.relative_to(root).parts[0]
+        except ValueError:
+            continue
+        marker = MARKER_BY_DIRECTORY.get(top)
+        if marker is None:
+            continue
+        others = {m.name for m in item.iter_markers()} & set(MARKER_BY_DIRECTORY.values())
+        if others - {marker}:
+            raise pytest.UsageError(
+                f"{item.nodeid} is marked {sorted(others - {marker})} but lives in tests/{top}: "
+                f"move it to the directory of its marker"
+            )
+        item.add_marker(marker)
 
 
 @pytest.fixture(scope="session")
@@ -98,3 +127,19 @@ def s3_env(s3_endpoint: S3Endpoint, monkeypatch: pytest.MonkeyPatch) -> S3Endpoi
     monkeypatch.delenv("AWS_PROFILE", raising=False)
     monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
     return s3_endpoint
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def catalog_backend(
+    request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> CatalogBackend:
+    """The catalog for this test, in this process's environment (children inherit it): the
+    embedded SQLite one, then a PostgreSQL one in a database of its own with a local warehouse.
+    Pass ``catalog_backend.catalog_name`` to ``make_stack(catalog=...)``."""
+    if request.param == "sqlite":
+        backend = sqlite_backend()
+    else:
+        url = request.getfixturevalue("postgres_catalog_url")
+        backend = postgres_backend(url, tmp_path / "pg-warehouse")
+    backend.apply(monkeypatch)
+    return backend

@@ -22,32 +22,27 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import redis
 
-from tests.chaos.faults import SlowDownProxy, TcpProxy
-from tests.chaos.harness import (
-    ChaosReport,
-    chaos_round,
+from tests.support.catalogs import postgres_backend, s3_backend
+from tests.support.chaos import ChaosReport, chaos_round, verify_tables
+from tests.support.faults import SlowDownProxy, TcpProxy
+from tests.support.fleet import (
     environment,
     fleet_env,
-    make_stack,
     redeliver_unacked,
     running_fleet,
     settings_for,
     supervised,
-    verify_tables,
 )
-from tests.services import RedisProcess, S3Endpoint
+from tests.support.services import RedisProcess, S3Endpoint
+from tests.support.stack import make_stack
 
 pytestmark = [pytest.mark.chaos, pytest.mark.timeout(240)]
-
-
-def catalog_env(name: str, **properties: str) -> dict[str, str]:
-    prefix = f"PYICEBERG_CATALOG__{name.upper()}__"
-    return {"ICEFLEET_CATALOG": name, **{prefix + k.upper(): v for k, v in properties.items()}}
 
 
 @pytest.fixture
@@ -139,21 +134,9 @@ def test_s3_answers_slow_down_to_one_request_in_five(
     throttled_s3: SlowDownProxy,
 ) -> None:
     # Given a warehouse on S3 reached through a proxy that throttles 20% of the requests
-    s3 = s3_endpoint.fileio_properties()
-    env = fleet_env(
-        ICEFLEET_REDIS_URL=redis_url,
-        ICEFLEET_HOME=str(tmp_path / "home"),
-        **catalog_env(
-            "chaoss3",
-            type="sql",
-            uri=f"sqlite:///{tmp_path / 'catalog.db'}",
-            warehouse=s3_bucket,
-            s3__endpoint=throttled_s3.endpoint_url,
-            s3__access_key_id=s3["s3.access-key-id"],
-            s3__secret_access_key=s3["s3.secret-access-key"],
-            s3__region=s3["s3.region"],
-        ),
-    )
+    proxied = replace(s3_endpoint, endpoint_url=throttled_s3.endpoint_url)
+    s3 = s3_backend(proxied, s3_bucket, tmp_path / "catalog.db", name="chaoss3")
+    env = fleet_env(ICEFLEET_REDIS_URL=redis_url, ICEFLEET_HOME=str(tmp_path / "home"), **s3.env)
     rng = random.Random(3)
     with environment(env), running_fleet(settings_for(env)) as fleet:
         # When batches are written and committed, with a writer killed now and then too
@@ -170,7 +153,7 @@ def test_s3_answers_slow_down_to_one_request_in_five(
         requests = throttled_s3.stats.requests
         # Then every event is there once (read with the throttling off, as a check)
         throttled_s3.fault_rate = 0.0
-        stack = make_stack(redis_url, tmp_path / "home", catalog_name="chaoss3")
+        stack = make_stack(redis_url, tmp_path / "home", catalog=s3.catalog_name)
         try:
             verify_tables(stack, events, outcome)
         finally:
@@ -192,16 +175,10 @@ def test_catalog_database_unreachable_for_a_while(
     upstream = sa.make_url(postgres_catalog_url)
     proxy = TcpProxy(upstream.host or "127.0.0.1", upstream.port or 5432).start()
     through_proxy = upstream.set(host="127.0.0.1", port=proxy.port)
-    env = fleet_env(
-        ICEFLEET_REDIS_URL=redis_url,
-        ICEFLEET_HOME=str(tmp_path / "home"),
-        **catalog_env(
-            "chaospg",
-            type="sql",
-            uri=through_proxy.render_as_string(hide_password=False),
-            warehouse=(tmp_path / "warehouse").as_uri(),
-        ),
+    pg = postgres_backend(
+        through_proxy.render_as_string(hide_password=False), tmp_path / "warehouse", name="chaospg"
     )
+    env = fleet_env(ICEFLEET_REDIS_URL=redis_url, ICEFLEET_HOME=str(tmp_path / "home"), **pg.env)
     rng = random.Random(5)
 
     def outage(outcome: ChaosReport) -> None:
@@ -224,7 +201,7 @@ def test_catalog_database_unreachable_for_a_while(
                 extra=outage,
             )
             # Then once it is back, every event is committed exactly once
-            stack = make_stack(redis_url, tmp_path / "home", catalog_name="chaospg")
+            stack = make_stack(redis_url, tmp_path / "home", catalog=pg.catalog_name)
             try:
                 verify_tables(stack, events, outcome)
             finally:

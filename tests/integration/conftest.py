@@ -1,4 +1,5 @@
-"""Fixtures shared by integration tests that run worker tasks in this process."""
+"""Fixtures shared by integration tests: worker tasks run in this process (``rt``), and a fleet
+of real worker processes (``fleet``) on the catalog a test module's ``backend`` fixture gives."""
 
 from __future__ import annotations
 
@@ -9,8 +10,11 @@ import pytest
 import redis
 
 import workers.runtime
-from common.settings import load_settings
+from common.settings import Settings, load_settings
+from tests.support.catalogs import CatalogBackend
+from tests.support.fleet import running_fleet
 from workers.app import create_app
+from workers.fleet import Fleet
 from workers.runtime import Runtime
 
 
@@ -31,3 +35,27 @@ def rt(
     monkeypatch.setattr(workers.runtime, "_runtime", runtime)
     yield runtime
     app.close()
+
+
+@pytest.fixture
+def fleet_settings(
+    backend: CatalogBackend,
+    redis_client: redis.Redis,
+    redis_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> Settings:
+    """The environment of a fleet on ``backend`` (a test module's ``backend`` fixture), set for
+    this test, and the settings it loads."""
+    backend.apply(monkeypatch)
+    monkeypatch.setenv("ICEFLEET_REDIS_URL", redis_url)
+    monkeypatch.setenv("ICEFLEET_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("ICEFLEET_COMMIT_INTERVAL_MS", "500")
+    return load_settings()
+
+
+@pytest.fixture
+def fleet(fleet_settings: Settings) -> Iterator[Fleet]:
+    """Two writers and a committer on ``fleet_settings``, reaped afterwards."""
+    with running_fleet(fleet_settings, writers=2, log_lines=40, check_reaped=True) as fleet:
+        yield fleet

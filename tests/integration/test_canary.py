@@ -14,7 +14,7 @@ import redis
 from common.observe.metrics import create_metrics
 from common.settings import load_settings
 from common.wire import CANARY_TASK, WRITE_TASK
-from tests.unit.test_metrics import samples
+from tests.support.metrics import samples
 from workers.app import canary_schedule, create_app
 from workers.observability import process_metrics
 from workers.runtime import Runtime

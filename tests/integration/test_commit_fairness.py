@@ -8,8 +8,10 @@ import pytest
 import redis
 
 from common.commit.committer import MANIFEST_MERGE
-from common.maintenance.invariants import assert_exactly_once, validate_lineage
-from tests.pipeline import TABLE, ids_of, make_events, make_pipeline
+from common.maintenance.invariants import validate_lineage
+from tests.support.events import ids_of, make_events
+from tests.support.readback import assert_exactly_once
+from tests.support.stack import TABLE, make_stack
 
 pytestmark = pytest.mark.integration
 
@@ -18,7 +20,7 @@ def test_batches_registered_during_a_commit_wait_for_the_next_one(
     redis_url: str, redis_client: redis.Redis, icefleet_home: Path
 ) -> None:
     # Given two pending batches, and a writer that registers a third while the commit runs
-    pipe = make_pipeline(redis_url, icefleet_home)
+    pipe = make_stack(redis_url, icefleet_home)
     first = make_events("b1", 5) + make_events("b2", 5)
     pipe.write("b1", first[:5])
     pipe.write("b2", first[5:])
@@ -45,7 +47,7 @@ def test_manifests_are_merged_as_a_table_ages(
     redis_url: str, redis_client: redis.Redis, icefleet_home: Path
 ) -> None:
     # Given a table that receives many small commits
-    pipe = make_pipeline(redis_url, icefleet_home)
+    pipe = make_stack(redis_url, icefleet_home)
     expected: list[str] = []
     for n in range(130):
         events = make_events(f"m{n}", 1)

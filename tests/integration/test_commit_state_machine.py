@@ -1,7 +1,7 @@
 """The commit protocol as a state machine: random interleavings of writes, redeliveries, commits,
 committers crashing before and after the catalog commit, outside appends and schema changes.
 
-Real redis-server and SQLite catalog, in-process: a crash is a fault hook raising
+Real redis-server, and a SQLite or a PostgreSQL catalog (a fresh database per example), in-process: a crash is a fault hook raising
 :class:`CommitterCrash` at ``before_catalog_commit`` or ``after_catalog_commit``, which leaves
 Redis and the catalog exactly as a committer dying there would (the lock is released on the way
 out, as its TTL would). A model tracks which batches are pending, prepared, landed but not
@@ -15,6 +15,7 @@ import itertools
 import os
 import shutil
 import tempfile
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -31,16 +32,14 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from common.maintenance.invariants import assert_exactly_once, validate_lineage
-from tests.pipeline import (
-    TABLE,
-    CommitterCrash,
-    ids_of,
-    make_events,
-    make_pipeline,
-    outside_append,
-    raise_at,
-)
+from common.maintenance.invariants import validate_lineage
+from tests.support.catalogs import postgres_backend
+from tests.support.events import ids_of, make_events
+from tests.support.faults import CommitterCrash, raise_at
+from tests.support.fleet import environment
+from tests.support.readback import assert_exactly_once
+from tests.support.services import fresh_postgres_database
+from tests.support.stack import TABLE, make_stack, outside_append
 
 pytestmark = pytest.mark.integration
 
@@ -53,6 +52,7 @@ class CommitProtocol(RuleBasedStateMachine):
 
     redis_url = ""  # set by the test
     workdir = Path()
+    postgres_url: str | None = None  # set by the test for the PostgreSQL catalog
 
     batches = Bundle("batches")
 
@@ -62,7 +62,14 @@ class CommitProtocol(RuleBasedStateMachine):
         client.flushall()
         client.close()
         self.home = Path(tempfile.mkdtemp(dir=self.workdir))
-        self.pipe = make_pipeline(self.redis_url, self.home)
+        self.resources = ExitStack()
+        catalog = None
+        if self.postgres_url is not None:
+            url = self.resources.enter_context(fresh_postgres_database(self.postgres_url))
+            backend = postgres_backend(url, self.home / "warehouse", name="machinepg")
+            self.resources.enter_context(environment(backend.env))
+            catalog = backend.catalog_name
+        self.pipe = make_stack(self.redis_url, self.home, catalog=catalog)
         self.events: dict[str, list[dict[str, Any]]] = {}  # every batch written
         # The model: each written batch is in exactly one of these.
         self.pending: set[str] = set()  # not in the table
@@ -209,16 +216,19 @@ class CommitProtocol(RuleBasedStateMachine):
                 assert self.pipe.registry.prepared(TABLE) is None
         finally:
             self.pipe.close()
+            self.resources.close()
             shutil.rmtree(self.home, ignore_errors=True)
 
 
+@pytest.mark.parametrize("catalog", ["sqlite", "postgres"])
 def test_the_commit_protocol_keeps_exactly_once_under_any_interleaving(
-    redis_url: str, tmp_path: Path
+    redis_url: str, tmp_path: Path, catalog: str, request: pytest.FixtureRequest
 ) -> None:
-    # Given a real redis-server and a scratch directory for each example's catalog
-    machine = type(
-        "BoundCommitProtocol", (CommitProtocol,), {"redis_url": redis_url, "workdir": tmp_path}
-    )
+    # Given a real redis-server and, for each example, a scratch directory and a catalog of its
+    # own (SQLite under it, or a fresh PostgreSQL database)
+    postgres_url = request.getfixturevalue("postgres_url") if catalog == "postgres" else None
+    bound = {"redis_url": redis_url, "workdir": tmp_path, "postgres_url": postgres_url}
+    machine = type("BoundCommitProtocol", (CommitProtocol,), bound)
     # When hypothesis runs random sequences of writes, redeliveries, commits, crashes, outside
     # appends and schema changes
     # Then every invariant holds after every step, and after the final commit

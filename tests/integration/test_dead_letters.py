@@ -26,18 +26,10 @@ from common.ingest.events import DeadLetter
 from common.ingest.producer import Producer
 from common.ingest.replay import REPLAYS_KEY, Replayer
 from common.settings import Settings, load_settings
-from tests.chaos.harness import (
-    assert_exactly_once,
-    environment,
-    expected_by_table,
-    fleet_config,
-    ids_in,
-    make_events,
-    make_stack,
-    ndjson,
-    running_fleet,
-    wait_idle,
-)
+from tests.support.events import expected_by_table, make_events, ndjson
+from tests.support.fleet import environment, fleet_config, running_fleet, wait_idle
+from tests.support.readback import assert_exactly_once, read_ids
+from tests.support.stack import make_stack
 from workers.cli.deadletters import preview
 from workers.cli.main import main
 
@@ -290,7 +282,7 @@ def test_replayed_events_land_exactly_once_through_real_workers(
     try:
         landed = normal + lost + [lost_line]
         for name, ids in expected_by_table(stack.settings, landed).items():
-            assert_exactly_once(ids_in(stack.table(name)), ids, name)
+            assert_exactly_once(read_ids(stack.table(name)), ids, name)
     finally:
         stack.close()
     # ... and what still cannot land is a dead letter again, with its reason: the oversized

@@ -1,9 +1,11 @@
-"""Exactly once, end to end: real redis-server, SQLite catalog, real processes (spawn).
+"""Exactly once, end to end: real redis-server, SQLite and PostgreSQL catalogs, real processes.
 
 Every batch written is committed once and only once, whatever happens around the committer:
 another committer racing it, a crash at any step of the commit protocol, redelivery, an outside
 writer appending to the same table, stale metadata, a data file vanishing before its commit.
-Each test reads every event id back with pyiceberg and checks the table's lineage.
+Each test reads every event id back with pyiceberg and checks the table's lineage. The tests
+whose subject is a catalog commit run on both catalogs (``catalog_backend``): the two databases
+resolve concurrent commits differently (SQLite locks the file, PostgreSQL the row).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import redis
 from pyiceberg.exceptions import CommitFailedException, ValidationException
 from pyiceberg.table import Table
 
-from common.commit.committer import SEQ_PROPERTY, CommitResult, PreparedCommit, committed_seq
+from common.commit.committer import CommitResult, PreparedCommit, committed_seq
 from common.coord import keys
 from common.coord.deadletters import DeadLetterStore
 from common.coord.locks import TableLock
@@ -35,23 +37,22 @@ from common.errors import (
     RetriesExhaustedError,
 )
 from common.maintenance.deletes import live_data_files, remove_data_files
-from common.maintenance.invariants import assert_exactly_once, validate_lineage
-from tests.pipeline import (
+from common.maintenance.invariants import validate_lineage
+from tests.support.catalogs import CatalogBackend
+from tests.support.events import ids_of, make_events
+from tests.support.faults import CommitterCrash, raise_at
+from tests.support.readback import assert_exactly_once, commit_seqs, local_path
+from tests.support.services import wait_until
+from tests.support.stack import (
     COMMITTERS_KEY,
     TABLE,
-    CommitterCrash,
-    Pipeline,
-    ids_of,
-    local_path,
-    make_events,
-    make_pipeline,
+    Stack,
+    make_stack,
     outside_append,
-    raise_at,
     run_committer_loop,
     run_committer_until_crash,
     run_outside_appender,
     run_remove_files,
-    wait_until,
 )
 
 pytestmark = pytest.mark.integration
@@ -62,13 +63,22 @@ FAULT_POINTS = ("after_prepare", "before_catalog_commit", "after_catalog_commit"
 
 
 @pytest.fixture
-def pipe(redis_client: redis.Redis, redis_url: str, icefleet_home: Path) -> Iterator[Pipeline]:
-    pipeline = make_pipeline(redis_url, icefleet_home)
-    yield pipeline
-    pipeline.close()
+def pipe(
+    catalog_backend: CatalogBackend, redis_client: redis.Redis, redis_url: str, icefleet_home: Path
+) -> Iterator[Stack]:
+    """The stack on each catalog in turn (SQLite, PostgreSQL)."""
+    with make_stack(redis_url, icefleet_home, catalog=catalog_backend.catalog_name) as stack:
+        yield stack
 
 
-def write_batches(pipe: Pipeline, prefix: str, count: int, events: int = 3) -> list[str]:
+@pytest.fixture
+def redis_pipe(redis_client: redis.Redis, redis_url: str, icefleet_home: Path) -> Iterator[Stack]:
+    """The stack on the embedded catalog, for tests of the Redis side alone."""
+    with make_stack(redis_url, icefleet_home) as stack:
+        yield stack
+
+
+def write_batches(pipe: Stack, prefix: str, count: int, events: int = 3) -> list[str]:
     """Write ``count`` batches; return the ids of every event written."""
     ids: list[str] = []
     for n in range(count):
@@ -79,16 +89,7 @@ def write_batches(pipe: Pipeline, prefix: str, count: int, events: int = 3) -> l
     return ids
 
 
-def seq_snapshots(table: Table) -> list[int]:
-    """The commit-seqs carried by the table's snapshots, oldest first."""
-    return [
-        int(s.summary.additional_properties[SEQ_PROPERTY])
-        for s in table.snapshots()
-        if s.summary is not None and SEQ_PROPERTY in s.summary.additional_properties
-    ]
-
-
-def assert_settled(pipe: Pipeline, table: Table, expected_ids: list[str]) -> None:
+def assert_settled(pipe: Stack, table: Table, expected_ids: list[str]) -> None:
     """Every id exactly once, lineage valid, nothing left pending or prepared."""
     assert_exactly_once(table, expected_ids)
     assert validate_lineage(table) == []
@@ -97,7 +98,7 @@ def assert_settled(pipe: Pipeline, table: Table, expected_ids: list[str]) -> Non
     assert TABLE not in pipe.registry.pending_tables()
 
 
-def commit_until_done(pipe: Pipeline, runs: int = 20) -> list[CommitResult]:
+def commit_until_done(pipe: Stack, runs: int = 20) -> list[CommitResult]:
     """Commit like the committer task does: a run that exhausts its attempts is run again."""
     for _ in range(runs - 1):
         try:
@@ -119,7 +120,7 @@ def join_all(processes: list[Any]) -> None:
 
 
 def test_two_committer_processes_racing_commit_every_batch_exactly_once(
-    pipe: Pipeline, redis_url: str, icefleet_home: Path
+    pipe: Stack, redis_url: str, icefleet_home: Path
 ) -> None:
     # Given a table, and two committer processes looping on it
     expected = write_batches(pipe, "first", 1)
@@ -129,6 +130,7 @@ def test_two_committer_processes_racing_commit_every_batch_exactly_once(
         SPAWN.Process(
             target=run_committer_loop,
             args=(redis_url, str(icefleet_home), TABLE, ready, stop, results, f"committer-{n}"),
+            kwargs={"catalog": pipe.settings.catalog_name},
             name=f"committer-{n}",
         )
         for n in (1, 2)
@@ -167,7 +169,7 @@ def test_two_committer_processes_racing_commit_every_batch_exactly_once(
     assert sum(batches for _, batches, _ in commits) == written + 1
     seqs = sorted(seq for seq, _, _ in commits)
     assert seqs == list(range(1, len(seqs) + 1)), "each commit-seq used by exactly one commit"
-    assert seq_snapshots(table) == seqs
+    assert commit_seqs(table) == seqs
     assert committed_seq(table) == len(seqs)
 
 
@@ -176,14 +178,15 @@ def test_two_committer_processes_racing_commit_every_batch_exactly_once(
 
 @pytest.mark.parametrize("point", FAULT_POINTS)
 def test_a_committer_killed_at_any_step_is_recovered_exactly_once(
-    pipe: Pipeline, redis_url: str, icefleet_home: Path, point: str
+    pipe: Stack, redis_url: str, icefleet_home: Path, point: str
 ) -> None:
     # Given three pending batches
     expected = write_batches(pipe, "b", 3)
 
     # When a committer process dies (os._exit, no cleanup, lock still held) at the fault point
     child = SPAWN.Process(
-        target=run_committer_until_crash, args=(redis_url, str(icefleet_home), TABLE, point)
+        target=run_committer_until_crash,
+        args=(redis_url, str(icefleet_home), TABLE, point, pipe.settings.catalog_name),
     )
     child.start()
     join_all([child])
@@ -203,7 +206,7 @@ def test_a_committer_killed_at_any_step_is_recovered_exactly_once(
     # was finished, not repeated: seq 1 for the first three batches, seq 2 for the late one
     table = pipe.table()
     assert_settled(pipe, table, expected)
-    assert seq_snapshots(table) == [1, 2]
+    assert commit_seqs(table) == [1, 2]
     assert [r.seq for r in results] == ([1, 2] if point != "after_cleanup" else [2])
     if point != "after_cleanup":
         assert results[0].recovered and results[0].batches == 3
@@ -215,7 +218,7 @@ def test_a_committer_killed_at_any_step_is_recovered_exactly_once(
 # --- redelivery ----------------------------------------------------------------------------------
 
 
-def test_a_batch_redelivered_after_its_commit_is_not_committed_twice(pipe: Pipeline) -> None:
+def test_a_batch_redelivered_after_its_commit_is_not_committed_twice(pipe: Stack) -> None:
     # Given a batch written and committed
     events = make_events("b1", 4)
     pipe.write("b1", events)
@@ -236,7 +239,7 @@ def test_a_batch_redelivered_after_its_commit_is_not_committed_twice(pipe: Pipel
     assert_settled(pipe, table, ids_of(events))
 
 
-def test_a_batch_redelivered_while_pending_is_committed_once(pipe: Pipeline) -> None:
+def test_a_batch_redelivered_while_pending_is_committed_once(pipe: Stack) -> None:
     # Given a batch written but not committed yet
     events = make_events("b1", 4)
     pipe.write("b1", events)
@@ -255,7 +258,7 @@ def test_a_batch_redelivered_while_pending_is_committed_once(pipe: Pipeline) -> 
 
 
 def test_an_outside_writer_appending_concurrently_loses_nothing(
-    pipe: Pipeline, redis_url: str, icefleet_home: Path
+    pipe: Stack, redis_url: str, icefleet_home: Path
 ) -> None:
     # Given a table, and a process that appends rows with plain pyiceberg, knowing nothing of us
     expected = write_batches(pipe, "first", 1)
@@ -263,7 +266,7 @@ def test_an_outside_writer_appending_concurrently_loses_nothing(
     ready, start, done = SPAWN.Queue(), SPAWN.Event(), SPAWN.Queue()
     outside = SPAWN.Process(
         target=run_outside_appender,
-        args=(redis_url, str(icefleet_home), TABLE, 15, ready, start, done),
+        args=(str(icefleet_home), TABLE, 15, ready, start, done, pipe.settings.catalog_name),
     )
     outside.start()
     assert ready.get(timeout=JOIN_TIMEOUT_S) == "outside"
@@ -281,10 +284,10 @@ def test_an_outside_writer_appending_concurrently_loses_nothing(
     assert outside.exitcode == 0 and appended == 15
     table = pipe.table()
     assert_settled(pipe, table, expected + [f"outside-{n}" for n in range(15)])
-    assert seq_snapshots(table) == list(range(1, 17))
+    assert commit_seqs(table) == list(range(1, 17))
 
 
-def test_a_commit_based_on_stale_metadata_is_retried_and_lands_once(pipe: Pipeline) -> None:
+def test_a_commit_based_on_stale_metadata_is_retried_and_lands_once(pipe: Stack) -> None:
     # Given pending batches, and an outside append that lands right before our catalog commit
     expected = write_batches(pipe, "b", 3)
     sneaked: list[str] = []
@@ -303,10 +306,10 @@ def test_a_commit_based_on_stale_metadata_is_retried_and_lands_once(pipe: Pipeli
     assert len(results) == 1 and results[0].attempts >= 2
     table = pipe.table()
     assert_settled(pipe, table, expected + sneaked)
-    assert seq_snapshots(table) == [1]
+    assert commit_seqs(table) == [1]
 
 
-def test_a_commit_whose_reply_was_lost_is_not_applied_twice(pipe: Pipeline) -> None:
+def test_a_commit_whose_reply_was_lost_is_not_applied_twice(pipe: Stack) -> None:
     # Given pending batches, and a catalog whose first successful commit reply "gets lost"
     expected = write_batches(pipe, "b", 3)
     lost: list[str] = []
@@ -325,13 +328,13 @@ def test_a_commit_whose_reply_was_lost_is_not_applied_twice(pipe: Pipeline) -> N
     assert lost and results[0].attempts == 2
     table = pipe.table()
     assert_settled(pipe, table, expected)
-    assert seq_snapshots(table) == [1]
+    assert commit_seqs(table) == [1]
 
 
 # --- broken files -----------------------------------------------------------------------------
 
 
-def test_a_pending_file_deleted_before_commit_is_quarantined(pipe: Pipeline) -> None:
+def test_a_pending_file_deleted_before_commit_is_quarantined(pipe: Stack) -> None:
     # Given three pending batches, and the data file of the middle one deleted from disk
     batches = {b: make_events(b, 3) for b in ("b1", "b2", "b3")}
     written = {b: pipe.write(b, events) for b, events in batches.items()}
@@ -361,7 +364,7 @@ def test_a_pending_file_deleted_before_commit_is_quarantined(pipe: Pipeline) -> 
 # --- racing deletes ----------------------------------------------------------------------------
 
 
-def two_files(pipe: Pipeline) -> tuple[list[str], list[str], str]:
+def two_files(pipe: Stack) -> tuple[list[str], list[str], str]:
     """Commit two batches; return the ids of each and the data file path of the first."""
     first, second = make_events("del1", 3), make_events("del2", 2)
     path = pipe.write("del1", first).files[TABLE][0].file_path
@@ -370,7 +373,7 @@ def two_files(pipe: Pipeline) -> tuple[list[str], list[str], str]:
     return ids_of(first), ids_of(second), path
 
 
-def test_plain_pyiceberg_deletes_of_one_file_racing_one_wins(pipe: Pipeline) -> None:
+def test_plain_pyiceberg_deletes_of_one_file_racing_one_wins(pipe: Stack) -> None:
     # Given two overwrites built on the same snapshot, both deleting the same data file
     _, kept, path = two_files(pipe)
     one, two = pipe.table(), pipe.table()
@@ -394,7 +397,7 @@ def test_plain_pyiceberg_deletes_of_one_file_racing_one_wins(pipe: Pipeline) -> 
 
 
 def test_removals_of_one_file_racing_in_two_processes_one_wins(
-    pipe: Pipeline, redis_url: str, icefleet_home: Path
+    pipe: Stack, redis_url: str, icefleet_home: Path
 ) -> None:
     # Given two processes that loaded the table, about to remove the same file under the lock
     _, kept, path = two_files(pipe)
@@ -403,6 +406,7 @@ def test_removals_of_one_file_racing_in_two_processes_one_wins(
         SPAWN.Process(
             target=run_remove_files,
             args=(redis_url, str(icefleet_home), TABLE, [path], start, results),
+            kwargs={"catalog": pipe.settings.catalog_name},
         )
         for _ in range(2)
     ]
@@ -421,14 +425,15 @@ def test_removals_of_one_file_racing_in_two_processes_one_wins(
     assert validate_lineage(table) == []
 
 
-def test_removals_racing_without_a_lock_are_kept_apart_by_the_catalog(pipe: Pipeline) -> None:
+def test_removals_racing_without_a_lock_are_kept_apart_by_the_catalog(pipe: Stack) -> None:
     # Given two threads holding the same table snapshot, about to remove the same file, unlocked
     _, kept, path = two_files(pipe)
     barrier = threading.Barrier(2)
     outcomes: queue.Queue[str] = queue.Queue()
 
     def remove() -> None:
-        table = make_pipeline(pipe.settings.redis_url, pipe.settings.home).table()
+        settings = pipe.settings
+        table = make_stack(settings.redis_url, settings.home, catalog=settings.catalog_name).table()
         barrier.wait()
         try:
             remove_data_files(table, [path])
@@ -450,7 +455,7 @@ def test_removals_racing_without_a_lock_are_kept_apart_by_the_catalog(pipe: Pipe
     assert validate_lineage(table) == []
 
 
-def test_a_removal_survives_a_concurrent_append_and_refuses_unknown_files(pipe: Pipeline) -> None:
+def test_a_removal_survives_a_concurrent_append_and_refuses_unknown_files(pipe: Stack) -> None:
     # Given two committed batches, and a table object loaded before an outside append
     removed, kept, path = two_files(pipe)
     stale = pipe.table()
@@ -476,7 +481,8 @@ def test_a_removal_survives_a_concurrent_append_and_refuses_unknown_files(pipe: 
 # --- the prepared record belongs to the committer that wrote it ------------------------------
 
 
-def test_a_stale_finish_does_not_delete_a_newer_prepared_record(pipe: Pipeline) -> None:
+def test_a_stale_finish_does_not_delete_a_newer_prepared_record(redis_pipe: Stack) -> None:
+    pipe = redis_pipe
     # Given a prepared record written by a newer committer (seq 2)
     older = PreparedCommit(1, ("b1",), 1_000)
     newer = PreparedCommit(2, ("b2",), 2_000)
@@ -498,7 +504,8 @@ def test_a_stale_finish_does_not_delete_a_newer_prepared_record(pipe: Pipeline) 
     assert pipe.registry.prepared(TABLE) is None
 
 
-def test_only_the_lock_owner_can_write_the_prepared_record(pipe: Pipeline) -> None:
+def test_only_the_lock_owner_can_write_the_prepared_record(redis_pipe: Stack) -> None:
+    pipe = redis_pipe
     # Given the table lock held by one committer, whose record is prepared
     mine = PreparedCommit(2, ("b2",), 2_000)
     with TableLock(pipe.client, TABLE, ttl_ms=5_000) as lock:
@@ -515,7 +522,7 @@ def test_only_the_lock_owner_can_write_the_prepared_record(pipe: Pipeline) -> No
         pipe.registry.prepare(TABLE, "{}", lock_token=lock.token or "gone")
 
 
-def test_a_prepared_record_in_another_layout_is_recovered_and_dropped(pipe: Pipeline) -> None:
+def test_a_prepared_record_in_another_layout_is_recovered_and_dropped(pipe: Stack) -> None:
     # Given a pending batch, and a prepared record for it written in another JSON layout (an
     # older or newer committer: other spacing, an extra field)
     events = make_events("b1", 2)
@@ -532,7 +539,7 @@ def test_a_prepared_record_in_another_layout_is_recovered_and_dropped(pipe: Pipe
     assert pipe.commit() == []
 
 
-def test_a_committer_that_lost_its_lock_cannot_undo_the_new_owner(pipe: Pipeline) -> None:
+def test_a_committer_that_lost_its_lock_cannot_undo_the_new_owner(pipe: Stack) -> None:
     # Given two pending batches, and committer A, which will stall right after its catalog commit
     # (b1, seq 1) until its lease is gone and committer B has taken the table, committed b2 as
     # seq 2 and died before finishing it (its prepared record is all that says b2 landed)
@@ -563,4 +570,4 @@ def test_a_committer_that_lost_its_lock_cannot_undo_the_new_owner(pipe: Pipeline
     assert [(r.seq, r.recovered, r.files) for r in results] == [(2, True, 0)]
     table = pipe.table()
     assert_settled(pipe, table, ids_of(first) + ids_of(second))
-    assert seq_snapshots(table) == [1, 2]
+    assert commit_seqs(table) == [1, 2]

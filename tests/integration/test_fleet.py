@@ -22,7 +22,7 @@ import sys
 import time
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,10 +32,17 @@ import redis
 from common.coord.deadletters import DeadLetterStore
 from common.ingest.producer import Producer
 from common.lake.catalog import open_catalog
-from common.settings import Settings, load_settings
-from tests.chaos.harness import expected_by_table, running_fleet
-from tests.pipeline import in_process_tasks, rust_ids, wait_until
-from tests.services import S3Endpoint, free_port
+from common.settings import load_settings
+from tests.support.catalogs import (
+    CatalogBackend,
+    postgres_backend,
+    s3_backend,
+    sqlite_backend,
+)
+from tests.support.events import expected_by_table
+from tests.support.readback import rust_ids
+from tests.support.services import S3Endpoint, free_port, wait_until
+from tests.support.stack import in_process_tasks
 from workers.app import create_app
 from workers.cli.demo import synthetic_events
 from workers.fleet import Fleet
@@ -49,69 +56,16 @@ WAIT_S = 120.0
 CLI = [sys.executable, "-m", "workers.cli.main"]
 
 
-@dataclass
-class Backend:
-    """Where the catalog and the warehouse live, as environment variables for every process."""
-
-    name: str
-    env: dict[str, str] = field(default_factory=dict)
-    file_io: dict[str, str] = field(default_factory=dict)
-
-
-def catalog_env(name: str, **properties: str) -> dict[str, str]:
-    prefix = f"PYICEBERG_CATALOG__{name.upper()}__"
-    env = {"ICEFLEET_CATALOG": name}
-    for key, value in properties.items():
-        env[prefix + key.upper()] = value
-    return env
-
-
 @pytest.fixture(params=["sqlite", "postgres", "s3"])
-def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Backend:
+def backend(request: pytest.FixtureRequest, tmp_path: Path) -> CatalogBackend:
     if request.param == "sqlite":
-        return Backend("sqlite")  # the embedded default: nothing configured
+        return sqlite_backend()
     if request.param == "postgres":
         url = request.getfixturevalue("postgres_catalog_url")
-        warehouse = (tmp_path / "warehouse").as_uri()
-        return Backend("postgres", catalog_env("fleetpg", type="sql", uri=url, warehouse=warehouse))
+        return postgres_backend(url, tmp_path / "warehouse", name="fleetpg")
     endpoint: S3Endpoint = request.getfixturevalue("s3_endpoint")
     bucket: str = request.getfixturevalue("s3_bucket")
-    s3 = endpoint.fileio_properties()
-    env = catalog_env(
-        "fleets3",
-        type="sql",
-        uri=f"sqlite:///{tmp_path / 'catalog.db'}",
-        warehouse=bucket,
-        s3__endpoint=s3["s3.endpoint"],
-        s3__access_key_id=s3["s3.access-key-id"],
-        s3__secret_access_key=s3["s3.secret-access-key"],
-        s3__region=s3["s3.region"],
-    )
-    # moto answers on 127.0.0.1 only: iceberg-rust must address buckets by path, not subdomain
-    return Backend("s3", env, {**s3, "s3.path-style-access": "true"})
-
-
-@pytest.fixture
-def fleet_settings(
-    backend: Backend,
-    redis_client: redis.Redis,
-    redis_url: str,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> Settings:
-    monkeypatch.delenv("ICEFLEET_CATALOG", raising=False)
-    monkeypatch.setenv("ICEFLEET_REDIS_URL", redis_url)
-    monkeypatch.setenv("ICEFLEET_HOME", str(tmp_path / "home"))
-    monkeypatch.setenv("ICEFLEET_COMMIT_INTERVAL_MS", "500")
-    for key, value in backend.env.items():
-        monkeypatch.setenv(key, value)
-    return load_settings()
-
-
-@pytest.fixture
-def fleet(fleet_settings: Settings) -> Iterator[Fleet]:
-    with running_fleet(fleet_settings, writers=2, log_lines=40, check_reaped=True) as fleet:
-        yield fleet
+    return s3_backend(endpoint, bucket, tmp_path / "catalog.db", name="fleets3")
 
 
 def processes_with(marker: str) -> list[int]:
@@ -138,11 +92,11 @@ def run_cli(*args: str, timeout_s: float = 120) -> subprocess.CompletedProcess[s
 
 
 def test_fleet_lands_every_event_exactly_once(
-    fleet: Fleet, backend: Backend, redis_client: redis.Redis, tmp_path: Path
+    fleet: Fleet, backend: CatalogBackend, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     # Given 50,000 events of three types, and a running fleet of 2 writers and a committer
     settings = fleet.settings
-    events = list(synthetic_events(BATCHES * PER_BATCH, seed=11, run_id=backend.name))
+    events = list(synthetic_events(BATCHES * PER_BATCH, seed=11, run_id=backend.kind))
     expected = {name: set(ids) for name, ids in expected_by_table(settings, events).items()}
     assert len(expected) == 3
     batches = [events[n * PER_BATCH : (n + 1) * PER_BATCH] for n in range(BATCHES)]
@@ -186,7 +140,7 @@ def test_fleet_lands_every_event_exactly_once(
         name: len(ids) for name, ids in expected.items()
     }
     assert {w.split("@")[0] for w in report["workers"]} == {"writer1", "writer2", "committer"}
-    print(f"{backend.name}: {len(events):,} events committed in {landed_s:.1f}s")
+    print(f"{backend.kind}: {len(events):,} events committed in {landed_s:.1f}s")
 
 
 # --- the CLI as a user runs it -----------------------------------------------------------------------

@@ -35,12 +35,8 @@ from common.ingest.payloads import unpack
 from common.ingest.producer import Producer
 from common.lake.catalog import open_catalog
 from common.settings import load_settings
-from tests.integration.test_fleet import (  # noqa: F401  (fixtures: the fleet of real workers)
-    Backend,
-    fleet,
-    fleet_settings,
-)
-from tests.services import free_port, wait_for_port
+from tests.support.catalogs import CatalogBackend, sqlite_backend
+from tests.support.services import free_port, wait_for_port
 from workers.fleet import Fleet
 
 pytestmark = pytest.mark.integration
@@ -475,9 +471,9 @@ def test_redis_down_is_503(tmp_path: Path) -> None:
 
 
 @pytest.fixture
-def backend() -> Backend:
-    """The fleet of test_fleet.py on the embedded SQLite catalog only."""
-    return Backend("sqlite")
+def backend() -> CatalogBackend:
+    """The fleet (tests/integration/conftest.py) on the embedded SQLite catalog only."""
+    return sqlite_backend()
 
 
 def test_events_posted_over_http_land_exactly_once(

@@ -22,7 +22,7 @@ from common.ingest.producer import Producer
 from common.ingest.routing import Router
 from common.lake.catalog import open_catalog
 from common.settings import Settings, load_settings
-from tests.chaos.harness import running_fleet
+from tests.support.fleet import running_fleet
 from workers.fleet import Fleet
 
 pytestmark = pytest.mark.integration

@@ -26,15 +26,9 @@ import redis
 from common.ingest.events import encode_ndjson
 from common.ingest.producer import Producer
 from common.settings import load_settings
-from tests.chaos.harness import (
-    Stack,
-    assert_exactly_once,
-    environment,
-    fleet_env,
-    make_stack,
-    running_fleet,
-    wait_idle,
-)
+from tests.support.fleet import environment, fleet_env, running_fleet, wait_idle
+from tests.support.readback import assert_exactly_once
+from tests.support.stack import Stack, make_stack
 
 pytestmark = pytest.mark.integration
 

@@ -22,15 +22,10 @@ from common.ingest.payloads import unpack
 from common.ingest.producer import Producer
 from common.settings import load_settings
 from common.wire import INGEST_QUEUE
-from tests.chaos.harness import (
-    assert_exactly_once,
-    environment,
-    fleet_config,
-    ids_in,
-    make_events,
-    make_stack,
-    running_fleet,
-)
+from tests.support.events import make_events
+from tests.support.fleet import environment, fleet_config, running_fleet
+from tests.support.readback import assert_exactly_once, read_ids
+from tests.support.stack import make_stack
 
 pytestmark = pytest.mark.integration
 
@@ -124,7 +119,7 @@ def test_a_fleet_lands_a_batch_whose_message_was_lost_exactly_once(
     stack = make_stack(redis_url, home)
     try:
         assert_exactly_once(
-            ids_in(stack.table("events.order")), [e["id"] for e in lost + kept], "events.order"
+            read_ids(stack.table("events.order")), [e["id"] for e in lost + kept], "events.order"
         )
     finally:
         stack.close()

@@ -23,7 +23,9 @@ from common.maintenance.deletes import live_data_files
 from common.maintenance.invariants import validate_lineage
 from common.maintenance.orphans import canonical_path, pending_paths
 from common.settings import load_settings
-from tests.pipeline import TABLE, Pipeline, local_path, make_events, make_pipeline
+from tests.support.events import make_events
+from tests.support.readback import local_path
+from tests.support.stack import TABLE, Stack, make_stack
 from workers.cli.main import main
 
 pytestmark = pytest.mark.integration
@@ -35,10 +37,10 @@ PER_BATCH = 25
 @pytest.fixture
 def pipe(
     redis_url: str, redis_client: redis.Redis, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Pipeline]:
+) -> Iterator[Stack]:
     """The pipeline, and the environment the CLI reads: the same home and Redis."""
     home = tmp_path / "home"
-    pipeline = make_pipeline(redis_url, home)
+    pipeline = make_stack(redis_url, home)
     monkeypatch.setenv("ICEFLEET_HOME", str(home))
     monkeypatch.setenv("ICEFLEET_REDIS_URL", redis_url)
     monkeypatch.delenv("ICEFLEET_CATALOG", raising=False)
@@ -57,7 +59,7 @@ def ok(*args: str) -> str:
 
 
 def ingest(
-    pipe: Pipeline, batches: int, per_batch: int, *, commit_every: int = 2, prefix: str = "b"
+    pipe: Stack, batches: int, per_batch: int, *, commit_every: int = 2, prefix: str = "b"
 ) -> None:
     """Small batches over two days, group-committed ``commit_every`` at a time."""
     for n in range(batches):
@@ -89,7 +91,7 @@ def rust_rows(table: Any) -> list[dict[str, Any]]:
 
 
 def test_fleet_compacted_expired_and_swept_reads_the_same_with_far_fewer_files(
-    pipe: Pipeline,
+    pipe: Stack,
 ) -> None:
     # Given 80 small batches over two days in 40 group commits, then a batch still pending
     ingest(pipe, BATCHES, PER_BATCH)
@@ -134,7 +136,7 @@ def test_fleet_compacted_expired_and_swept_reads_the_same_with_far_fewer_files(
     assert "0 orphan(s)" in ok("remove-orphans", "--older-than", "0s")
 
 
-def test_delete_removes_matching_rows_pending_ones_too(pipe: Pipeline) -> None:
+def test_delete_removes_matching_rows_pending_ones_too(pipe: Stack) -> None:
     # Given three committed batches and a pending one
     ingest(pipe, 3, 10, commit_every=1)
     pipe.write("late", make_events("late", 10))
@@ -160,14 +162,14 @@ def test_delete_removes_matching_rows_pending_ones_too(pipe: Pipeline) -> None:
         (["expire-snapshots", "--older-than", "soon"], "a duration such as 7d"),
     ],
 )
-def test_mistakes_are_one_line_errors(pipe: Pipeline, args: list[str], message: str) -> None:
+def test_mistakes_are_one_line_errors(pipe: Stack, args: list[str], message: str) -> None:
     ingest(pipe, 1, 3)
     result = icefleet(*args)
     assert result.exit_code != 0
     assert message in result.output
 
 
-def test_verify_fails_with_a_report(pipe: Pipeline) -> None:
+def test_verify_fails_with_a_report(pipe: Stack) -> None:
     # Given a table one of whose live files was deleted behind its back
     ingest(pipe, 2, 5, commit_every=1)
     gone = sorted(live_data_files(pipe.table()))[0]
@@ -179,7 +181,7 @@ def test_verify_fails_with_a_report(pipe: Pipeline) -> None:
     assert Path(local_path(gone)).name in result.output.replace("\n", "")
 
 
-def test_dry_runs_change_nothing(pipe: Pipeline) -> None:
+def test_dry_runs_change_nothing(pipe: Stack) -> None:
     ingest(pipe, 6, 5, commit_every=1)
     before = pipe.table().metadata
     assert "would compact 6 file(s)" in ok("compact", "--dry-run", "--min-files", "2")
@@ -190,7 +192,7 @@ def test_dry_runs_change_nothing(pipe: Pipeline) -> None:
     assert pipe.table().metadata == before
 
 
-def test_sync_catalog_recovers_a_lost_catalog_and_reports_a_stale_entry(pipe: Pipeline) -> None:
+def test_sync_catalog_recovers_a_lost_catalog_and_reports_a_stale_entry(pipe: Stack) -> None:
     # Given a table, and a copy of the catalog taken before its last commit
     home = pipe.settings.home
     ingest(pipe, 2, 5, commit_every=1)
@@ -225,9 +227,7 @@ def test_sync_catalog_recovers_a_lost_catalog_and_reports_a_stale_entry(pipe: Pi
 
 
 @pytest.fixture
-def eager(
-    pipe: Pipeline, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Any]:
+def eager(pipe: Stack, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     """Maintenance tasks run in this process; the tasks they send stay queued in Redis."""
     import workers.runtime
     from workers.app import create_app
@@ -250,7 +250,7 @@ def eager(
 
 
 def test_beat_compacts_when_small_files_pile_up_then_expires_and_sweeps(
-    pipe: Pipeline, eager: Any, redis_client: redis.Redis
+    pipe: Stack, eager: Any, redis_client: redis.Redis
 ) -> None:
     from workers.tasks.maintenance import compact_due, expire_all, remove_orphans_all
 
@@ -273,7 +273,7 @@ def test_beat_compacts_when_small_files_pile_up_then_expires_and_sweeps(
 
 
 def test_a_capped_compaction_hands_the_rest_to_a_follow_up_task(
-    pipe: Pipeline, eager: Any, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
+    pipe: Stack, eager: Any, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import workers.tasks.maintenance as maintenance
     from common.maintenance.compaction_plan import CompactionOptions
@@ -328,11 +328,12 @@ def test_maintenance_on_an_s3_warehouse(
 ) -> None:
     from common.maintenance.maintainer import Maintainer
     from common.maintenance.orphans import list_files
-    from tests.integration.test_s3_warehouse import s3_catalog_env
+    from tests.support.catalogs import s3_backend
 
     # Given a table on S3 made of six small batches, and an orphan object
-    s3_catalog_env(monkeypatch, s3_endpoint, s3_bucket, icefleet_home)
-    pipe = make_pipeline(redis_url, icefleet_home, catalog_name="s3test")
+    s3 = s3_backend(s3_endpoint, s3_bucket, icefleet_home / "catalog.db")
+    s3.apply(monkeypatch)
+    pipe = make_stack(redis_url, icefleet_home, catalog=s3.catalog_name)
     try:
         ingest(pipe, 6, 5, commit_every=1)
         table = pipe.table()

@@ -2,12 +2,13 @@
 
 In this process on the real Redis (the writer's split protocol, step by step, with redeliveries,
 an interrupt inside a chunk and two attempts racing), then through real worker processes whose
-time limit is too short for the batches they get.
+time limit is too short for the batches they get (their uploads held by a proxy: no race).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -20,20 +21,13 @@ from common.ingest.producer import Producer
 from common.settings import load_settings
 from common.wire import split_child_id
 from common.write.partial import SplitConflictError, SplitRecords, chunk_events, split_key
-from tests.chaos.harness import (
-    Stack,
-    assert_exactly_once,
-    environment,
-    expected_by_table,
-    fleet_config,
-    ids_in,
-    make_events,
-    make_stack,
-    ndjson,
-    running_fleet,
-    wait_idle,
-)
-from tests.pipeline import in_process_tasks
+from tests.support.catalogs import s3_backend
+from tests.support.events import expected_by_table, make_events, ndjson
+from tests.support.faults import SlowDownProxy
+from tests.support.fleet import environment, fleet_config, running_fleet, wait_idle
+from tests.support.readback import assert_exactly_once, assert_landed_once, read_ids
+from tests.support.services import S3Endpoint
+from tests.support.stack import Stack, in_process_tasks, make_stack
 
 pytestmark = pytest.mark.integration
 
@@ -85,7 +79,7 @@ def commit_and_check(stack: Stack, events: list[dict[str, Any]]) -> None:
     stack.commit_all()
     expected = expected_by_table(stack.settings, events)
     for name in ("events.order", "events.refund"):
-        assert_exactly_once(ids_in(stack.table(name)), expected[name], name)
+        assert_exactly_once(read_ids(stack.table(name)), expected[name], name)
 
 
 def test_a_batch_stopped_between_chunks_is_split_and_lands_exactly_once(stack: Stack) -> None:
@@ -117,7 +111,7 @@ def test_a_batch_stopped_between_chunks_is_split_and_lands_exactly_once(stack: S
     )
     assert child.records == 700 and child.remainder is None
     commit_and_check(stack, events)
-    batches = ids_in(stack.table("events.order"), "_batch_id")
+    batches = read_ids(stack.table("events.order"), "_batch_id")
     assert set(batches) == {"b1", "b1~300"}
 
 
@@ -284,7 +278,7 @@ def test_two_attempts_splitting_differently_the_second_follows_the_first(stack: 
     written = write_all(stack, "b6", payload, chunk_events=100)
     assert written == ["b6", "b6~100"]
     stack.commit_all()
-    assert_exactly_once(ids_in(stack.table("events.order")), [e["id"] for e in events])
+    assert_exactly_once(read_ids(stack.table("events.order")), [e["id"] for e in events])
 
 
 def test_a_child_may_split_again(stack: Stack) -> None:
@@ -313,7 +307,7 @@ def test_a_child_may_split_again(stack: Stack) -> None:
     )
     write_all(stack, second.remainder.batch_id, second.remainder.payload)
     stack.commit_all()
-    assert_exactly_once(ids_in(stack.table("events.order")), [e["id"] for e in events])
+    assert_exactly_once(read_ids(stack.table("events.order")), [e["id"] for e in events])
     assert stack.client.ttl(split_key("b7")) > 0  # kept for the dedup window, then forgotten
 
 
@@ -327,45 +321,65 @@ def test_chunks_shrink_on_each_redelivery() -> None:
 # --- real workers, a time limit too short for their batches ------------------------------------------
 
 
+def data_file_upload(method: str, path: str) -> bool:
+    """A data file's upload (whole or one part), not the table's metadata."""
+    return method == "PUT" and "/data/" in path
+
+
 def test_real_workers_split_batches_that_exceed_the_time_limit(
-    redis_client: redis.Redis, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    redis_client: redis.Redis,
+    redis_url: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    s3_endpoint: S3Endpoint,
+    s3_bucket: str,
 ) -> None:
-    # Given writers with a 2 s time limit that write in chunks of 50 events (batches of 100)
-    env, settings = fleet_config(
-        monkeypatch,
-        redis_url,
-        tmp_path / "home",
-        ICEFLEET_WRITE_TIMEOUT_S="2",
-        ICEFLEET_BATCH_MAX_EVENTS="100",
+    # Given writers with a 15 s time limit (no chunk is started that would end after 12 s) that
+    # write chunks of 1,000 events (one file each: one table, one day) to S3 through a proxy
+    # holding each data-file upload 6.5 s: a chunk takes at least 6.5 s, so after one chunk the
+    # next would end after 13 s and the writer must split, however fast or loaded the machine
+    # (the first chunk, which also creates the table, has 8 s to spare)
+    delay = SlowDownProxy(
+        s3_endpoint.endpoint_url, fault_rate=0.0, delay_s=6.5, delay_when=data_file_upload
     )
-    # ... and a producer whose batches are 200 times larger: 20,000 events each
-    producer_settings = load_settings(
-        {}, redis_url=redis_url, home=tmp_path / "home", batch_max_events=20_000
-    )
-    events = [*make_events("big-a", 20_000, types=TYPES, days=2), *make_events("big-b", 8_000)]
+    with delay:
+        s3 = s3_backend(
+            replace(s3_endpoint, endpoint_url=delay.endpoint_url),
+            s3_bucket,
+            tmp_path / "catalog.db",
+        )
+        s3.apply(monkeypatch)
+        env, settings = fleet_config(
+            monkeypatch,
+            redis_url,
+            tmp_path / "home",
+            ICEFLEET_WRITE_TIMEOUT_S="15",
+            ICEFLEET_BATCH_MAX_EVENTS="2000",
+            **s3.env,
+        )
+        # ... and a producer that sends a batch of three chunks and one of less than a chunk
+        producer_settings = load_settings(
+            {}, redis_url=redis_url, home=tmp_path / "home", batch_max_events=20_000
+        )
+        events = [*make_events("big-a", 3_000), *make_events("big-b", 800)]
 
-    with environment(env), running_fleet(settings, writers=2) as fleet:
-        # When two big batches are enqueued
-        with Producer(producer_settings) as producer:
-            producer.enqueue(events[:20_000], batch_id="big-a")
-            producer.enqueue(events[20_000:], batch_id="big-b")
-        wait_idle(redis_client, timeout_s=240)
-        catalog_settings = fleet.settings
+        with environment(env), running_fleet(settings, writers=2):
+            # When both are enqueued
+            with Producer(producer_settings) as producer:
+                producer.enqueue(events[:3_000], batch_id="big-a")
+                producer.enqueue(events[3_000:], batch_id="big-b")
+            wait_idle(redis_client, timeout_s=240)
 
-    # Then they were split into several children, and every event landed exactly once
-    stack = make_stack(redis_url, tmp_path / "home")
-    try:
-        expected = expected_by_table(catalog_settings, events)
-        for name, ids in expected.items():
-            assert_exactly_once(ids_in(stack.table(name)), ids, name)
-        batch_ids = set(ids_in(stack.table("events.order"), "_batch_id"))
-        assert {"big-a", "big-b"} <= batch_ids
-        assert any(b.startswith("big-a~") for b in batch_ids), batch_ids
-        assert redis_client.get(split_key("big-a")) is not None
+        # Then the big one was split after each chunk and the small one was not, and every
+        # event landed exactly once
+        with make_stack(redis_url, tmp_path / "home", catalog=s3.catalog_name) as stack:
+            assert_landed_once(stack.catalog, settings, events)
+            batch_ids = set(read_ids(stack.table("events.order"), "_batch_id"))
+        assert batch_ids == {"big-a", "big-a~1000", "big-a~1000~1000", "big-b"}
+        assert redis_client.get(split_key("big-a")) == b"1000"
+        assert redis_client.get(split_key("big-b")) is None
         assert redis_client.zcard(keys.outstanding()) == 0
-        print(f"batches that landed: {sorted(batch_ids)}")
-    finally:
-        stack.close()
+        assert delay.stats.delayed >= 4
 
 
 # --- the write task, in this process -------------------------------------------------------------------

@@ -21,22 +21,10 @@ from common.ingest.routing import Router
 from common.lake.catalog import TableStore, open_catalog
 from common.settings import load_settings
 from common.write.batch_writer import BatchWriter
-from tests.services import S3Endpoint
+from tests.support.catalogs import s3_backend
+from tests.support.services import S3Endpoint
 
 pytestmark = pytest.mark.integration
-
-
-def s3_catalog_env(
-    monkeypatch: pytest.MonkeyPatch, endpoint: S3Endpoint, bucket: str, home: Path
-) -> None:
-    prefix = "PYICEBERG_CATALOG__S3TEST__"
-    monkeypatch.setenv(prefix + "TYPE", "sql")
-    monkeypatch.setenv(prefix + "URI", f"sqlite:///{home / 'catalog.db'}")
-    monkeypatch.setenv(prefix + "WAREHOUSE", bucket)
-    monkeypatch.setenv(prefix + "S3__ENDPOINT", endpoint.endpoint_url)
-    monkeypatch.setenv(prefix + "S3__ACCESS_KEY_ID", endpoint.access_key_id)
-    monkeypatch.setenv(prefix + "S3__SECRET_ACCESS_KEY", endpoint.secret_access_key)
-    monkeypatch.setenv(prefix + "S3__REGION", endpoint.region)
 
 
 def events(n: int) -> list[dict[str, Any]]:
@@ -61,8 +49,9 @@ def test_write_and_commit_to_an_s3_warehouse(
     redis_client: redis.Redis,
 ) -> None:
     # Given a catalog named by ICEFLEET_CATALOG whose warehouse is an S3 bucket on moto
-    s3_catalog_env(monkeypatch, s3_endpoint, s3_bucket, icefleet_home)
-    settings = load_settings({"ICEFLEET_CATALOG": "s3test"}, row_group_rows=100)
+    backend = s3_backend(s3_endpoint, s3_bucket, icefleet_home / "catalog.db")
+    backend.apply(monkeypatch)
+    settings = load_settings(backend.env, row_group_rows=100)
     catalog = open_catalog(settings)
     store = TableStore(catalog, lambda t: TableLock(redis_client, t, ttl_ms=10_000, wait_s=10))
     registry = PendingRegistry(redis_client)

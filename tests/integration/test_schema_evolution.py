@@ -1,5 +1,6 @@
 """Schema evolution through the real stack: rename with aliases, migration semantics, and five
-concurrent schema changes of one table serialised by the table lock."""
+concurrent schema changes of one table serialised by the table lock; on the SQLite and the
+PostgreSQL catalog (``catalog_backend``), which take schema commits each their own way."""
 
 from __future__ import annotations
 
@@ -10,28 +11,19 @@ from typing import Any
 import pytest
 import redis
 
-from common.commit.committer import Committer
 from common.coord.locks import TableLock
-from common.coord.pending import PendingRegistry
 from common.ingest.events import encode_ndjson
-from common.ingest.routing import Router
-from common.lake.catalog import TableStore, open_catalog
 from common.schema.evolution import rename_data_field
 from common.schema.layout import ENVELOPE_COLUMNS
-from common.settings import Settings, load_settings
-from common.write.batch_writer import BatchWriter
+from tests.support.catalogs import CatalogBackend
+from tests.support.stack import Stack, make_stack
 
 pytestmark = pytest.mark.integration
 
 
-def stack(home: Path, redis_url: str) -> tuple[Settings, BatchWriter, Committer]:
-    settings = load_settings({}, home=home, redis_url=redis_url, lock_wait_s=60)
-    client = redis.Redis.from_url(redis_url)
-    catalog = open_catalog(settings)
-    store = TableStore(catalog, lambda t: TableLock(client, t, ttl_ms=10_000, wait_s=60))
-    registry = PendingRegistry(client)
-    writer = BatchWriter(settings, store, Router(), registry)
-    return settings, writer, Committer(settings, catalog, client, registry)
+def stack(home: Path, redis_url: str, catalog: str | None) -> Stack:
+    """A writer and a committer on ``catalog`` whose lock waits outlast five racing changes."""
+    return make_stack(redis_url, home, catalog=catalog, lock_wait_s=60)
 
 
 def ev(i: int, **data: Any) -> dict[str, Any]:
@@ -45,16 +37,17 @@ def ev(i: int, **data: Any) -> dict[str, Any]:
     }
 
 
-def rows_by_id(committer: Committer) -> dict[str, dict[str, Any]]:
-    table = committer.catalog.load_table(("events", "user"))
+def rows_by_id(pipe: Stack) -> dict[str, dict[str, Any]]:
+    table = pipe.table("events.user")
     return {r["id"]: r for r in table.scan().to_arrow().to_pylist()}
 
 
 def test_rename_keeps_old_rows_and_routes_the_old_key(
-    icefleet_home: Path, redis_url: str, redis_client: redis.Redis
+    icefleet_home: Path, redis_url: str, redis_client: redis.Redis, catalog_backend: CatalogBackend
 ) -> None:
     # Given a table with rows carrying the data key user
-    _, writer, committer = stack(icefleet_home, redis_url)
+    pipe = stack(icefleet_home, redis_url, catalog_backend.catalog_name)
+    writer, committer = pipe.writer, pipe.committer
     writer.write("b1", encode_ndjson([ev(1, user="ann", age=3)]))
     committer.commit_table("events.user")
     # When the column user is renamed to login under the lock
@@ -66,7 +59,7 @@ def test_rename_keeps_old_rows_and_routes_the_old_key(
     writer.write("b2", encode_ndjson([ev(2, user="bob"), ev(3, login="cy", extra=True)]))
     committer.commit_table("events.user")
     # Then old rows read under the new name, and both new events land in it
-    rows = rows_by_id(committer)
+    rows = rows_by_id(pipe)
     assert {k: rows[k]["login"] for k in rows} == {"u-1": "ann", "u-2": "bob", "u-3": "cy"}
     assert "user" not in rows["u-2"]
     assert rows["u-2"]["_rescued_data"] is None
@@ -74,21 +67,24 @@ def test_rename_keeps_old_rows_and_routes_the_old_key(
     assert rows["u-1"]["extra"] is None and rows["u-3"]["extra"] is True
 
 
-def _add_field(home: str, redis_url: str, key: str) -> None:
-    _, writer, _ = stack(Path(home), redis_url)
-    writer.write(f"batch-{key}", encode_ndjson([ev(100, **{key: 1})]))
+def _add_field(home: str, redis_url: str, key: str, catalog: str | None) -> None:
+    stack(Path(home), redis_url, catalog).writer.write(
+        f"batch-{key}", encode_ndjson([ev(100, **{key: 1})])
+    )
 
 
 def test_five_concurrent_schema_changes_all_apply(
-    icefleet_home: Path, redis_url: str, redis_client: redis.Redis
+    icefleet_home: Path, redis_url: str, redis_client: redis.Redis, catalog_backend: CatalogBackend
 ) -> None:
     # Given a table that exists
-    _, writer, committer = stack(icefleet_home, redis_url)
+    catalog = catalog_backend.catalog_name
+    pipe = stack(icefleet_home, redis_url, catalog)
+    writer, committer = pipe.writer, pipe.committer
     writer.write("seed", encode_ndjson([ev(0, base=0)]))
     # When five processes each add a different column at the same time
     ctx = multiprocessing.get_context("spawn")
     procs = [
-        ctx.Process(target=_add_field, args=(str(icefleet_home), redis_url, f"col{i}"))
+        ctx.Process(target=_add_field, args=(str(icefleet_home), redis_url, f"col{i}", catalog))
         for i in range(5)
     ]
     for p in procs:
@@ -106,14 +102,15 @@ def test_five_concurrent_schema_changes_all_apply(
 
 
 def test_evolve_command_renames_through_the_lock(
-    icefleet_home: Path, redis_url: str, redis_client: redis.Redis
+    icefleet_home: Path, redis_url: str, redis_client: redis.Redis, catalog_backend: CatalogBackend
 ) -> None:
     from click.testing import CliRunner
 
     from workers.cli.main import main
 
-    # Given a table with a data column user
-    _, writer, committer = stack(icefleet_home, redis_url)
+    # Given a table with a data column user (the CLI finds the catalog in the environment)
+    pipe = stack(icefleet_home, redis_url, catalog_backend.catalog_name)
+    writer, committer = pipe.writer, pipe.committer
     writer.write("c1", encode_ndjson([ev(1, user="ann")]))
     committer.commit_table("events.user")
     env = {"ICEFLEET_HOME": str(icefleet_home), "ICEFLEET_REDIS_URL": redis_url}
@@ -123,7 +120,7 @@ def test_evolve_command_renames_through_the_lock(
     # Then it is renamed and the old rows read under the new name
     assert done.exit_code == 0, done.output
     assert "renamed user -> login" in done.output
-    assert rows_by_id(committer)["u-1"]["login"] == "ann"
+    assert rows_by_id(pipe)["u-1"]["login"] == "ann"
     # And mistakes are refused with a clear message, changing nothing
     again = runner.invoke(main, ["evolve", "events.user", "--rename", "user=login"], env=env)
     assert again.exit_code != 0 and "not a data column" in again.output

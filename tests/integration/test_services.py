@@ -12,7 +12,7 @@ import pytest
 import redis
 import sqlalchemy as sa
 
-from tests.services import RedisProcess, S3Endpoint
+from tests.support.services import RedisProcess, S3Endpoint
 
 pytestmark = pytest.mark.integration
 

@@ -21,20 +21,11 @@ from common.ingest.producer import Producer
 from common.settings import load_settings
 from common.write.datafile_writer import file_stem
 from common.write.partial import split_key
-from tests.chaos.harness import (
-    assert_exactly_once,
-    commit_seqs,
-    environment,
-    expected_by_table,
-    fleet_config,
-    ids_in,
-    make_events,
-    make_stack,
-    restart,
-    running_fleet,
-    wait_idle,
-)
-from tests.pipeline import wait_until
+from tests.support.events import expected_by_table, make_events
+from tests.support.fleet import environment, fleet_config, restart, running_fleet, wait_idle
+from tests.support.readback import assert_exactly_once, commit_seqs, read_ids
+from tests.support.services import wait_until
+from tests.support.stack import make_stack
 
 pytestmark = pytest.mark.integration
 
@@ -112,10 +103,10 @@ def test_sigterm_mid_batch_and_mid_commit_loses_and_duplicates_nothing(
     try:
         for name, ids in expected_by_table(stack.settings, everything).items():
             table = stack.table(name)
-            assert_exactly_once(ids_in(table), ids, name)
+            assert_exactly_once(read_ids(table), ids, name)
             seqs = commit_seqs(table)
             assert seqs == sorted(set(seqs)), seqs  # one snapshot per commit seq, in order
-        batches = set(ids_in(stack.table("events.order"), "_batch_id"))
+        batches = set(read_ids(stack.table("events.order"), "_batch_id"))
         assert any(b.startswith("big~") for b in batches), batches
     finally:
         stack.close()

@@ -17,7 +17,8 @@ import redis
 from common.coord.locks import TableLock
 from common.ingest.producer import Producer
 from common.settings import Settings, load_settings
-from tests.chaos.harness import make_events, running_fleet
+from tests.support.events import make_events
+from tests.support.fleet import running_fleet
 from workers.app import create_app
 from workers.limits import visibility_timeout_s
 

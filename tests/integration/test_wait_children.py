@@ -4,7 +4,7 @@ descendants are committed or dead-lettered.
 
 First the writer's steps one by one on the real Redis (common/write/partial.py: split record, the
 parent's part pending, the child outstanding, the parent out of outstanding), polling between
-each; then a real fleet whose write timeout forces splits.
+each; then a real fleet whose writers follow split records (a batch split, its child split again).
 """
 
 from __future__ import annotations
@@ -22,7 +22,9 @@ from common.lake.catalog import open_catalog
 from common.settings import load_settings
 from common.wire import split_child_id
 from common.write.partial import SplitRecords
-from tests.chaos.harness import make_events, running_fleet
+from tests.support.events import ids_of, make_events
+from tests.support.fleet import environment, fleet_config, running_fleet
+from tests.support.readback import assert_exactly_once, read_ids
 
 pytestmark = pytest.mark.integration
 
@@ -186,35 +188,28 @@ def _url(client: redis.Redis) -> str:
 def test_wait_returns_only_when_the_split_children_are_committed(
     redis_client: redis.Redis, redis_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Given writers that write 10 events per chunk (one Parquet file each) with a write timeout of
-    # one second, and a producer whose batch is 10,000 events: the writers must split it
-    monkeypatch.delenv("ICEFLEET_CATALOG", raising=False)
-    env = {
-        "ICEFLEET_REDIS_URL": redis_url,
-        "ICEFLEET_HOME": str(tmp_path / "home"),
-        "ICEFLEET_WRITE_TIMEOUT_S": "1",
-        "ICEFLEET_BATCH_MAX_EVENTS": "20",
-        "ICEFLEET_COMMIT_INTERVAL_MS": "300",
-        "ICEFLEET_CANARY_INTERVAL_S": "0",
-    }
-    for key, value in env.items():
-        monkeypatch.setenv(key, value)
-    settings = load_settings()
-    sent = make_events("big", 10_000, types=("com.example.wait_probe",))
-    with running_fleet(settings, writers=1, log_lines=30):
+    # Given a batch of 3,000 events that an earlier attempt split after 1,000 events, and whose
+    # child was split in turn after 800: the split records a writer leaves, which the writers
+    # follow on the next delivery whatever the machine's speed (a time limit would race for it)
+    env, settings = fleet_config(monkeypatch, redis_url, tmp_path / "home")
+    splits = SplitRecords(redis_client, 3600)
+    splits.record("big", 1_000)
+    splits.record(split_child_id("big", 1_000), 800)
+    sent = make_events("big", 3_000, types=("com.example.wait_probe",))
+    with environment(env), running_fleet(settings, writers=1, log_lines=30):
         producer_settings = load_settings(batch_max_events=20_000)
         with Producer(producer_settings) as producer:
             # When the batch is enqueued and the wait begins at once
             producer.enqueue(sent, batch_id="big")
             result = producer.wait(timeout_s=240)
 
-            # Then when the wait returns, the batch was split and every part is committed
+            # Then the wait returned once the batch, its child and its grandchild were committed
             assert result.done, result.describe()
-            assert result.children >= 1, "the batch was not split: the test proves nothing"
+            assert result.children == 2, result.describe()
             assert redis_client.zcard(keys.outstanding()) == 0
             assert redis_client.scard(keys.pending_tables()) == 0
-            print(result.describe())
 
+    # ... and each event landed once, in three parts
     table = open_catalog(settings).load_table("events.wait_probe")
-    ids = table.scan(selected_fields=("id",)).to_arrow().column("id").to_pylist()
-    assert sorted(ids) == sorted(e["id"] for e in sent)
+    assert_exactly_once(table, ids_of(sent))
+    assert sorted(set(read_ids(table, "_batch_id"))) == ["big", "big~1000", "big~1000~800"]

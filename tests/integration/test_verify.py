@@ -14,14 +14,16 @@ from pyiceberg.manifest import DataFile
 from common.commit.committer import without_library_retries
 from common.maintenance.deletes import live_data_files
 from common.maintenance.verify import verify_table
-from tests.pipeline import Pipeline, local_path, make_events, make_pipeline
+from tests.support.events import make_events
+from tests.support.readback import local_path
+from tests.support.stack import Stack, make_stack
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def pipe(redis_url: str, redis_client: redis.Redis, tmp_path: Path) -> Iterator[Pipeline]:
-    pipeline = make_pipeline(redis_url, tmp_path / "home")
+def pipe(redis_url: str, redis_client: redis.Redis, tmp_path: Path) -> Iterator[Stack]:
+    pipeline = make_stack(redis_url, tmp_path / "home")
     for n in range(3):
         pipeline.write(f"b{n}", make_events(f"b{n}", 4))
         pipeline.commit()
@@ -29,17 +31,17 @@ def pipe(redis_url: str, redis_client: redis.Redis, tmp_path: Path) -> Iterator[
     pipeline.close()
 
 
-def files(pipe: Pipeline) -> list[DataFile]:
+def files(pipe: Stack) -> list[DataFile]:
     return sorted(live_data_files(pipe.table()).values(), key=lambda f: f.file_path)
 
 
-def test_a_healthy_table_verifies(pipe: Pipeline) -> None:
+def test_a_healthy_table_verifies(pipe: Stack) -> None:
     report = verify_table(pipe.table())
     assert report.ok and report.problems == []
     assert (report.files, report.records) == (3, 12)
 
 
-def test_a_missing_file_is_reported(pipe: Pipeline) -> None:
+def test_a_missing_file_is_reported(pipe: Stack) -> None:
     # Given a live file deleted behind the table's back
     gone = files(pipe)[0]
     local_path(gone.file_path).unlink()
@@ -52,7 +54,7 @@ def test_a_missing_file_is_reported(pipe: Pipeline) -> None:
     ]
 
 
-def test_a_file_of_the_wrong_size_is_reported(pipe: Pipeline) -> None:
+def test_a_file_of_the_wrong_size_is_reported(pipe: Stack) -> None:
     # Given a live file truncated
     broken = files(pipe)[1]
     path = local_path(broken.file_path)
@@ -62,7 +64,7 @@ def test_a_file_of_the_wrong_size_is_reported(pipe: Pipeline) -> None:
     assert f"{broken.file_size_in_bytes - 10} bytes, the manifest says" in problem
 
 
-def test_a_footer_that_disagrees_with_the_manifest_is_reported(pipe: Pipeline) -> None:
+def test_a_footer_that_disagrees_with_the_manifest_is_reported(pipe: Stack) -> None:
     # Given a manifest entry whose record count is not the file's (another tool's bug)
     table = pipe.table()
     source = files(pipe)[0]
@@ -88,7 +90,7 @@ def test_a_footer_that_disagrees_with_the_manifest_is_reported(pipe: Pipeline) -
     )
 
 
-def test_a_corrupt_footer_is_reported(pipe: Pipeline) -> None:
+def test_a_corrupt_footer_is_reported(pipe: Stack) -> None:
     # Given a live file overwritten with garbage of the same size
     broken = files(pipe)[2]
     path = local_path(broken.file_path)

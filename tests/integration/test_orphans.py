@@ -20,16 +20,18 @@ from common.maintenance.orphans import (
     remove_orphans,
 )
 from common.maintenance.verify import verify_table
-from tests.pipeline import TABLE, Pipeline, local_path, make_events, make_pipeline
+from tests.support.events import make_events
+from tests.support.readback import local_path
+from tests.support.stack import TABLE, Stack, make_stack
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 DAYS_S = 86_400
 
 
 @pytest.fixture
-def pipe(redis_url: str, redis_client: redis.Redis, tmp_path: Path) -> Iterator[Pipeline]:
-    pipeline = make_pipeline(redis_url, tmp_path / "home")
+def pipe(redis_url: str, redis_client: redis.Redis, tmp_path: Path) -> Iterator[Stack]:
+    pipeline = make_stack(redis_url, tmp_path / "home")
     yield pipeline
     pipeline.close()
 
@@ -50,7 +52,7 @@ def age_everything(root: Path, age_s: float) -> None:
             os.utime(path, (then, then))
 
 
-def test_planted_orphans_are_removed_while_live_and_pending_files_stay(pipe: Pipeline) -> None:
+def test_planted_orphans_are_removed_while_live_and_pending_files_stay(pipe: Stack) -> None:
     # Given a table with committed files, and a pending batch written but not committed
     for n in range(3):
         pipe.write(f"b{n}", make_events(f"b{n}", 5))
@@ -85,7 +87,7 @@ def test_planted_orphans_are_removed_while_live_and_pending_files_stay(pipe: Pip
     assert len(pipe.ids()) == 20
 
 
-def test_dry_run_reports_without_deleting(pipe: Pipeline) -> None:
+def test_dry_run_reports_without_deleting(pipe: Stack) -> None:
     # Given an old orphan
     pipe.write("b0", make_events("b0", 5))
     pipe.commit()
@@ -98,7 +100,7 @@ def test_dry_run_reports_without_deleting(pipe: Pipeline) -> None:
     assert orphan.exists()
 
 
-def test_min_age_zero_removes_a_fresh_orphan(pipe: Pipeline) -> None:
+def test_min_age_zero_removes_a_fresh_orphan(pipe: Stack) -> None:
     pipe.write("b0", make_events("b0", 5))
     pipe.commit()
     root = local_path(pipe.table().location())
@@ -132,7 +134,7 @@ def test_canonical_paths() -> None:
 
 
 def test_refuses_when_no_data_file_matches_the_listing(
-    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+    pipe: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import common.maintenance.orphans as orphans
     from common.errors import StorageError

@@ -1,29 +1,24 @@
-"""A whole icefleet stack for tests and benchmarks: settings, catalog, store, writer, committer.
+"""icefleet in one process, for tests and benchmarks: settings, catalog, store, writer, committer.
 
-:func:`make_pipeline` builds it against a Redis URL and a home directory (SQLite catalog and
-local warehouse under the home), the way a worker process does. Every process builds its own: the
-child-process entry points at the bottom take only plain values (URL, path, names), so they work
-with the ``spawn`` start method.
-
-Events are synthetic CloudEvents whose ``id`` says which batch they belong to
-(``<batch id>-<n>``), so reading a table back (with pyiceberg, or with iceberg-rust as an
-independent reader) tells which batches landed and how often. :func:`in_process_tasks` runs the
-Celery tasks themselves in the test's process.
+:func:`make_stack` builds it against a Redis URL and a home directory, the way a worker process
+does: the embedded SQLite catalog and a local warehouse under the home, or the catalog
+``ICEFLEET_CATALOG`` would name (``catalog=``, configured in the environment, see
+:mod:`tests.support.catalogs`). Every process builds its own: the child-process entry points at
+the bottom take only plain values (URL, path, names), so they work with the ``spawn`` start
+method. :func:`in_process_tasks` runs the Celery tasks themselves in the test's process.
 """
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import unquote, urlparse
 
 import orjson
 import pyarrow as pa
@@ -36,10 +31,14 @@ from pyiceberg.table import Table
 from common.commit.committer import CommitResult, Committer, FaultHook
 from common.coord.locks import TableLock, lock_factory
 from common.coord.pending import PendingRegistry
+from common.ingest.events import DeadLetter
 from common.ingest.routing import Router, TableName
 from common.lake.catalog import TableStore, open_catalog
 from common.settings import Settings, load_settings
 from common.write.batch_writer import BatchResult, BatchWriter
+from tests.support.events import BASE_TIME, ndjson
+from tests.support.faults import crash_at
+from tests.support.readback import read_ids
 
 if TYPE_CHECKING:
     import pytest
@@ -48,8 +47,6 @@ if TYPE_CHECKING:
 
 TABLE = "events.order"
 COMMITTERS_KEY = "test:committers"  # names of the looping committers that have committed
-EVENT_TYPE = "com.example.order"
-BASE_TIME = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
 
 # Fast retries and a lock TTL that survives a loaded CI machine; committers that are crashed on
 # purpose take a short TTL of their own (CRASH_LOCK_TTL_MS), so their dead lock frees quickly.
@@ -63,8 +60,8 @@ TEST_OVERRIDES: dict[str, Any] = {
 
 
 @dataclass
-class Pipeline:
-    """One process's view of icefleet: everything a writer or a committer needs."""
+class Stack:
+    """One process's icefleet: everything a writer or a committer holds, on a real Redis."""
 
     settings: Settings
     client: redis.Redis
@@ -73,6 +70,7 @@ class Pipeline:
     registry: PendingRegistry
     writer: BatchWriter
     committer: Committer
+    dead: list[DeadLetter] = field(default_factory=list)  # dead letters the writer produced
 
     def write(self, batch_id: str, events: Sequence[dict[str, Any]]) -> BatchResult:
         """Write (and register) one batch, as a writer worker does."""
@@ -81,6 +79,11 @@ class Pipeline:
     def commit(self, table: str = TABLE) -> list[CommitResult]:
         """Commit everything pending for ``table``, as the committer does."""
         return self.committer.commit_table(table)
+
+    def commit_all(self) -> None:
+        """Commit every table with something pending."""
+        for table in sorted(self.committer.pending_tables()):
+            self.committer.commit_table(table)
 
     def committer_with(self, fault: FaultHook) -> Committer:
         """Another committer on the same catalog and Redis, whose fault hook is ``fault``."""
@@ -97,104 +100,53 @@ class Pipeline:
     def close(self) -> None:
         self.client.close()
 
+    def __enter__(self) -> Stack:
+        return self
 
-def make_settings(home: Path, redis_url: str, **overrides: Any) -> Settings:
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def make_settings(
+    home: Path, redis_url: str, catalog: str | None = None, **overrides: Any
+) -> Settings:
+    """Settings with :data:`TEST_OVERRIDES` (then ``overrides``); ``ICEFLEET_*`` variables of
+    this process are not read, so a developer's environment cannot change a test."""
     return load_settings(
-        {}, home=Path(home), redis_url=redis_url, **{**TEST_OVERRIDES, **overrides}
+        {},
+        home=Path(home),
+        redis_url=redis_url,
+        catalog_name=catalog,
+        **{**TEST_OVERRIDES, **overrides},
     )
 
 
-def make_pipeline(
+def make_stack(
     redis_url: str,
     home: Path | str,
     *,
+    catalog: str | None = None,
     fault: FaultHook | None = None,
     **overrides: Any,
-) -> Pipeline:
-    """The full stack against ``redis_url`` with its catalog and warehouse under ``home``."""
-    settings = make_settings(Path(home), redis_url, **overrides)
+) -> Stack:
+    """The full stack against ``redis_url``, its catalog the one named ``catalog`` (configured in
+    the environment) or the embedded one under ``home``; ``overrides`` replace settings."""
+    settings = make_settings(Path(home), redis_url, catalog, **overrides)
     client = redis.Redis.from_url(settings.redis_url)
-    catalog = open_catalog(settings)
+    catalog_ = open_catalog(settings)
     store = TableStore(
-        catalog,
+        catalog_,
         lock_factory(client, settings),
     )
     registry = PendingRegistry(client)
-    writer = BatchWriter(settings, store, Router(settings.routes, settings.namespace), registry)
-    committer = Committer(settings, catalog, client, registry, fault=fault)
-    return Pipeline(settings, client, catalog, store, registry, writer, committer)
+    dead: list[DeadLetter] = []
+    router = Router(settings.routes, settings.namespace)
+    writer = BatchWriter(settings, store, router, registry, dead.extend)
+    committer = Committer(settings, catalog_, client, registry, fault=fault)
+    return Stack(settings, client, catalog_, store, registry, writer, committer, dead)
 
 
-# --- events --------------------------------------------------------------------------------
-
-
-def make_events(
-    batch_id: str,
-    count: int,
-    *,
-    event_type: str = EVENT_TYPE,
-    extra: dict[str, Any] | None = None,
-    day_offset: int = 0,
-) -> list[dict[str, Any]]:
-    """``count`` CloudEvents with ids ``<batch_id>-<n>``; ``extra`` adds ``data`` fields."""
-    when = BASE_TIME + timedelta(days=day_offset)
-    return [
-        {
-            "specversion": "1.0",
-            "id": event_id(batch_id, n),
-            "source": "/tests/pipeline",
-            "type": event_type,
-            "time": (when + timedelta(seconds=n)).isoformat().replace("+00:00", "Z"),
-            "datacontenttype": "application/json",
-            "data": {"order": n, "amount": 1.5 * n, "batch": batch_id, **(extra or {})},
-        }
-        for n in range(count)
-    ]
-
-
-def event_id(batch_id: str, n: int) -> str:
-    return f"{batch_id}-{n}"
-
-
-def ids_of(events: Iterable[dict[str, Any]]) -> list[str]:
-    return [str(e["id"]) for e in events]
-
-
-def ndjson(events: Iterable[dict[str, Any]]) -> str:
-    return "\n".join(orjson.dumps(e).decode() for e in events) + "\n"
-
-
-# --- reading back and writing around icefleet ----------------------------------------------
-
-
-def read_ids(table: Table, column: str = "id") -> list[str]:
-    """Every value of ``column`` in ``table`` (a full scan with pyiceberg), duplicates included."""
-    if table.current_snapshot() is None:
-        return []
-    arrow = table.scan(selected_fields=(column,)).to_arrow()
-    return [str(v) for v in arrow.column(column).to_pylist()]
-
-
-def rust_ids(table: Table, file_io: dict[str, str] | None = None) -> list[str]:
-    """The ids iceberg-rust reads (pyiceberg-core's DataFusion provider), in a process of its own:
-    the Rust reader holds the GIL while it waits on S3, which moto may serve from this process."""
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(
-            _rust_ids, (list(table.name()), table.metadata_location, dict(file_io or {}))
-        )
-
-
-def _rust_ids(identifier: list[str], metadata_location: str, file_io: dict[str, str]) -> list[str]:
-    from datafusion import SessionContext
-    from pyiceberg_core.datafusion import IcebergDataFusionTable
-
-    ctx = SessionContext()
-    provider = IcebergDataFusionTable(
-        identifier=identifier, metadata_location=metadata_location, file_io_properties=file_io
-    )
-    ctx.register_table("t", provider)
-    result = ctx.sql("SELECT id FROM t").to_arrow_table()
-    return [str(value) for value in result.column("id").to_pylist()]
+# --- another writer: plain pyiceberg, knowing nothing of icefleet ------------------------------
 
 
 def outside_rows(table: Table, ids: Sequence[str]) -> pa.Table:
@@ -236,24 +188,6 @@ def outside_append(catalog: Catalog, name: str, ids: Sequence[str], attempts: in
     raise AssertionError("unreachable")
 
 
-def local_path(uri: str) -> Path:
-    """The local path of a ``file://`` URI (or of a plain path)."""
-    parsed = urlparse(uri)
-    return Path(unquote(parsed.path)) if parsed.scheme in ("file", "") else Path(uri)
-
-
-def wait_until(
-    predicate: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.02
-) -> None:
-    """Ask ``predicate`` every ``poll_s`` seconds until it is true; ``TimeoutError`` naming
-    ``what`` once ``timeout_s`` have passed."""
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"gave up waiting for {what} after {timeout_s}s")
-        time.sleep(poll_s)
-
-
 # --- the Celery tasks in this process ------------------------------------------------------
 
 
@@ -281,92 +215,83 @@ def in_process_tasks(
 # --- child-process entry points (spawn imports them by name) ----------------------------------
 
 
-class CommitterCrash(Exception):
-    """A committer dying at a fault point, in-process (see :func:`raise_at`)."""
-
-
-def raise_at(point: str) -> FaultHook:
-    """A fault hook that raises :class:`CommitterCrash` at ``point``: the committer's state in
-    Redis and the catalog is what a crash there leaves, and its lock is released on the way out
-    (as its TTL would free it)."""
-
-    def hook(reached: str) -> None:
-        if reached == point:
-            raise CommitterCrash(point)
-
-    return hook
-
-
-def crash_at(point: str, exit_code: int = 17) -> FaultHook:
-    """A fault hook that kills the process the hard way (no cleanup, no ``finally``) at ``point``."""
-
-    def hook(reached: str) -> None:
-        if reached == point:
-            os._exit(exit_code)
-
-    return hook
-
-
-def run_committer_until_crash(redis_url: str, home: str, table: str, point: str) -> None:
+def run_committer_until_crash(
+    redis_url: str, home: str, table: str, point: str, catalog: str | None = None
+) -> None:
     """Commit ``table`` with a committer that dies with ``os._exit(17)`` at ``point``."""
-    pipeline = make_pipeline(redis_url, home, fault=crash_at(point), lock_ttl_ms=CRASH_LOCK_TTL_MS)
-    pipeline.commit(table)
+    stack = make_stack(
+        redis_url, home, catalog=catalog, fault=crash_at(point), lock_ttl_ms=CRASH_LOCK_TTL_MS
+    )
+    stack.commit(table)
     os._exit(0)  # reached only if the fault point was never hit
 
 
 def run_committer_loop(
-    redis_url: str, home: str, table: str, ready: Any, stop: Any, results: Any, name: str
+    redis_url: str,
+    home: str,
+    table: str,
+    ready: Any,
+    stop: Any,
+    results: Any,
+    name: str,
+    catalog: str | None = None,
 ) -> None:
     """Commit ``table`` over and over until ``stop`` is set; report what this process committed.
 
     Puts ``name`` on ``ready`` once set up (imports done), so the test can start the race then,
     and adds it to the Redis set :data:`COMMITTERS_KEY` once it has made a snapshot.
     """
-    pipeline = make_pipeline(redis_url, home)
+    stack = make_stack(redis_url, home, catalog=catalog)
     committed: list[tuple[int, int, int]] = []
     pace = random.Random(name)
     ready.put(name)
     try:
         while True:
             stopping = stop.is_set()
-            if pipeline.registry.pending_entries(table) or pipeline.registry.prepared(table):
-                for result in pipeline.commit(table):
+            if stack.registry.pending_entries(table) or stack.registry.prepared(table):
+                for result in stack.commit(table):
                     committed.append((result.seq, result.batches, result.attempts))
-                    pipeline.client.sadd(COMMITTERS_KEY, name)
+                    stack.client.sadd(COMMITTERS_KEY, name)
             if stopping:
                 break
             # A random pause: the one that just released the lock must not always win it back.
             time.sleep(pace.uniform(0.0, 0.03))
     finally:
         results.put((name, committed))
-        pipeline.close()
+        stack.close()
 
 
 def run_outside_appender(
-    redis_url: str, home: str, table: str, count: int, ready: Any, start: Any, done: Any
+    home: str, table: str, count: int, ready: Any, start: Any, done: Any, catalog: str | None = None
 ) -> None:
-    """``count`` plain pyiceberg appends of one row each (ids ``outside-<n>``)."""
-    del redis_url  # the outside writer knows nothing of Redis
-    catalog = open_catalog(make_settings(Path(home), "redis://127.0.0.1:1/0"))
+    """``count`` plain pyiceberg appends of one row each (ids ``outside-<n>``); the outside
+    writer knows nothing of Redis."""
+    opened = open_catalog(make_settings(Path(home), "redis://127.0.0.1:1/0", catalog))
     ready.put("outside")
     start.wait()
     appended = 0
     for n in range(count):
-        outside_append(catalog, table, [f"outside-{n}"])
+        outside_append(opened, table, [f"outside-{n}"])
         appended += 1
     done.put(appended)
 
 
 def run_remove_files(
-    redis_url: str, home: str, table: str, paths: list[str], start: Any, results: Any
+    redis_url: str,
+    home: str,
+    table: str,
+    paths: list[str],
+    start: Any,
+    results: Any,
+    catalog: str | None = None,
 ) -> None:
     """Remove ``paths`` from ``table`` under the table lock; report ``ok`` or the error's name."""
     from common.errors import ConcurrentModificationError
     from common.maintenance.deletes import remove_data_files
 
-    pipeline = make_pipeline(redis_url, home)
-    iceberg_table = pipeline.table(table)  # loaded before the race: a stale base on purpose
-    lock = TableLock(pipeline.client, table, ttl_ms=5_000, wait_s=30)
+    stack = make_stack(redis_url, home, catalog=catalog)
+    iceberg_table = stack.table(table)  # loaded before the race: a stale base on purpose
+    lock = TableLock(stack.client, table, ttl_ms=5_000, wait_s=30)
     start.wait()
     try:
         remove_data_files(iceberg_table, paths, lock=lock)
@@ -374,4 +299,4 @@ def run_remove_files(
     except ConcurrentModificationError as exc:
         results.put(f"ConcurrentModificationError: {exc.paths}")
     finally:
-        pipeline.close()
+        stack.close()

@@ -24,9 +24,10 @@ from common.maintenance.deletes import live_data_files, remove_data_files
 from common.maintenance.invariants import validate_lineage
 from common.maintenance.orphans import canonical_path
 from common.maintenance.swap import BASE_SEQ_PROPERTY, swap_data_files
-from tests.pipeline import TABLE, Pipeline, make_events, make_pipeline, outside_append
+from tests.support.events import make_events
+from tests.support.stack import TABLE, Stack, make_stack, outside_append
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 MB = 1_048_576
 
@@ -123,24 +124,24 @@ def test_options_are_validated() -> None:
 
 
 @pytest.fixture
-def pipe(redis_url: str, redis_client: redis.Redis, tmp_path: Path) -> Iterator[Pipeline]:
-    pipeline = make_pipeline(redis_url, tmp_path / "home")
+def pipe(redis_url: str, redis_client: redis.Redis, tmp_path: Path) -> Iterator[Stack]:
+    pipeline = make_stack(redis_url, tmp_path / "home")
     yield pipeline
     pipeline.close()
 
 
-def ingest(pipe: Pipeline, batches: int, per_batch: int, **kwargs: object) -> None:
+def ingest(pipe: Stack, batches: int, per_batch: int, **kwargs: object) -> None:
     """``batches`` batches of ``per_batch`` events, each committed alone: one file per batch."""
     for n in range(batches):
         pipe.write(f"b{n:03d}", make_events(f"b{n:03d}", per_batch, **kwargs))  # type: ignore[arg-type]
         pipe.commit()
 
 
-def rows_by_id(pipe: Pipeline) -> pa.Table:
+def rows_by_id(pipe: Stack) -> pa.Table:
     return pipe.table().scan().to_arrow().sort_by("id")
 
 
-def test_ten_files_of_100_records_become_at_most_two_with_the_same_1000(pipe: Pipeline) -> None:
+def test_ten_files_of_100_records_become_at_most_two_with_the_same_1000(pipe: Stack) -> None:
     # Given ten committed files of 100 records each
     ingest(pipe, 10, 100)
     before = rows_by_id(pipe)
@@ -170,7 +171,7 @@ def test_ten_files_of_100_records_become_at_most_two_with_the_same_1000(pipe: Pi
     assert all("/data/time_day=2024-05-01/compacted-" in p for p in result.outputs)
 
 
-def test_files_written_before_a_schema_change_are_projected(pipe: Pipeline) -> None:
+def test_files_written_before_a_schema_change_are_projected(pipe: Stack) -> None:
     # Given five files without a colour column, then five with it (the schema evolved between)
     ingest(pipe, 5, 20)
     for n in range(5, 10):
@@ -186,7 +187,7 @@ def test_files_written_before_a_schema_change_are_projected(pipe: Pipeline) -> N
     assert colours.count(None) == 100 and len(set(colours)) == 6
 
 
-def test_only_one_partition_per_output(pipe: Pipeline) -> None:
+def test_only_one_partition_per_output(pipe: Stack) -> None:
     # Given small files on two days
     for n in range(6):
         pipe.write(f"d{n}", make_events(f"d{n}", 10, day_offset=n % 2))
@@ -203,7 +204,7 @@ def test_only_one_partition_per_output(pipe: Pipeline) -> None:
     assert rows_by_id(pipe).equals(before)
 
 
-def test_an_outside_append_before_the_swap_is_kept(pipe: Pipeline) -> None:
+def test_an_outside_append_before_the_swap_is_kept(pipe: Stack) -> None:
     # Given a plan and its rewritten files
     ingest(pipe, 4, 10)
     table = pipe.table()
@@ -218,7 +219,7 @@ def test_an_outside_append_before_the_swap_is_kept(pipe: Pipeline) -> None:
     assert len(live_data_files(pipe.table())) == 2  # the output and the outside file
 
 
-def test_an_input_removed_meanwhile_fails_the_swap(pipe: Pipeline) -> None:
+def test_an_input_removed_meanwhile_fails_the_swap(pipe: Stack) -> None:
     # Given rewritten files for a plan
     ingest(pipe, 4, 10)
     table = pipe.table()
@@ -235,7 +236,7 @@ def test_an_input_removed_meanwhile_fails_the_swap(pipe: Pipeline) -> None:
 
 
 def test_compact_table_plans_again_after_a_race(
-    pipe: Pipeline, monkeypatch: pytest.MonkeyPatch
+    pipe: Stack, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Given a table whose first compaction attempt loses a file to a racing delete
     ingest(pipe, 4, 10)
@@ -259,7 +260,7 @@ def test_compact_table_plans_again_after_a_race(
     assert len(live_data_files(pipe.table())) == 1
 
 
-def test_nothing_to_compact_changes_nothing(pipe: Pipeline) -> None:
+def test_nothing_to_compact_changes_nothing(pipe: Stack) -> None:
     # Given two files only
     ingest(pipe, 2, 10)
     snapshots = len(pipe.table().metadata.snapshots)
@@ -270,9 +271,9 @@ def test_nothing_to_compact_changes_nothing(pipe: Pipeline) -> None:
     assert len(pipe.table().metadata.snapshots) == snapshots
 
 
-def test_outputs_are_deleted_when_the_lock_cannot_be_had(pipe: Pipeline) -> None:
+def test_outputs_are_deleted_when_the_lock_cannot_be_had(pipe: Stack) -> None:
     from common.errors import LockNotAcquiredError
-    from tests.pipeline import local_path
+    from tests.support.readback import local_path
 
     # Given three small files, and the table lock held by someone else
     ingest(pipe, 3, 10)

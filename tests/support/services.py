@@ -17,7 +17,7 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,15 +46,29 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout_s: float = 15.0) -> None:
+def wait_until(
+    predicate: Callable[[], object], timeout_s: float, what: str, poll_s: float = 0.02
+) -> None:
+    """Ask ``predicate`` every ``poll_s`` seconds until it is true; ``TimeoutError`` naming
+    ``what`` once ``timeout_s`` have passed. Waits for a condition, never for a duration: give
+    it a timeout generous enough for a loaded machine."""
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection((LOOPBACK, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on {LOOPBACK}:{port} after {timeout_s}s")
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what} after {timeout_s}s")
+        time.sleep(poll_s)
+
+
+def port_open(port: int) -> bool:
+    try:
+        with socket.create_connection((LOOPBACK, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+def wait_for_port(port: int, timeout_s: float = 15.0) -> None:
+    wait_until(lambda: port_open(port), timeout_s, f"a listener on {LOOPBACK}:{port}", 0.05)
 
 
 # --- Redis ---------------------------------------------------------------------------------

@@ -1,8 +1,10 @@
-"""Faults to inject, on 127.0.0.1: an S3 proxy that throttles, a TCP proxy that can be cut.
+"""Faults to inject: an S3 proxy that throttles, a TCP proxy that can be cut (both on
+127.0.0.1), and fault hooks that make a committer die at a named step.
 
 :class:`SlowDownProxy` sits between the workers and moto's S3 server and answers a share of the
 requests (``fault_rate``) with what S3 sends when it throttles: HTTP 503 with the ``SlowDown`` XML
-error. The workers reach S3 through pyarrow's S3 client inside pyiceberg's FileIO (the AWS C++
+error; it can also hold chosen requests for ``delay_s`` before forwarding them (``delay_when``),
+a floor under how long they take that does not depend on the machine's speed. The workers reach S3 through pyarrow's S3 client inside pyiceberg's FileIO (the AWS C++
 SDK), so an HTTP proxy is the honest way to reach them: no patching, the SDK's own retries run
 first and ours (``common/lake/retry.py``) take over when those are exhausted.
 
@@ -10,21 +12,27 @@ first and ours (``common/lake/retry.py``) take over when those are exhausted.
 open connection is reset and new ones are refused, as when the catalog's database goes away,
 until :meth:`TcpProxy.restore`. The shared PostgreSQL cluster is never stopped, so other test
 sessions on the machine are not disturbed.
+
+:func:`raise_at` and :func:`crash_at` are ``FaultHook`` values for ``Committer(fault=...)``: the
+committer calls its hook at each step of the commit protocol, by name.
 """
 
 from __future__ import annotations
 
 import http.client
+import os
 import random
 import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+
+from common.commit.committer import FaultHook
 
 LOOPBACK = "127.0.0.1"
 # Headers that describe one hop of a connection, not the message (RFC 9110 §7.6.1).
@@ -51,16 +59,26 @@ SLOW_DOWN_XML = (
 class ProxyStats:
     requests: int = 0
     faults: int = 0
+    delayed: int = 0
 
 
 class _ProxyServer(ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, upstream: tuple[str, int], fault_rate: float, seed: int) -> None:
+    def __init__(
+        self,
+        upstream: tuple[str, int],
+        fault_rate: float,
+        seed: int,
+        delay_s: float = 0.0,
+        delay_when: Callable[[str, str], bool] | None = None,
+    ) -> None:
         super().__init__((LOOPBACK, 0), _ProxyHandler)
         self.upstream = upstream
         self.fault_rate = fault_rate
+        self.delay_s = delay_s
+        self.delay_when = delay_when
         self.stats = ProxyStats()
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
@@ -124,6 +142,10 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 
     def _handle(self) -> None:
         body = self._body()
+        delay_when = self.server.delay_when
+        if self.server.delay_s and (delay_when is None or delay_when(self.command, self.path)):
+            self.server.stats.delayed += 1
+            time.sleep(self.server.delay_s)
         if self.server.should_fail():
             xml = SLOW_DOWN_XML.format(request_id=uuid.uuid4().hex).encode()
             self.send_response(503, "Slow Down")
@@ -158,13 +180,22 @@ class _ProxyHandler(BaseHTTPRequestHandler):
 class SlowDownProxy:
     """An HTTP proxy in front of an S3 endpoint answering ``503 SlowDown`` to a share of requests.
 
-    ``fault_rate`` may be changed while it runs (0 to stop injecting). :attr:`stats` counts the
-    requests seen and the faults injected.
+    ``fault_rate`` may be changed while it runs (0 to stop injecting). Requests for which
+    ``delay_when(method, path)`` is true (all, without it) wait ``delay_s`` before they are
+    forwarded. :attr:`stats` counts the requests seen, the faults injected and the delays.
     """
 
-    def __init__(self, upstream_url: str, fault_rate: float = 0.2, seed: int = 7) -> None:
+    def __init__(
+        self,
+        upstream_url: str,
+        fault_rate: float = 0.2,
+        seed: int = 7,
+        *,
+        delay_s: float = 0.0,
+        delay_when: Callable[[str, str], bool] | None = None,
+    ) -> None:
         host, _, port = upstream_url.removeprefix("http://").rstrip("/").partition(":")
-        self._server = _ProxyServer((host, int(port or 80)), fault_rate, seed)
+        self._server = _ProxyServer((host, int(port or 80)), fault_rate, seed, delay_s, delay_when)
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
     @property
@@ -296,3 +327,32 @@ class TcpProxy:
             with self._lock:
                 self._conns.discard(src)
                 self._conns.discard(dst)
+
+
+# --- committer fault hooks -------------------------------------------------------------------
+
+
+class CommitterCrash(Exception):
+    """A committer dying at a fault point, in-process (see :func:`raise_at`)."""
+
+
+def raise_at(point: str) -> FaultHook:
+    """A fault hook that raises :class:`CommitterCrash` at ``point``: the committer's state in
+    Redis and the catalog is what a crash there leaves, and its lock is released on the way out
+    (as its TTL would free it)."""
+
+    def hook(reached: str) -> None:
+        if reached == point:
+            raise CommitterCrash(point)
+
+    return hook
+
+
+def crash_at(point: str, exit_code: int = 17) -> FaultHook:
+    """A fault hook that kills the process the hard way (no cleanup, no ``finally``) at ``point``."""
+
+    def hook(reached: str) -> None:
+        if reached == point:
+            os._exit(exit_code)
+
+    return hook

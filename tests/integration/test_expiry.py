@@ -25,9 +25,11 @@ from common.maintenance.expiry import ExpiryPolicy, expire_snapshots, snapshots_
 from common.maintenance.invariants import validate_lineage
 from common.maintenance.orphans import canonical_path, reachable_files
 from common.maintenance.verify import verify_table
-from tests.pipeline import TABLE, Pipeline, local_path, make_events, make_pipeline
+from tests.support.events import make_events
+from tests.support.readback import local_path
+from tests.support.stack import TABLE, Stack, make_stack
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 DAY_MS = 86_400_000
 HOUR_MS = 3_600_000
@@ -53,13 +55,13 @@ def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
 
 
 @pytest.fixture
-def pipe(redis_url: str, redis_client: redis.Redis, tmp_path: Path) -> Iterator[Pipeline]:
-    pipeline = make_pipeline(redis_url, tmp_path / "home")
+def pipe(redis_url: str, redis_client: redis.Redis, tmp_path: Path) -> Iterator[Stack]:
+    pipeline = make_stack(redis_url, tmp_path / "home")
     yield pipeline
     pipeline.close()
 
 
-def commit_days(pipe: Pipeline, clock: Clock, days_ago: list[float], prefix: str = "b") -> None:
+def commit_days(pipe: Stack, clock: Clock, days_ago: list[float], prefix: str = "b") -> None:
     """One committed batch (one file) per entry, stamped that many days before now."""
     now = int(time.time() * 1000)
     for n, days in enumerate(days_ago):
@@ -69,7 +71,7 @@ def commit_days(pipe: Pipeline, clock: Clock, days_ago: list[float], prefix: str
 
 
 def test_seven_day_policy_expires_the_snapshots_older_than_seven_days(
-    pipe: Pipeline, clock: Clock
+    pipe: Stack, clock: Clock
 ) -> None:
     # Given ten snapshots one day apart, the newest an hour old
     commit_days(pipe, clock, [9 + 1 / 24 - n for n in range(10)])
@@ -93,7 +95,7 @@ def test_seven_day_policy_expires_the_snapshots_older_than_seven_days(
     assert committed_seq(table) == 10
 
 
-def test_retain_last_keeps_the_newest_whatever_their_age(pipe: Pipeline, clock: Clock) -> None:
+def test_retain_last_keeps_the_newest_whatever_their_age(pipe: Stack, clock: Clock) -> None:
     # Given five snapshots all older than a week
     commit_days(pipe, clock, [30, 20, 15, 10, 8])
     # When expired with a 7-day policy that retains the last 3
@@ -103,7 +105,7 @@ def test_retain_last_keeps_the_newest_whatever_their_age(pipe: Pipeline, clock: 
     assert len(pipe.table().metadata.snapshots) == 3
 
 
-def test_the_current_snapshot_is_never_expired(pipe: Pipeline) -> None:
+def test_the_current_snapshot_is_never_expired(pipe: Stack) -> None:
     # Given one snapshot
     pipe.write("b0", make_events("b0", 3))
     pipe.commit()
@@ -116,7 +118,7 @@ def test_the_current_snapshot_is_never_expired(pipe: Pipeline) -> None:
 
 
 def test_files_replaced_by_compaction_go_with_the_snapshots_that_read_them(
-    pipe: Pipeline, clock: Clock
+    pipe: Stack, clock: Clock
 ) -> None:
     # Given six small files committed days ago, then compacted, then one more commit
     commit_days(pipe, clock, [6, 5, 4, 3, 2, 1])
@@ -142,7 +144,7 @@ def test_files_replaced_by_compaction_go_with_the_snapshots_that_read_them(
     assert all(local_path(p).exists() for p in alive.all())
 
 
-def test_pending_files_are_never_deleted(pipe: Pipeline, clock: Clock) -> None:
+def test_pending_files_are_never_deleted(pipe: Stack, clock: Clock) -> None:
     # Given compacted files, one of whose inputs is (wrongly) still registered as pending
     commit_days(pipe, clock, [3, 2, 1])
     first = sorted(live_data_files(pipe.table()).values(), key=lambda f: f.file_path)[0]
@@ -157,7 +159,7 @@ def test_pending_files_are_never_deleted(pipe: Pipeline, clock: Clock) -> None:
     assert local_path(first.file_path).exists()
 
 
-def test_dry_run_changes_nothing(pipe: Pipeline, clock: Clock) -> None:
+def test_dry_run_changes_nothing(pipe: Stack, clock: Clock) -> None:
     # Given three old snapshots
     commit_days(pipe, clock, [3, 2, 1])
     before = pipe.table().metadata
@@ -177,7 +179,7 @@ def test_policy_is_validated() -> None:
         ExpiryPolicy(-1)
 
 
-def test_snapshots_to_expire_orders_oldest_first(pipe: Pipeline, clock: Clock) -> None:
+def test_snapshots_to_expire_orders_oldest_first(pipe: Stack, clock: Clock) -> None:
     commit_days(pipe, clock, [4, 3, 2, 1])
     chosen: list[Snapshot] = snapshots_to_expire(pipe.table().metadata, ExpiryPolicy(0, 2))
     assert [s.timestamp_ms for s in chosen] == sorted(s.timestamp_ms for s in chosen)

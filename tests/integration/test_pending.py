@@ -23,7 +23,7 @@ from common.coord import keys
 from common.coord.pending import PendingRegistry, PendingStats
 from common.errors import InvalidIdentifierError
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 TABLE = "events.push"
 
