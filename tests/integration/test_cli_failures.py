@@ -1,7 +1,7 @@
 """Every ``icefleet`` command against every expected failure: one line, no traceback, no secret.
 
 Each command runs in a process of its own, nothing configured but what the failure sets (forked
-from one that imported the CLI once: tests/cli_fork.py),
+from one that imported the CLI once: tests/support/cli_fork.py),
 against: an unreachable Redis, a real ``redis-server`` with ``requirepass`` given the wrong
 password, a malformed Redis URL, an unreachable PostgreSQL catalog, a table that does not exist
 and a file that cannot be read. A command must exit 1 with exactly one line on stderr, starting
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.services import RedisProcess, free_port
+from tests.support.services import RedisProcess, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -141,9 +141,9 @@ class Result:
 
 
 def run_all(env: dict[str, str], jobs: dict[str, list[str]]) -> dict[str, Result]:
-    """Run the commands side by side, each a process of its own (tests/cli_fork.py)."""
+    """Run the commands side by side, each a process of its own (tests/support/cli_fork.py)."""
     done = subprocess.run(
-        [sys.executable, "-m", "tests.cli_fork"],
+        [sys.executable, "-m", "tests.support.cli_fork"],
         input=json.dumps(jobs),
         env=env,
         capture_output=True,

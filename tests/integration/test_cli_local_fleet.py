@@ -30,8 +30,8 @@ from common.ingest.events import parse_batch
 from common.lake.catalog import open_catalog
 from common.settings import load_settings
 from tests.integration.test_fleet import processes_with
-from tests.pipeline import read_ids, wait_until
-from tests.services import RedisProcess, free_port
+from tests.support.readback import read_ids
+from tests.support.services import RedisProcess, free_port, wait_until
 from workers.fleet_record import FleetRecord, process_started, read_record, write_record
 
 pytestmark = pytest.mark.integration

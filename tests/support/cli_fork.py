@@ -1,6 +1,6 @@
 """Run many ``icefleet`` commands as separate processes while importing icefleet once.
 
-``python -m tests.cli_fork`` reads a JSON object ``{name: [args...]}`` on stdin, imports the CLI,
+``python -m tests.support.cli_fork`` reads a JSON object ``{name: [args...]}`` on stdin, imports the CLI,
 then forks one child per command, all at once: each child has its own stdout and stderr (files),
 runs ``icefleet ARGS`` exactly as the console script does (click's standalone mode, uncaught
 exceptions printed by Python's own hook) and exits with the command's code. It prints
