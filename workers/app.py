@@ -55,6 +55,7 @@ def canary_schedule(settings: Settings) -> dict[str, Any]:
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings derived from icefleet's settings."""
     from workers.tasks.maintenance import beat_schedule as maintenance_schedule
+    from workers.tasks.validation import VERIFY_SAMPLE_TASK, validation_schedule
 
     return {
         "broker_url": settings.redis_url,
@@ -82,6 +83,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             COMMIT_TASK: {"queue": COMMIT_QUEUE},
             SWEEP_TASK: {"queue": COMMIT_QUEUE},
             "icefleet.maintenance.*": {"queue": COMMIT_QUEUE},
+            VERIFY_SAMPLE_TASK: {"queue": INGEST_QUEUE},
         },
         "worker_send_task_events": True,
         "task_send_sent_event": True,
@@ -94,6 +96,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             },
             **canary_schedule(settings),
             **maintenance_schedule(settings),
+            **validation_schedule(settings),
         },
         "beat_schedule_filename": str(settings.home.resolve() / "celerybeat-schedule"),
         "worker_hijack_root_logger": True,

@@ -1,5 +1,6 @@
-"""``icefleet status``: queues, the backlog, dead letters, and per table its snapshots, files, rows
-and the last commit with its lag. Also the per-table figures the demo prints."""
+"""``icefleet status``: queues, the backlog, dead letters, the canary and the sampled validation,
+and per table its snapshots, files, rows and the last commit with its lag. Also the per-table
+figures the demo prints."""
 
 from __future__ import annotations
 
@@ -7,13 +8,16 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import orjson
 import redis
 from pyiceberg.catalog import Catalog
 from pyiceberg.table import Table
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table as RichTable
 
 from common.commit.committer import committed_seq
+from common.coord import keys
 from common.coord.backlog import Backlog, read_backlog
 from common.coord.deadletters import DeadLetterStore
 from common.lake.catalog import catalog_tables
@@ -91,9 +95,45 @@ def collect(
         "backlog": backlog.to_dict(),
         "summary": backlog.describe(now_ms),
         "dead_letters": DeadLetterStore(client).count(),
+        "checks": checks(client),
         "tables": per_table,
         "at_ms": now_ms,
     }
+
+
+def checks(client: redis.Redis) -> dict[str, Any]:
+    """The canary's last probe and the sampled validation's last run (None before the first)."""
+    from common.maintenance.sampling import last_run
+
+    raw = client.get(keys.canary_last())
+    return {"canary": orjson.loads(raw) if raw else None, "validation": last_run(client)}
+
+
+def render_checks(data: dict[str, Any], console: Console) -> None:
+    now_ms = data["at_ms"]
+    canary, validation = data["checks"]["canary"], data["checks"]["validation"]
+    if canary is None:
+        shown = "no probe yet"
+    else:
+        ok = canary.get("status") == "ok"
+        shown = (
+            f"[green]ok[/] {canary['latency_s']:.1f}s end to end"
+            if ok
+            else f"[red]{canary.get('status')}[/]"
+        ) + f", {_age(now_ms - int(canary.get('checked_ms') or now_ms))} ago"
+    if validation is None:
+        checked = "no run yet"
+    else:
+        failures = validation.get("failures", 0)
+        checked = (
+            f"{validation.get('files', 0)} file(s) in the last run, "
+            + (f"[red]{failures} bad[/]" if failures else "[green]0 bad[/]")
+            + f", {_age(now_ms - int(validation.get('checked_ms') or now_ms))} ago; "
+            f"{validation.get('failures_total', 0)} bad file(s) found in all"
+        )
+    console.print(f"[bold]canary[/] {shown}   [bold]validation[/] {checked}")
+    for bad in (validation or {}).get("bad_files", []):
+        console.print(f"  [red]bad[/] {escape(bad['file'])}")
 
 
 def _age(ms: int | None) -> str:
@@ -126,6 +166,7 @@ def render(data: dict[str, Any], console: Console) -> None:
         f"[bold]prepared commits[/] {len(backlog['prepared'])}   "
         f"[bold]dead letters[/] {data['dead_letters']}"
     )
+    render_checks(data, console)
     table = RichTable(title=None, show_edge=False, header_style="bold")
     for column in (
         "table",
