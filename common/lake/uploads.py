@@ -47,9 +47,9 @@ _UNSUPPORTED = (
 )
 
 
-def crc32c_b64(data: bytes | pa.Buffer) -> str:
+def crc32c_b64(data: bytes) -> str:
     """The CRC32C of ``data`` as S3 spells it: base64 of the 4 big-endian bytes."""
-    value = google_crc32c.value(memoryview(data))
+    value = google_crc32c.value(data)
     return base64.b64encode(value.to_bytes(4, "big")).decode()
 
 
@@ -92,11 +92,12 @@ class ObjectWriter:
                 stream.write(data)
             return
         parsed = urlparse(path)
-        ours = crc32c_b64(data)
+        body = data.to_pybytes()
+        ours = crc32c_b64(body)
         response = self._client(io.properties).put_object(
             Bucket=parsed.netloc,
             Key=parsed.path.lstrip("/"),
-            Body=data.to_pybytes(),
+            Body=body,
             ChecksumAlgorithm="CRC32C",
             ChecksumCRC32C=ours,
         )
