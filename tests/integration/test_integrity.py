@@ -177,3 +177,26 @@ def test_quarantine_refuses_a_file_the_table_does_not_have(pipe: Pipeline) -> No
     assert icefleet("quarantine", TABLE).exit_code == 2
     missing = icefleet("quarantine", "--restore", TABLE, "file:///nowhere/x.parquet")
     assert missing.exit_code == 1 and "has no quarantine record" in missing.output
+
+
+def test_beat_runs_the_sampled_validation_on_the_ingest_queue(
+    pipe: Pipeline, rt: Runtime, redis_client: redis.Redis
+) -> None:
+    from workers.app import celery_config
+    from workers.tasks.validation import VERIFY_SAMPLE_TASK, verify_sample
+
+    # Given the beat schedule of a committer, and a table with one damaged file
+    config = celery_config(rt.settings)
+    entry = config["beat_schedule"]["validation-verify-sample"]
+    assert (entry["task"], entry["schedule"], entry["options"]["queue"]) == (
+        VERIFY_SAMPLE_TASK,
+        600.0,
+        "ingest",
+    )
+    assert config["task_routes"][VERIFY_SAMPLE_TASK] == {"queue": "ingest"}
+    bad = damage_one_file(pipe)
+    # When beat's task runs (in this process)
+    run = verify_sample.apply().get()
+    # Then it checked every file (fewer than the sample size) and counted the bad one
+    assert (run["files"], run["failures"], run["bad_files"][0]["file"]) == (BATCHES, 1, bad)
+    assert int(redis_client.get(keys.verify_failures()) or 0) == 1
