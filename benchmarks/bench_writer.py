@@ -19,7 +19,8 @@ round (so a noisy neighbour hurts all alike):
   cost of the CRC every page carries (issue 19: under 5%). Its throughput is printed like the
   others, and the cost is measured apart, from batches written in pairs (checksums on, off) so
   that the load of a shared machine cancels out: the median over pairs of the time ratio, by
-  wall time and by this process's CPU time.
+  wall time and by this process's CPU time; and on the Parquet encoding alone (the one step
+  checksums change: a data file's rows encoded again 200 times in pairs).
 - **raw ceiling, GC paused** (for information): the same with Python's cyclic garbage collector
   paused, the trick icefleet's parser and projection use; the ratio to it is printed too, so
   the gain from that trick is not mistaken for beating the ceiling.
@@ -242,6 +243,31 @@ def checksum_cost(contenders: Contenders, payload: str, pairs: int) -> tuple[flo
     return median(wall), median(cpu)
 
 
+def encoding_cost(contenders: Contenders, pairs: int = 200) -> tuple[float, float, int]:
+    """The cost of page checksums on the Parquet encoding alone (the only step they change): a
+    data file icefleet wrote, its rows encoded again in pairs (on, off), as write_data_file
+    does (the biggest file icefleet wrote in the run, pending or not); median over pairs of
+    (time on / time off) - 1, wall and CPU; and the file's rows."""
+    written = (contenders.pipe.settings.home / "warehouse" / "events").rglob("*.parquet")
+    rows = pq.read_table(max(written, key=lambda path: path.stat().st_size))
+    wall, cpu = [], []
+    for n in range(pairs):
+        timed = {}
+        for checksums in (True, False) if n % 2 == 0 else (False, True):
+            started, started_cpu = time.perf_counter(), time.process_time()
+            pq.write_table(
+                rows,
+                pa.BufferOutputStream(),
+                compression="zstd",
+                use_dictionary=False,
+                write_page_checksum=checksums,
+            )
+            timed[checksums] = (time.perf_counter() - started, time.process_time() - started_cpu)
+        wall.append(timed[True][0] / timed[False][0] - 1)
+        cpu.append(timed[True][1] / timed[False][1] - 1 if timed[False][1] > 0 else 0.0)
+    return median(wall), median(cpu), rows.num_rows
+
+
 def run(sizes: list[int], rounds: int, per_round: int) -> dict[str, Any]:
     with (
         tempfile.TemporaryDirectory(prefix="icefleet-bench-writer-") as tmp,
@@ -251,6 +277,7 @@ def run(sizes: list[int], rounds: int, per_round: int) -> dict[str, Any]:
         contenders = Contenders(Path(tmp), url, warm)
         try:
             by_size = [bench_size(contenders, size, rounds, per_round) for size in sizes]
+            encoding = encoding_cost(contenders)
             plain_snapshots = len(contenders.plain_table.refresh().metadata.snapshots)
         finally:
             contenders.close()
@@ -260,6 +287,11 @@ def run(sizes: list[int], rounds: int, per_round: int) -> dict[str, Any]:
         "event_type": EVENT_TYPE,
         "sizes": by_size,
         "plain_table_snapshots_at_end": plain_snapshots,
+        "page_checksum_encoding_cost": {
+            "wall": encoding[0],
+            "cpu": encoding[1],
+            "rows": encoding[2],
+        },
         "environment": environment(),
     }
 
@@ -322,6 +354,14 @@ def report(result: dict[str, Any]) -> str:
                 f"{ratios['icefleet_vs_raw_gc_paused']:9.0%}",
             ),
         ]
+    cost = result["page_checksum_encoding_cost"]
+    lines.append(
+        row(
+            f"page checksums, Parquet encoding alone ({cost['rows']:,} rows, 200 pairs)",
+            f"{cost['wall']:9.1%} wall; {cost['cpu']:.1%} CPU",
+            width=60,
+        )
+    )
     return "\n".join(lines)
 
 
