@@ -27,7 +27,15 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from common.settings import Settings, load_settings
-from common.wire import CANARY_TASK, COMMIT_QUEUE, COMMIT_TASK, INGEST_QUEUE, SWEEP_TASK, WRITE_TASK
+from common.wire import (
+    CANARY_TASK,
+    COMMIT_QUEUE,
+    COMMIT_TASK,
+    INGEST_QUEUE,
+    SWEEP_TASK,
+    VERIFY_SAMPLE_TASK,
+    WRITE_TASK,
+)
 from workers.limits import SWEEP_INTERVAL_S, broker_transport_options, task_annotations
 
 
@@ -55,7 +63,7 @@ def canary_schedule(settings: Settings) -> dict[str, Any]:
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings derived from icefleet's settings."""
     from workers.tasks.maintenance import beat_schedule as maintenance_schedule
-    from workers.tasks.validation import VERIFY_SAMPLE_TASK, validation_schedule
+    from workers.tasks.validation import validation_schedule
 
     return {
         "broker_url": settings.redis_url,

@@ -27,6 +27,7 @@ import redis
 from pyiceberg.table import Table
 
 from common.coord import keys
+from common.coord.replies import as_text
 from common.maintenance.verify import VerifyReport, live_files, verify_table
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def sample_verify(
             return []
 
     raw = client.hgetall(keys.verify_cursor())
-    cursor = {_text(k): _text(v) for k, v in raw.items()}
+    cursor = {as_text(k): as_text(v) for k, v in raw.items()}
     chosen, cursor = choose(tables, files_of, cursor, budget)
     for name, paths in chosen.items():
         report = verify_table(loaded[name], deep=True, only=set(paths))
@@ -150,10 +151,6 @@ def last_run(client: redis.Redis) -> dict[str, Any] | None:
     record: dict[str, Any] = orjson.loads(raw)
     record["failures_total"] = int(total or 0)
     return record
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
 
 
 __all__ = ["SampleRun", "choose", "last_run", "sample_verify"]

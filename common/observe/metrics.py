@@ -306,4 +306,3 @@ class RedisStateCollector(Collector):
         )
         bad.add_metric([], float(run.get("failures", 0)))
         yield bad
-

@@ -14,10 +14,9 @@ from typing import Any
 
 from celery import Task, shared_task
 
-from common.coord.backlog import INGEST_QUEUE
 from common.settings import Settings
+from common.wire import INGEST_QUEUE, VERIFY_SAMPLE_TASK
 
-VERIFY_SAMPLE_TASK = "icefleet.validation.verify_sample"
 SOFT_LIMIT_S = 900
 
 
