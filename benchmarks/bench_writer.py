@@ -3,8 +3,8 @@
 One process, one event type (``com.example.shop.order_placed`` from ``icefleet demo``: nested
 ``customer`` struct, ``items`` list of structs, nullable ``coupon``; ~490 bytes of NDJSON an event;
 times spread over two days, so two ``day(time)`` partitions a batch). For each batch size
-(1,000 and 10,000 events), three contenders write the same NDJSON payload, interleaved round by
-round (so a noisy neighbour hurts all three alike):
+(1,000 and 10,000 events), the contenders write the same NDJSON payload, interleaved round by
+round (so a noisy neighbour hurts all alike):
 
 - **icefleet**: ``BatchWriter.write`` as a writer worker calls it: parse and validate every event,
   route, project onto the table schema (typed columns, ``raw_event``, ``_rescued_data``), one
@@ -15,6 +15,12 @@ round (so a noisy neighbour hurts all three alike):
   batch) on an unpartitioned table with the same properties in the same SQLite catalog.
 - **raw ceiling**: ``orjson.loads`` each line, ``pa.Table.from_pylist``, ``pq.write_table``
   (zstd) to a local file: no catalog, no validation, no ``raw_event`` column, no DataFile.
+- **icefleet, no page checksums**: the same writer with ``ICEFLEET_PAGE_CHECKSUMS=off``: the
+  cost of the CRC every page carries (issue 19: under 5%). Its throughput is printed like the
+  others, and the cost is measured apart, from batches written in pairs (checksums on, off) so
+  that the load of a shared machine cancels out: the median over pairs of the time ratio, by
+  wall time and by this process's CPU time; and on the Parquet encoding alone (the one step
+  checksums change: a data file's rows encoded again 200 times in pairs).
 - **raw ceiling, GC paused** (for information): the same with Python's cyclic garbage collector
   paused, the trick icefleet's parser and projection use; the ratio to it is printed too, so
   the gain from that trick is not mistaken for beating the ceiling.
@@ -32,6 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +58,9 @@ from benchmarks._shared import (
     verdict,
     write_results,
 )
+from common.ingest.routing import Router
 from common.lake.catalog import TABLE_PROPERTIES
+from common.write.batch_writer import BatchWriter
 from tests.support.events import ndjson
 from tests.support.services import redis_server
 from tests.support.stack import make_stack
@@ -61,7 +70,14 @@ NAME = "writer"
 EVENT_TYPE = "com.example.shop.order_placed"
 TARGET_VS_PLAIN = 4.0
 TARGET_VS_RAW = 0.70
-CONTENDERS = ("icefleet", "plain_pyiceberg", "raw_ceiling", "raw_ceiling_gc_paused")
+TARGET_CHECKSUM_OVERHEAD = 0.05
+CONTENDERS = (
+    "icefleet",
+    "icefleet_no_page_checksums",
+    "plain_pyiceberg",
+    "raw_ceiling",
+    "raw_ceiling_gc_paused",
+)
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -91,7 +107,7 @@ def plain_rows(payload: str) -> list[dict[str, Any]]:
 
 
 class Contenders:
-    """The three ways to write one batch, each set up once (tables created, warm)."""
+    """The ways to write one batch, each set up once (tables created, warm)."""
 
     def __init__(self, tmp: Path, redis_url: str, warm_payload: str) -> None:
         self.pipe = make_stack(redis_url, tmp / "home")
@@ -101,6 +117,12 @@ class Contenders:
         # Warm-up: icefleet creates its table from the batch; the plain table gets the schema
         # pyarrow infers from the same batch.
         self.pipe.writer.write("warm-up", warm_payload, enqueued_at_ms=0)
+        self.unchecked = BatchWriter(
+            replace(self.pipe.settings, page_checksums=False),
+            self.pipe.store,
+            Router(self.pipe.settings.routes, self.pipe.settings.namespace),
+            self.pipe.registry,
+        )
         warm = pa.Table.from_pylist(plain_rows(warm_payload))
         self.plain_schema = warm.schema
         self.plain_table = self._plain_table(self.pipe.catalog, warm.schema)
@@ -121,6 +143,10 @@ class Contenders:
         result = self.pipe.writer.write(
             self._next(), payload, enqueued_at_ms=int(time.time() * 1000)
         )
+        assert result.records == result.events and not result.dead_letters, result
+
+    def icefleet_no_page_checksums(self, payload: str) -> None:
+        result = self.unchecked.write(self._next(), payload, enqueued_at_ms=int(time.time() * 1000))
         assert result.records == result.events and not result.dead_letters, result
 
     def plain_pyiceberg(self, payload: str) -> None:
@@ -180,18 +206,67 @@ def bench_size(contenders: Contenders, size: int, rounds: int, per_round: int) -
     vs_plain = ours / result["plain_pyiceberg"]["events_per_s_median"]
     vs_raw = ours / result["raw_ceiling"]["events_per_s_median"]
     vs_raw_paused = ours / result["raw_ceiling_gc_paused"]["events_per_s_median"]
+    overhead, overhead_cpu = checksum_cost(contenders, payload, pairs=max(10, rounds * batches))
     result["ratios"] = {
+        "page_checksum_overhead": overhead,
+        "page_checksum_overhead_cpu": overhead_cpu,
         "icefleet_vs_plain": vs_plain,
         "icefleet_vs_raw": vs_raw,
         "icefleet_vs_raw_gc_paused": vs_raw_paused,
     }
     result["targets"] = {
+        "checksum_overhead": TARGET_CHECKSUM_OVERHEAD,
+        "checksum_overhead_met": overhead < TARGET_CHECKSUM_OVERHEAD,
         "vs_plain": TARGET_VS_PLAIN,
         "vs_plain_met": vs_plain >= TARGET_VS_PLAIN,
         "vs_raw": TARGET_VS_RAW,
         "vs_raw_met": vs_raw >= TARGET_VS_RAW,
     }
     return result
+
+
+def checksum_cost(contenders: Contenders, payload: str, pairs: int) -> tuple[float, float]:
+    """The cost of page checksums, from batches written in pairs (on, off; the order alternates):
+    the median over pairs of (time on / time off) - 1, by wall time and by this process's CPU
+    time. Pairs cancel the load of a shared machine, which changes between rounds by far more
+    than the effect measured here."""
+    wall, cpu = [], []
+    for n in range(pairs):
+        order = ("icefleet", "icefleet_no_page_checksums")
+        timed: dict[str, tuple[float, float]] = {}
+        for name in order if n % 2 == 0 else order[::-1]:
+            started, started_cpu = time.perf_counter(), time.process_time()
+            contenders.get(name)(payload)
+            timed[name] = (time.perf_counter() - started, time.process_time() - started_cpu)
+        on, off = timed["icefleet"], timed["icefleet_no_page_checksums"]
+        wall.append(on[0] / off[0] - 1)
+        cpu.append(on[1] / off[1] - 1 if off[1] > 0 else 0.0)
+    return median(wall), median(cpu)
+
+
+def encoding_cost(contenders: Contenders, pairs: int = 200) -> tuple[float, float, int]:
+    """The cost of page checksums on the Parquet encoding alone (the only step they change): a
+    data file icefleet wrote, its rows encoded again in pairs (on, off), as write_data_file
+    does (the biggest file icefleet wrote in the run, pending or not); median over pairs of
+    (time on / time off) - 1, wall and CPU; and the file's rows."""
+    written = (contenders.pipe.settings.home / "warehouse" / "events").rglob("*.parquet")
+    rows = pq.read_table(max(written, key=lambda path: path.stat().st_size))
+    wall, cpu = [], []
+    for n in range(pairs):
+        timed = {}
+        for checksums in (True, False) if n % 2 == 0 else (False, True):
+            started, started_cpu = time.perf_counter(), time.process_time()
+            pq.write_table(
+                rows,
+                pa.BufferOutputStream(),
+                compression="zstd",
+                use_dictionary=False,
+                write_page_checksum=checksums,
+            )
+            timed[checksums] = (time.perf_counter() - started, time.process_time() - started_cpu)
+        wall.append(timed[True][0] / timed[False][0] - 1)
+        cpu.append(timed[True][1] / timed[False][1] - 1 if timed[False][1] > 0 else 0.0)
+    return median(wall), median(cpu), rows.num_rows
 
 
 def run(sizes: list[int], rounds: int, per_round: int) -> dict[str, Any]:
@@ -203,6 +278,7 @@ def run(sizes: list[int], rounds: int, per_round: int) -> dict[str, Any]:
         contenders = Contenders(Path(tmp), url, warm)
         try:
             by_size = [bench_size(contenders, size, rounds, per_round) for size in sizes]
+            encoding = encoding_cost(contenders)
             plain_snapshots = len(contenders.plain_table.refresh().metadata.snapshots)
         finally:
             contenders.close()
@@ -212,6 +288,11 @@ def run(sizes: list[int], rounds: int, per_round: int) -> dict[str, Any]:
         "event_type": EVENT_TYPE,
         "sizes": by_size,
         "plain_table_snapshots_at_end": plain_snapshots,
+        "page_checksum_encoding_cost": {
+            "wall": encoding[0],
+            "cpu": encoding[1],
+            "rows": encoding[2],
+        },
         "environment": environment(),
     }
 
@@ -232,6 +313,17 @@ def report(result: dict[str, Any]) -> str:
                 "  icefleet BatchWriter.write",
                 f"{fmt_rate(size['icefleet']['events_per_s_median'])}"
                 f"  ({size['icefleet']['batch_ms_median']:.0f} ms/batch)",
+            ),
+            row(
+                "  icefleet, page checksums off",
+                f"{fmt_rate(size['icefleet_no_page_checksums']['events_per_s_median'])}"
+                f"  ({size['icefleet_no_page_checksums']['batch_ms_median']:.0f} ms/batch)",
+            ),
+            row(
+                "  page checksums: cost, paired (wall; CPU)",
+                f"{ratios['page_checksum_overhead']:9.1%}; "
+                f"{ratios['page_checksum_overhead_cpu']:.1%}   (target < "
+                f"{targets['checksum_overhead']:.0%}: {verdict(targets['checksum_overhead_met'])})",
             ),
             row(
                 "  plain pyiceberg append (baseline)",
@@ -263,6 +355,14 @@ def report(result: dict[str, Any]) -> str:
                 f"{ratios['icefleet_vs_raw_gc_paused']:9.0%}",
             ),
         ]
+    cost = result["page_checksum_encoding_cost"]
+    lines.append(
+        row(
+            f"page checksums, Parquet encoding alone ({cost['rows']:,} rows, 200 pairs)",
+            f"{cost['wall']:9.1%} wall; {cost['cpu']:.1%} CPU",
+            width=60,
+        )
+    )
     return "\n".join(lines)
 
 

@@ -121,6 +121,16 @@ class MissingDataFileError(StorageError):
         super().__init__(f"data file {path} expected {expected_bytes} bytes, found {found}")
 
 
+class CorruptDataFileError(StorageError):
+    """Raised when a data file's bytes fail a check: a page checksum (CRC) that does not match,
+    a page that does not decode, or an object store's checksum that disagrees with ours."""
+
+    def __init__(self, path: str, detail: str) -> None:
+        self.path = path
+        self.detail = detail
+        super().__init__(f"data file {path} is corrupt: {detail}")
+
+
 class CatalogError(IcefleetError):
     """Raised when the catalog cannot be reached or refuses an operation."""
 

@@ -144,6 +144,18 @@ class Settings:
     """How often beat runs the scheduled snapshot expiry."""
     maintenance_orphans_interval_s: float = 86_400.0
     """How often beat runs the scheduled orphan removal."""
+    # data integrity (common/lake/integrity.py, uploads.py; common/maintenance/sampling.py)
+    page_checksums: bool = True
+    """Every page of every Parquet file icefleet writes carries its CRC, which icefleet's own
+    reads (compaction, deletes, ``verify --deep``) check; ``off`` only to measure its cost."""
+    s3_checksum: str = "crc32c"
+    """Data files uploaded to S3-compatible storage carry this additional checksum, computed from
+    the bytes written, which the store verifies on receipt; ``off``: uploaded through the
+    table's FileIO without one."""
+    verify_interval_s: float = 600.0
+    """How often beat runs the sampled deep verify (continuous validation)."""
+    verify_sample_files: int = 20
+    """How many live files each sampled deep verify reads, rotating through the tables."""
 
     def __repr__(self) -> str:
         hidden = ("redis_url", "http_token")
@@ -299,6 +311,15 @@ def _min_files(raw: str) -> int:
     return value
 
 
+def _on_off(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("on", "true", "1", "yes"):
+        return True
+    if value in ("off", "false", "0", "no"):
+        return False
+    raise ValueError("on or off (also true/false, 1/0, yes/no)")
+
+
 def _duration_s(raw: str) -> float:
     from common.durations import parse_duration_s
 
@@ -354,6 +375,10 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], bool]] = {
     "MAINTENANCE_COMPACT_INTERVAL": ("maintenance_compact_interval_s", _positive_duration_s, False),
     "MAINTENANCE_EXPIRE_INTERVAL": ("maintenance_expire_interval_s", _positive_duration_s, False),
     "MAINTENANCE_ORPHANS_INTERVAL": ("maintenance_orphans_interval_s", _positive_duration_s, False),
+    "PAGE_CHECKSUMS": ("page_checksums", _on_off, False),
+    "S3_CHECKSUM": ("s3_checksum", _choice(("crc32c", "off")), False),
+    "VERIFY_INTERVAL": ("verify_interval_s", _positive_duration_s, False),
+    "VERIFY_SAMPLE_FILES": ("verify_sample_files", _positive_int, False),
 }
 
 

@@ -90,6 +90,8 @@ def spell_default(value: Any, parse: Callable[[str], Any], name: str) -> str:
     """A field's default as the variable would be written, or ``unset``."""
     if value is None or value == ():
         return "unset"
+    if isinstance(value, bool):  # on/off variables (ICEFLEET_PAGE_CHECKSUMS)
+        return "`on`" if value else "`off`"
     if getattr(parse, "__name__", "") in _DURATION_PARSERS:
         return f"`{format_duration(value)}`"
     if isinstance(value, float):

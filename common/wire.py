@@ -33,6 +33,7 @@ COMMIT_TASK = "icefleet.commit_table"
 SWEEP_TASK = "icefleet.commit_all"
 CANARY_TASK = "icefleet.canary.send"
 CANARY_CHECK_TASK = "icefleet.canary.check"
+VERIFY_SAMPLE_TASK = "icefleet.validation.verify_sample"  # the sampled validation (beat)
 
 MAX_BATCH_ID_CHARS = 200
 PART_SEPARATOR = ":"
@@ -136,6 +137,7 @@ __all__ = [
     "INGEST_QUEUE",
     "MAX_BATCH_ID_CHARS",
     "SWEEP_TASK",
+    "VERIFY_SAMPLE_TASK",
     "WRITE_TASK",
     "WriteTask",
     "check_batch_id",

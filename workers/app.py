@@ -27,7 +27,15 @@ from celery import Celery
 from kombu import Exchange, Queue
 
 from common.settings import Settings, load_settings
-from common.wire import CANARY_TASK, COMMIT_QUEUE, COMMIT_TASK, INGEST_QUEUE, SWEEP_TASK, WRITE_TASK
+from common.wire import (
+    CANARY_TASK,
+    COMMIT_QUEUE,
+    COMMIT_TASK,
+    INGEST_QUEUE,
+    SWEEP_TASK,
+    VERIFY_SAMPLE_TASK,
+    WRITE_TASK,
+)
 from workers.limits import SWEEP_INTERVAL_S, broker_transport_options, task_annotations
 
 
@@ -55,6 +63,7 @@ def canary_schedule(settings: Settings) -> dict[str, Any]:
 def celery_config(settings: Settings) -> dict[str, Any]:
     """Celery settings derived from icefleet's settings."""
     from workers.tasks.maintenance import beat_schedule as maintenance_schedule
+    from workers.tasks.validation import validation_schedule
 
     return {
         "broker_url": settings.redis_url,
@@ -82,6 +91,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             COMMIT_TASK: {"queue": COMMIT_QUEUE},
             SWEEP_TASK: {"queue": COMMIT_QUEUE},
             "icefleet.maintenance.*": {"queue": COMMIT_QUEUE},
+            VERIFY_SAMPLE_TASK: {"queue": INGEST_QUEUE},
         },
         "worker_send_task_events": True,
         "task_send_sent_event": True,
@@ -94,6 +104,7 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             },
             **canary_schedule(settings),
             **maintenance_schedule(settings),
+            **validation_schedule(settings),
         },
         "beat_schedule_filename": str(settings.home.resolve() / "celerybeat-schedule"),
         "worker_hijack_root_logger": True,

@@ -99,3 +99,25 @@ def replayed(digest: str) -> str:
 def canary_last() -> str:
     """The canary's last result (string: JSON; workers/tasks/canary.py, read by the metrics)."""
     return f"{PREFIX}canary:last"
+
+
+def quarantine(table: str) -> str:
+    """Quarantined data files of a table (hash: original path → record JSON;
+    common/maintenance/quarantine.py). The same records live beside the copies, for good."""
+    return _table_key("quarantine", table)
+
+
+def verify_cursor() -> str:
+    """Where the sampled validation goes on (hash: ``table`` → the table it is in, and each
+    table → the last file it checked there; common/maintenance/sampling.py)."""
+    return f"{PREFIX}verify:cursor"
+
+
+def verify_last() -> str:
+    """The last sampled validation run (string: JSON; read by the metrics and ``status``)."""
+    return f"{PREFIX}verify:last"
+
+
+def verify_failures() -> str:
+    """Bad files found by sampled validation since the beginning (integer; a Prometheus counter)."""
+    return f"{PREFIX}verify:failures"

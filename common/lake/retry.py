@@ -100,6 +100,10 @@ _BOTOCORE_TRANSIENT_CODES = frozenset(
         "InternalError",
         "RequestTimeout",
         "RequestTimeoutException",
+        # the store refused the bytes it received as not those we sent (a checksum that does
+        # not match: changed in transit): sending them again is the cure
+        "BadDigest",
+        "XAmzContentChecksumMismatch",
     )
 )
 _REDIS_LATER = frozenset(("ConnectionError", "TimeoutError", "BusyLoadingError"))

@@ -7,8 +7,10 @@
   delete files, files of an older spec and pending files (in Redis) are left alone.
 - **Rewrite** (here, no lock: data files are immutable): each bin is read through the table's
   FileIO (pyiceberg's ArrowScan, which projects older files onto the current schema by field
-  id), and written as one Parquet file, zstd, with the table's field ids, described by its own
-  footer (:func:`common.write.datafile_writer.write_data_file`). Output names are deterministic:
+  id), every page of every input checked against its CRC first (:mod:`common.lake.integrity`: a
+  corrupt input fails the run, loudly, and is never copied), and written as one Parquet file,
+  zstd, page checksums on, with the table's field ids, described by its own footer
+  (:func:`common.write.datafile_writer.write_data_file`). Output names are deterministic:
   ``data/<partition>/compacted-<uuid5 of the input paths>.parquet``.
 - **Swap** (:mod:`common.maintenance.swap`, under the table lock): ONE ``replace`` snapshot that
   deletes the inputs and adds the outputs, if every input is still live; else
@@ -24,7 +26,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Collection
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
 
@@ -34,6 +36,8 @@ from pyiceberg.manifest import DataFile
 from pyiceberg.table import FileScanTask, Table
 
 from common.errors import ConcurrentModificationError, LockError, RetriesExhaustedError
+from common.lake.integrity import VerifiedFileIO
+from common.lake.uploads import ObjectWriter
 from common.maintenance.compaction_plan import (
     CompactionGroup,
     CompactionOptions,
@@ -86,12 +90,18 @@ def rewrite_bin(
     *,
     row_group_rows: int,
     compression: str = "zstd",
+    objects: ObjectWriter | None = None,
 ) -> DataFile:
-    """Read ``inputs`` (projected onto the current schema) and write them as one data file."""
+    """Read ``inputs`` (projected onto the current schema) and write them as one data file.
+
+    Every page of every input is checked against its CRC first (:class:`VerifiedFileIO`): a
+    corrupt input raises :class:`~common.errors.CorruptDataFileError` naming it, and nothing of
+    it is copied into the output.
+    """
     from common.write.datafile_writer import write_data_file
 
     schema = table.schema()
-    scan = ArrowScan(table.metadata, table.io, schema, AlwaysTrue())
+    scan = ArrowScan(table.metadata, VerifiedFileIO(table.io), schema, AlwaysTrue())
     rows = scan.to_table([FileScanTask(f) for f in inputs])
     expected = sum(f.record_count for f in inputs)
     if rows.num_rows != expected:
@@ -105,15 +115,25 @@ def rewrite_bin(
         row_group_rows=row_group_rows,
         compression=compression,
         dictionary=True,  # long-lived files: a few % smaller (see write_data_file)
+        objects=objects or ObjectWriter(),
     )
     written.spec_id = group.spec_id
     return written
 
 
 def rewrite_plan(
-    table: Table, plan: CompactionPlan, *, row_group_rows: int, compression: str = "zstd"
+    table: Table,
+    plan: CompactionPlan,
+    *,
+    row_group_rows: int,
+    compression: str = "zstd",
+    objects: ObjectWriter | None = None,
 ) -> tuple[list[DataFile], list[DataFile]]:
-    """Write the outputs of every bin of ``plan``; (inputs replaced, outputs written)."""
+    """Write the outputs of every bin of ``plan``; (inputs replaced, outputs written).
+
+    If a bin fails (a corrupt input, storage errors), the outputs of the others are deleted
+    (nothing references them yet) and the error is raised: the run commits nothing.
+    """
     work = [
         (group, inputs)
         for group in plan.groups
@@ -125,12 +145,23 @@ def rewrite_plan(
     def rewrite(item: tuple[CompactionGroup, list[DataFile]]) -> DataFile:
         group, inputs = item
         return rewrite_bin(
-            table, group, inputs, row_group_rows=row_group_rows, compression=compression
+            table,
+            group,
+            inputs,
+            row_group_rows=row_group_rows,
+            compression=compression,
+            objects=objects,
         )
 
     with ThreadPoolExecutor(min(REWRITE_THREADS, len(work))) as pool:
-        outputs = list(pool.map(rewrite, work))
-    return [f for _, inputs in work for f in inputs], outputs
+        futures = [pool.submit(rewrite, item) for item in work]
+        wait(futures)
+    failed = [f.exception() for f in futures if f.exception() is not None]
+    if failed:
+        written = [f.result().file_path for f in futures if f.exception() is None]
+        delete_files(table.io, written)
+        raise failed[0]  # type: ignore[misc]
+    return [f for _, inputs in work for f in inputs], [f.result() for f in futures]
 
 
 def compact_table(
@@ -142,6 +173,7 @@ def compact_table(
     row_group_rows: int = 100_000,
     compression: str = "zstd",
     attempts: int = 3,
+    objects: ObjectWriter | None = None,
 ) -> CompactionResult:
     """Plan, rewrite and swap in one snapshot; plan again if an input was removed meanwhile.
 
@@ -156,7 +188,7 @@ def compact_table(
         plan = plan_compaction(table, options, exclude=exclude)
         result.more = plan.more
         inputs, outputs = rewrite_plan(
-            table, plan, row_group_rows=row_group_rows, compression=compression
+            table, plan, row_group_rows=row_group_rows, compression=compression, objects=objects
         )
         result.files_before = int(_summary(table, "total-data-files"))
         if not inputs:

@@ -115,6 +115,7 @@ def delete_rows(
     from pyiceberg.expressions.visitors import bind
 
     from common.commit.committer import committed_seq
+    from common.lake.integrity import verified
 
     name = ".".join(table.name())
     try:
@@ -132,7 +133,9 @@ def delete_rows(
                 "icefleet.operation": "delete",
                 "icefleet.base-commit-seq": str(committed_seq(table)),
             }
-            target = without_library_retries(table)
+            # pages checked as the delete reads the files it rewrites: a corrupt file fails it
+            # (CorruptDataFileError) instead of being copied, wrong values and all
+            target = verified(without_library_retries(table))
             check = getattr(lock, "check", None)
             if check is not None:
                 check()

@@ -76,6 +76,7 @@ class Maintainer:
         return plan_compaction(self.load(table), options, exclude=self.pending(table))
 
     def compact(self, table: str, options: CompactionOptions | None = None) -> CompactionResult:
+        from common.lake.uploads import ObjectWriter
         from common.maintenance.compaction import compact_table
 
         return compact_table(
@@ -85,6 +86,7 @@ class Maintainer:
             exclude=self.pending(table),
             row_group_rows=self.settings.row_group_rows,
             compression=self.settings.compression,
+            objects=ObjectWriter(self.settings.s3_checksum),
         )
 
     def compaction_due(self, table: str) -> bool:

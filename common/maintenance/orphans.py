@@ -39,6 +39,7 @@ from common.errors import StorageError
 
 logger = logging.getLogger(__name__)
 
+QUARANTINE_DIR = "quarantine"  # common/maintenance/quarantine.py keeps bad files there
 IO_THREADS = 16  # listing and deleting on object storage is latency-bound
 _SCHEMES = {"s3a": "s3", "s3n": "s3", "": "file", "gcs": "gs"}
 
@@ -205,6 +206,7 @@ class OrphanReport:
     referenced: int = 0
     pending: int = 0
     too_young: int = 0
+    quarantined: int = 0
     orphans: list[str] = field(default_factory=list)
     orphan_bytes: int = 0
     deleted: int = 0
@@ -239,10 +241,13 @@ def remove_orphans(
     referenced_keys = {unquote(p) for p in referenced}
     protected_keys = {unquote(p) for p in protected}
     sizes = {}
+    kept_aside = canonical_path(f"{location.rstrip('/')}/{QUARANTINE_DIR}/")
     for listed_file in listed:
         path = listed_file.path
         key = unquote(path)
-        if key in referenced_keys:
+        if path.startswith(kept_aside):  # quarantined files are kept until an operator decides
+            report.quarantined += 1
+        elif key in referenced_keys:
             report.referenced += 1
             matched_content += key in content_keys
         elif key in protected_keys:

@@ -13,7 +13,8 @@ Two kinds of figures:
 - **Shared state, read from Redis at scrape time** by :class:`RedisStateCollector`: the backlog
   (outstanding and pending batches, queue lengths), dead letters, the freshness lag of each table
   (now minus its last commit, from the committer's dedup memory ``icefleet:committed:<table>``,
-  whose scores are commit times) and the canary's last result. Any process that reaches Redis
+  whose scores are commit times), the canary's last result and the sampled validation's
+  (``icefleet_verify_failures_total``, the last run's time). Any process that reaches Redis
   reports these for the whole fleet, never stale; the gateway does.
 """
 
@@ -28,7 +29,7 @@ from typing import Any
 import orjson
 import redis
 from prometheus_client import CollectorRegistry, Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.registry import Collector
 
@@ -216,6 +217,7 @@ class RedisStateCollector(Collector):
         yield dead
         yield from self._freshness(now_s)
         yield from self._canary()
+        yield from self._validation()
 
     def _freshness(self, now_s: float) -> Iterator[Metric]:
         lag = GaugeMetricFamily(
@@ -271,3 +273,36 @@ class RedisStateCollector(Collector):
             )
             at.add_metric([], float(probe["checked_ms"]) / 1000)
             yield at
+
+    def _validation(self) -> Iterator[Metric]:
+        """The sampled validation's figures (common/maintenance/sampling.py)."""
+        raw, total = self._client.mget(keys.verify_last(), keys.verify_failures())
+        failures = CounterMetricFamily(
+            "icefleet_verify_failures",
+            "Bad data files found by the sampled validation (a page checksum, the row count or "
+            "the column statistics disagreeing), since the counter began in Redis.",
+        )
+        failures.add_metric([], float(total or 0))
+        yield failures
+        if raw is None:
+            return
+        try:
+            run: dict[str, Any] = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            return
+        at = GaugeMetricFamily(
+            "icefleet_verify_last_run_timestamp_seconds",
+            "Unix time of the last sampled validation run.",
+        )
+        at.add_metric([], float(run.get("checked_ms", 0)) / 1000)
+        yield at
+        files = GaugeMetricFamily(
+            "icefleet_verify_last_run_files", "Files the last sampled validation run checked."
+        )
+        files.add_metric([], float(run.get("files", 0)))
+        yield files
+        bad = GaugeMetricFamily(
+            "icefleet_verify_last_run_failures", "Bad files the last sampled validation run found."
+        )
+        bad.add_metric([], float(run.get("failures", 0)))
+        yield bad

@@ -34,6 +34,7 @@ from common.ingest.events import DeadLetter, Event, parse_batch, paused_gc
 from common.ingest.routing import Router, TableName
 from common.lake.catalog import TableStore
 from common.lake.retry import is_transient_unless_locked, policies_for
+from common.lake.uploads import ObjectWriter
 from common.schema.layout import Projection, aliases, desired_schema, project
 from common.settings import SchemaMode, Settings
 from common.wire import split_child_id
@@ -116,6 +117,7 @@ class BatchWriter:
         self.storage_retry, self.catalog_retry = policies_for(settings.retry_base_ms)
         self.clock: Callable[[], float] = time.monotonic  # tests may slow time down
         self.plans = FilePlans()
+        self.objects = ObjectWriter(settings.s3_checksum)
         self._pool: ThreadPoolExecutor | None = None
 
     @paused_gc()  # a fresh pause per call (contextlib's context managers work as decorators)
@@ -327,6 +329,8 @@ class BatchWriter:
                     row_group_rows=self.settings.row_group_rows,
                     compression=self.settings.compression,
                     plan=self.plans.for_table(table),
+                    page_checksums=self.settings.page_checksums,
+                    objects=self.objects,
                 ),
             )
 

@@ -38,6 +38,9 @@ from pyiceberg.manifest import DataFile, DataFileContent, FileFormat
 from pyiceberg.table import Table
 from pyiceberg.typedef import Record
 
+from common.lake.integrity import WRITER_OPTIONS
+from common.lake.uploads import ObjectWriter
+
 FILE_WRITE_THREADS = 4  # files of one batch written at once (partitions; uploads to S3 overlap)
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]+")
 
@@ -136,6 +139,8 @@ def write_data_file(
     compression: str,
     plan: FilePlan | None = None,
     dictionary: bool = False,
+    page_checksums: bool = True,
+    objects: ObjectWriter | None = None,
 ) -> DataFile:
     """Write ``rows`` as one Parquet file at ``path`` and describe it from its own footer.
 
@@ -144,22 +149,37 @@ def write_data_file(
     5,000 rows: 466 kB in 8.3 ms against 512 kB in 10.3 ms), as each column chunk costs a
     dictionary page and a second compression. Compaction, which writes the long-lived files,
     asks for dictionaries: at 50,000 rows they make the file 4% smaller in the same time.
+
+    Every page carries its CRC (:mod:`common.lake.integrity`) unless ``page_checksums`` is off.
+    With ``objects``, an S3 path is written to memory first and uploaded with a CRC32C the store
+    verifies (:mod:`common.lake.uploads`); other paths stream through the table's FileIO.
     """
     plan = plan or FilePlan.build(table)
-    output = table.io.new_output(path)
-    with output.create(overwrite=True) as stream:
-        writer = pq.ParquetWriter(
-            stream,
-            rows.schema,
-            compression=None if compression == "none" else compression,
-            write_statistics=True,
-            use_dictionary=dictionary,
-        )
+    options = {
+        "compression": None if compression == "none" else compression,
+        "write_statistics": True,
+        "use_dictionary": dictionary,
+        **(WRITER_OPTIONS if page_checksums else {}),
+    }
+
+    def encode(stream: Any) -> pq.ParquetWriter:
+        writer = pq.ParquetWriter(stream, rows.schema, **options)
         try:
             writer.write_table(rows, row_group_size=row_group_rows)
         finally:
             writer.close()
-        size = stream.tell()
+        return writer
+
+    if objects is not None and objects.uses_checksum(table.io, path):
+        buffer = pa.BufferOutputStream()
+        writer = encode(buffer)
+        data = buffer.getvalue()
+        objects.write(table.io, path, data)
+        size = data.size
+    else:
+        with table.io.new_output(path).create(overwrite=True) as stream:
+            writer = encode(stream)
+            size = stream.tell()
     stats = data_file_statistics_from_parquet_metadata(
         parquet_metadata=writer.writer.metadata,
         stats_columns=plan.stats_columns,

@@ -108,3 +108,23 @@ def test_unknown_variable_is_ignored_with_warning(caplog: pytest.LogCaptureFixtu
 def test_commit_bytes_below_batch_bytes_is_refused() -> None:
     with pytest.raises(ConfigError, match="ICEFLEET_COMMIT_MAX_BYTES"):
         load_settings({"ICEFLEET_COMMIT_MAX_BYTES": "10", "ICEFLEET_BATCH_MAX_BYTES": "100"})
+
+
+def test_integrity_settings() -> None:
+    from common.settings import load_settings
+
+    settings = load_settings(
+        {
+            "ICEFLEET_PAGE_CHECKSUMS": "off",
+            "ICEFLEET_S3_CHECKSUM": "OFF",
+            "ICEFLEET_VERIFY_INTERVAL": "1h",
+            "ICEFLEET_VERIFY_SAMPLE_FILES": "50",
+        }
+    )
+    assert (settings.page_checksums, settings.s3_checksum) == (False, "off")
+    assert (settings.verify_interval_s, settings.verify_sample_files) == (3600.0, 50)
+    defaults = load_settings({})
+    assert (defaults.page_checksums, defaults.s3_checksum) == (True, "crc32c")
+    assert load_settings({"ICEFLEET_PAGE_CHECKSUMS": "yes"}).page_checksums
+    with pytest.raises(ConfigError, match=r"ICEFLEET_PAGE_CHECKSUMS.*on or off"):
+        load_settings({"ICEFLEET_PAGE_CHECKSUMS": "maybe"})

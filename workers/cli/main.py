@@ -406,6 +406,10 @@ from workers.cli.maintenance import register as register_maintenance  # noqa: E4
 
 register_maintenance(main)  # compact, expire-snapshots, remove-orphans, delete, verify, ...
 
+from workers.cli.quarantine import quarantine  # noqa: E402
+
+main.add_command(quarantine)
+
 from workers.cli.deadletters import dead_letters  # noqa: E402
 
 main.add_command(dead_letters)

@@ -219,23 +219,76 @@ def delete(table: str, where: str, commit_pending: bool) -> None:
 
 @click.command()
 @TABLES
-def verify(tables: tuple[str, ...]) -> None:
+@click.option(
+    "--deep",
+    is_flag=True,
+    help="Read every page of every live file with its checksum checked, and check row counts "
+    "and column statistics (min/max/null counts) against the manifests.",
+)
+@click.option("--json", "as_json", is_flag=True, help="One JSON object per table, one per line.")
+def verify(tables: tuple[str, ...], deep: bool, as_json: bool) -> None:
     """Check that every live file exists with the size its manifest says and that Parquet
-    footers agree with the record counts. Exit 1 with a report on any problem."""
+    footers agree with the record counts (--deep: every page, rows and statistics too). Exit 1
+    with a report naming each bad file on any problem."""
+    import json
+
+    from common.maintenance.verify import verify_table
+
     failed = 0
     with _maintainer(needs_redis=False) as m, _errors():
         for table in m.table_names(tables):
-            report = m.verify(table)
+            with _progress(table, enabled=deep and not as_json) as progress:
+                report = verify_table(m.load(table), deep=deep, progress=progress)
+            failed += not report.ok
+            if as_json:
+                click.echo(json.dumps(report.to_dict()))
+                continue
             status = "[green]ok[/]" if report.ok else f"[red]{len(report.problems)} problem(s)[/]"
             out.print(
                 f"{table}: {status}: {report.files} file(s), {_mib(report.bytes)}, "
-                f"{report.records:,} rows"
+                f"{report.records:,} rows" + (" (deep: every page read)" if deep else "")
             )
             for problem in report.problems:
                 out.print(f"  {escape(problem)}")
-            failed += not report.ok
+            for note in report.notes:
+                out.print(f"  [yellow]note[/] {escape(note)}")
+            if report.bad_files:
+                out.print(
+                    f"  {len(report.bad_files)} bad file(s); to take one out of the table: "
+                    f"icefleet quarantine {table} FILE (docs/integrity.md)"
+                )
     if failed:
         _fail(f"{failed} table(s) failed verification")
+
+
+@contextmanager
+def _progress(table: str, *, enabled: bool) -> Iterator[Any]:
+    """A rich progress bar fed by verify_table's ``progress`` callback (None when disabled)."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    with Progress(
+        "[bold]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=True,
+    ) as bar:
+        task = bar.add_task(table, total=None)
+        started = False
+
+        def advance(count: int) -> None:
+            nonlocal started
+            if not started:  # the first call says how many files there are
+                bar.update(task, total=count)
+                started = True
+            else:
+                bar.advance(task, count)
+
+        yield advance
 
 
 # --- sync-catalog --------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""``icefleet status``: queues, the backlog, dead letters, and per table its snapshots, files, rows
-and the last commit with its lag. Also the per-table figures the demo prints."""
+"""``icefleet status``: queues, the backlog, dead letters, the canary and the sampled validation,
+and per table its snapshots, files, rows and the last commit with its lag. Also the per-table
+figures the demo prints."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import orjson
 import redis
 from pyiceberg.catalog import Catalog
 from pyiceberg.table import Table
@@ -18,6 +20,7 @@ from rich.table import Table as RichTable
 from rich.text import Text
 
 from common.commit.committer import committed_seq
+from common.coord import keys
 from common.coord.backlog import Backlog, read_backlog
 from common.coord.deadletters import DeadLetterStore
 from common.lake.catalog import catalog_tables
@@ -95,9 +98,47 @@ def collect(
         "backlog": backlog.to_dict(),
         "summary": backlog.describe(now_ms),
         "dead_letters": DeadLetterStore(client).count(),
+        "checks": checks(client),
         "tables": per_table,
         "at_ms": now_ms,
     }
+
+
+def checks(client: redis.Redis) -> dict[str, Any]:
+    """The canary's last probe and the sampled validation's last run (None before the first)."""
+    from common.maintenance.sampling import last_run
+
+    raw = client.get(keys.canary_last())
+    return {"canary": orjson.loads(raw) if raw else None, "validation": last_run(client)}
+
+
+def checks_lines(data: dict[str, Any]) -> list[Text]:
+    """The canary's and the sampled validation's last results, as ``status`` lines."""
+    now_ms = data["at_ms"]
+    canary, validation = data["checks"]["canary"], data["checks"]["validation"]
+    if canary is None:
+        shown = "no probe yet"
+    else:
+        ok = canary.get("status") == "ok"
+        shown = (
+            f"[green]ok[/] {canary['latency_s']:.1f}s end to end"
+            if ok
+            else f"[red]{canary.get('status')}[/]"
+        ) + f", {age_text(now_ms - int(canary.get('checked_ms') or now_ms))} ago"
+    if validation is None:
+        checked = "no run yet"
+    else:
+        failures = validation.get("failures", 0)
+        checked = (
+            f"{validation.get('files', 0)} file(s) in the last run, "
+            + (f"[red]{failures} bad[/]" if failures else "[green]0 bad[/]")
+            + f", {age_text(now_ms - int(validation.get('checked_ms') or now_ms))} ago; "
+            f"{validation.get('failures_total', 0)} bad file(s) found in all"
+        )
+    lines = [Text.from_markup(f"[bold]canary[/] {shown}   [bold]validation[/] {checked}")]
+    for bad in (validation or {}).get("bad_files", []):
+        lines.append(Text.from_markup(f"  [red]bad[/] {escape(bad['file'])}"))
+    return lines
 
 
 def age_text(ms: int | None) -> str:
@@ -148,6 +189,8 @@ def renderable(data: dict[str, Any]) -> Group:
             f"[bold]dead letters[/] {data['dead_letters']}"
         )
     )
+    if "checks" in data:
+        lines.extend(checks_lines(data))
     table = RichTable(title=None, show_edge=False, header_style="bold")
     for column in (
         "table",
