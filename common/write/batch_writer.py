@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import pyarrow as pa
 from pyiceberg.manifest import DataFile
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
@@ -47,6 +48,7 @@ from common.write.datafile_writer import (
     write_data_file,
 )
 from common.write.partial import Remainder, SplitConflictError
+from common.write.sources import Chunk, ReferenceSource, Source, compiled_source
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +76,16 @@ class BatchResult:
     remainder: Remainder | None = (
         None  # the events handed back after a split (common/write/partial.py)
     )
+    path: str = "reference"  # or "compiled": which parse path took it (common/write/sources.py)
 
     @property
     def records(self) -> int:
         return sum(f.record_count for files in self.files.values() for f in files)
+
+
+def _log_written(batch_id: str, files: list[DataFile], name: TableName) -> None:
+    rows = sum(f.record_count for f in files)
+    logger.info("batch %s: wrote %d file(s), %d rows to %s", batch_id, len(files), rows, name)
 
 
 def partition_day(event: Event) -> int | None:
@@ -85,16 +93,6 @@ def partition_day(event: Event) -> int | None:
     if event.time is None:
         return None
     return event.time.toordinal() - _EPOCH_ORDINAL  # times are in UTC (common/ingest/events.py)
-
-
-@dataclass
-class _Chunk:
-    """What one chunk of a batch wrote: files per table, and events its tables rejected."""
-
-    start: int
-    end: int
-    files: dict[TableName, list[DataFile]] = field(default_factory=dict)
-    dead_letters: list[DeadLetter] = field(default_factory=list)
 
 
 class BatchWriter:
@@ -149,44 +147,37 @@ class BatchWriter:
         :func:`~common.ingest.events.paused_gc`): a batch's events stay alive until its files are
         written, and each collection in between would traverse all of them again.
         """
-        parsed = parse_batch(
-            payload, batch_id=batch_id, max_event_bytes=self.settings.max_event_bytes
-        )
-        result = BatchResult(batch_id, events=len(parsed.events))
-        result.dead_letters.extend(parsed.dead_letters)
         ingested_at = (
             datetime.fromtimestamp(enqueued_at_ms / 1000, UTC)
             if enqueued_at_ms is not None
             else datetime.now(UTC)
         )
         fixed = TableName.parse(table) if table is not None else None
-        events = parsed.events
-        limit = len(events) if split_at is None else max(0, min(split_at, len(events)))
-        size = max(1, chunk_events or limit or 1)
-        bounds = [(start, min(start + size, limit)) for start in range(0, limit, size)]
-        whole = len(bounds) == 1 and limit == len(events)  # the classic one-file-per-day paths
-        can_split = on_split is not None and split_at is None
-        chunks: list[_Chunk] = []  # appended whole: the truth about what is written
         known: dict[TableName, bool] = {}
         attempt = attempt_token()
+        source: Source | None = compiled_source(
+            self, batch_id, payload, fixed, ingested_at, known, attempt
+        )
+        if source is None:
+            parsed = parse_batch(
+                payload, batch_id=batch_id, max_event_bytes=self.settings.max_event_bytes
+            )
+            source = ReferenceSource(self, batch_id, parsed, fixed, ingested_at, known, attempt)
+        result = BatchResult(batch_id, events=source.count, path=source.path)
+        result.dead_letters.extend(source.dead_letters)
+        limit = source.count if split_at is None else max(0, min(split_at, source.count))
+        size = max(1, chunk_events or limit or 1)
+        bounds = [(start, min(start + size, limit)) for start in range(0, limit, size)]
+        whole = len(bounds) == 1 and limit == source.count  # the classic one-file-per-day paths
+        can_split = on_split is not None and split_at is None
+        chunks: list[Chunk] = []  # appended whole: the truth about what is written
         last_s = 0.0
         for start, end in bounds:
             if start and can_split and self._must_stop(deadline, stop, last_s):
                 break
             began = self.clock()
             try:
-                chunks.append(
-                    self._write_chunk(
-                        batch_id,
-                        events[start:end],
-                        (start, end),
-                        whole=whole,
-                        fixed=fixed,
-                        ingested_at=ingested_at,
-                        known=known,
-                        attempt=attempt,
-                    )
-                )
+                chunks.append(source.write_chunk(start, end, whole))
             except interrupt:
                 if not (chunks and can_split):
                     raise
@@ -200,19 +191,18 @@ class BatchWriter:
             if recorded != done:
                 raise SplitConflictError(batch_id, done, recorded)
             split_at = done
-        if split_at is not None and split_at < len(events):
-            rest = events[split_at:]
+        if split_at is not None and split_at < source.count:
             result.remainder = Remainder(
                 split_child_id(batch_id, split_at),
                 split_at,
-                len(rest),
-                "".join(f"{event.raw}\n" for event in rest),
+                source.count - split_at,
+                source.rest(split_at),
             )
             logger.warning(
                 "batch %s: split after %d of %d events; the rest goes on as %s",
                 batch_id,
                 split_at,
-                len(events),
+                source.count,
                 result.remainder.batch_id,
             )
         self._register(batch_id, chunks, known, result)
@@ -229,7 +219,7 @@ class BatchWriter:
             return True
         return deadline is not None and self.clock() + next_chunk_s > deadline
 
-    def _write_chunk(
+    def write_events(
         self,
         batch_id: str,
         events: list[Event],
@@ -240,9 +230,9 @@ class BatchWriter:
         ingested_at: datetime,
         known: dict[TableName, bool],
         attempt: str,
-    ) -> _Chunk:
+    ) -> Chunk:
         """Write the files of one chunk of events; register nothing yet."""
-        chunk = _Chunk(*bounds)
+        chunk = Chunk(*bounds)
         groups: dict[TableName, list[Event]] = defaultdict(list)
         for event in events:
             groups[fixed or self.router.table_for(event.attributes["type"])].append(event)
@@ -262,7 +252,7 @@ class BatchWriter:
     def _register(
         self,
         batch_id: str,
-        chunks: list[_Chunk],
+        chunks: list[Chunk],
         known: dict[TableName, bool],
         result: BatchResult,
     ) -> None:
@@ -307,28 +297,7 @@ class BatchWriter:
                 rejected.append(
                     DeadLetter(batch_id, event.position, reason, "data", event.raw.encode())
                 )
-            if projection.table.num_rows == 0:
-                return
-            path = (
-                data_file_path(table.location(), batch_id, day, attempt)
-                if chunk is None
-                else chunk_file_path(table.location(), batch_id, day, *chunk, attempt=attempt)
-            )
-            writes.start(
-                day,
-                functools.partial(
-                    self.storage_retry.call,
-                    f"write {path}",
-                    write_data_file,
-                    table,
-                    projection.table,
-                    path,
-                    Record(day),
-                    row_group_rows=self.settings.row_group_rows,
-                    compression=self.settings.compression,
-                    plan=self.plans.for_table(table),
-                ),
-            )
+            self._start_file(writes, table, day, projection.table, batch_id, attempt, chunk)
 
         try:
             # A day's file is written while the next day is projected. Fast path: inference
@@ -357,14 +326,61 @@ class BatchWriter:
             files = writes.results()
         finally:
             writes.cancel()
-        logger.info(
-            "batch %s: wrote %d file(s), %d rows to %s",
-            batch_id,
-            len(files),
-            sum(f.record_count for f in files),
-            name,
-        )
+        _log_written(batch_id, files, name)
         return files, rejected
+
+    def write_rows(
+        self,
+        name: TableName,
+        table: Table,
+        by_day: dict[int | None, pa.Table],
+        batch_id: str,
+        attempt: str,
+        chunk: tuple[int, int] | None,
+    ) -> list[DataFile]:
+        """Write rows already in ``table``'s layout, one file per day (the compiled path)."""
+        writes = FileWrites(self._file_pool if len(by_day) > 1 else None)
+        try:
+            for day, rows in by_day.items():
+                self._start_file(writes, table, day, rows, batch_id, attempt, chunk)
+            files = writes.results()
+        finally:
+            writes.cancel()
+        _log_written(batch_id, files, name)
+        return files
+
+    def _start_file(
+        self,
+        writes: FileWrites,
+        table: Table,
+        day: int | None,
+        rows: pa.Table,
+        batch_id: str,
+        attempt: str,
+        chunk: tuple[int, int] | None,
+    ) -> None:
+        if rows.num_rows == 0:
+            return
+        path = (
+            data_file_path(table.location(), batch_id, day, attempt)
+            if chunk is None
+            else chunk_file_path(table.location(), batch_id, day, *chunk, attempt=attempt)
+        )
+        writes.start(
+            day,
+            functools.partial(
+                self.storage_retry.call,
+                f"write {path}",
+                write_data_file,
+                table,
+                rows,
+                path,
+                Record(day),
+                row_group_rows=self.settings.row_group_rows,
+                compression=self.settings.compression,
+                plan=self.plans.for_table(table),
+            ),
+        )
 
     def _file_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:  # made on first use: in the worker process, after Celery forks
