@@ -35,6 +35,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
+import numpy as np
 import orjson
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -53,6 +54,7 @@ _UTC_MICROS = pa.timestamp("us", tz="UTC")
 _LEAVES = frozenset((pa.large_string(), pa.string(), pa.bool_(), pa.int64(), pa.int32()))
 _EXACT_DOUBLE = 2**53  # the reference path types an integer as double only up to this
 _NEGATIVE_ZERO = -(2**63)  # the bits of -0.0 read as an int64
+_LINE_BREAK, _OPEN, _CLOSE = ord("\n"), ord("{"), ord("}")
 _BLOCK_BYTES = 1 << 20  # Arrow's default block; a payload within one is read on one thread
 
 
@@ -90,7 +92,18 @@ class CompiledRows:
         return "".join(f"{raw}\n" for raw in self.rows.column("raw_event")[start:].to_pylist())
 
 
-def ndjson_body(payload: bytes | str) -> bytes:
+@dataclass(frozen=True)
+class Ndjson:
+    """A payload cut into lines: its bytes and where its line breaks are."""
+
+    body: bytes
+    breaks: np.ndarray  # offsets of the b"\n" bytes, ascending
+
+    def first_line(self) -> bytes:
+        return self.body[: self.breaks[0]] if len(self.breaks) else self.body
+
+
+def ndjson_lines(payload: bytes | str) -> Ndjson:
     """The payload if it is plain NDJSON the compiled path can cut into lines, else raise Unfit.
 
     Plain: every line is one object that starts with ``{`` and ends with ``}`` (so no blank
@@ -99,23 +112,25 @@ def ndjson_body(payload: bytes | str) -> bytes:
     line break is its "object" layout).
     """
     body = payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload
-    text = body[:-1] if body[-1:] == b"\n" else body
-    breaks = text.count(b"\n")
+    data = np.frombuffer(body, dtype=np.uint8)
+    breaks = np.flatnonzero(data == _LINE_BREAK)
+    inner = breaks[:-1] if body[-1:] == b"\n" else breaks  # breaks followed by another line
     if (
-        (len(text) == len(body) and not breaks)
-        or text[:1] != b"{"
-        or text[-1:] != b"}"
-        or b"\r" in text
-        or text.count(b"}\n{") != breaks
+        not len(breaks)
+        or body[:1] != b"{"
+        or body[-1:] not in (b"\n", b"}")  # a final break: preceded by "}" (checked next)
+        or b"\r" in body
+        or not (data[breaks - 1] == _CLOSE).all()
+        or not (data[inner + 1] == _OPEN).all()
     ):
         raise Unfit("not plain NDJSON")
-    return body
+    return Ndjson(body, breaks)
 
 
-def first_type(body: bytes) -> str:
+def first_type(lines: Ndjson) -> str:
     """The ``type`` of the first event (routing picks the table, hence the schema, from it)."""
     try:
-        first = orjson.loads(body[: body.index(b"\n")])
+        first = orjson.loads(lines.first_line())
     except orjson.JSONDecodeError:
         raise Unfit("first line is not JSON") from None
     event_type = first.get("type") if type(first) is dict else None
@@ -152,18 +167,19 @@ def _readable(name: str, kind: pa.DataType) -> pa.DataType:
 
 
 def compile_rows(
-    body: bytes,
+    lines: Ndjson,
     arrow_schema: pa.Schema,
     *,
     max_event_bytes: int,
     batch_id: str,
     ingested_at: datetime,
 ) -> CompiledRows:
-    """The rows of ``arrow_schema`` for every event of ``body`` (from :func:`ndjson_body`).
+    """The rows of ``arrow_schema`` for every event of ``lines`` (from :func:`ndjson_lines`).
 
     Raises :class:`Unfit` unless every event is valid and fits the table exactly.
     """
     schema = reader_schema(arrow_schema)
+    body = lines.body
     try:
         read = pj.read_json(
             pa.BufferReader(body),
@@ -177,7 +193,7 @@ def compile_rows(
         ).combine_chunks()
     except (pa.ArrowException, ValueError) as exc:  # ValueError: a reason that is not UTF-8
         raise Unfit(f"JSON reader: {str(exc)[:200]}") from None
-    raw = _lines(body)
+    raw = _raw_events(lines)
     if read.num_rows != len(raw):
         raise Unfit("JSON reader found another number of events than lines")
     if pc.max(pc.binary_length(raw)).as_py() > max_event_bytes:
@@ -211,22 +227,20 @@ def compile_rows(
     return CompiledRows(rows, pc.cast(pc.cast(times, pa.date32()), pa.int32()))
 
 
-def _lines(body: bytes) -> pa.Array:
-    """Each line of ``body`` (without its line break) as one string, sharing the body's bytes
-    until the trim. Called after the reader accepted the body, so it is valid UTF-8."""
-    data = pa.py_buffer(body)
-    breaks = pc.indices_nonzero(
-        pc.equal(pa.Array.from_buffers(pa.uint8(), len(body), [None, data]), 10)
+def _raw_events(lines: Ndjson) -> pa.Array:
+    """Each line (without its line break) as one string. Called after the reader accepted the
+    body, so it is valid UTF-8. The text is the body without its line breaks, so line ``i``
+    ends ``i`` bytes before its break."""
+    body, breaks = lines.body, lines.breaks
+    count = len(breaks) + (body[-1:] != b"\n")  # the last line may have no break
+    offsets = np.empty(count + 1, dtype=np.int64)
+    offsets[0] = 0
+    offsets[1 : len(breaks) + 1] = breaks - np.arange(len(breaks))
+    text = body.replace(b"\n", b"")
+    offsets[count] = len(text)
+    return pa.Array.from_buffers(
+        pa.large_string(), count, [None, pa.py_buffer(offsets), pa.py_buffer(text)]
     )
-    ends = pc.add(pc.cast(breaks, pa.int64()), 1)
-    offsets = pa.concat_arrays([pa.array([0], pa.int64()), ends])
-    if body[-1:] != b"\n":
-        offsets = pa.concat_arrays([offsets, pa.array([len(body)], pa.int64())])
-    lines = pa.Array.from_buffers(
-        pa.large_string(), len(offsets) - 1, [None, offsets.buffers()[1], data]
-    )
-    # every line ends in "}" (ndjson_body), so this drops exactly the one line break
-    return pc.utf8_rtrim(lines, characters="\n")
 
 
 def _check_envelope(read: pa.Table) -> None:

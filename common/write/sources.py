@@ -22,7 +22,7 @@ from pyiceberg.table import Table
 from common.ingest.events import DeadLetter, ParsedBatch
 from common.ingest.routing import TableName
 from common.schema.layout import aliases
-from common.write.compiled import CompiledRows, Unfit, compile_rows, first_type, ndjson_body
+from common.write.compiled import CompiledRows, Unfit, compile_rows, first_type, ndjson_lines
 
 if TYPE_CHECKING:
     from common.write.batch_writer import BatchWriter
@@ -136,8 +136,8 @@ def compiled_source(
     if settings.hot_path != "compiled":
         return None
     try:
-        body = ndjson_body(payload)
-        name = fixed or writer.router.table_for(first_type(body))
+        lines = ndjson_lines(payload)
+        name = fixed or writer.router.table_for(first_type(lines))
         if settings.mode_for(str(name)) == "raw":
             raise Unfit("raw mode")
         table = writer.catalog_retry.call(f"load table {name}", writer.store.load, name)
@@ -148,7 +148,7 @@ def compiled_source(
         if writer.registry is not None and writer.registry.is_known(str(name), batch_id):
             raise Unfit("already registered or committed")
         rows = compile_rows(
-            body,
+            lines,
             writer.plans.for_table(table).arrow_schema,
             max_event_bytes=settings.max_event_bytes,
             batch_id=batch_id,
