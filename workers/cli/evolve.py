@@ -3,13 +3,9 @@
 from __future__ import annotations
 
 import click
-import redis
 
-from common.coord.locks import table_lock
 from common.errors import IcefleetError
 from common.ingest.routing import TableName
-from common.lake.catalog import open_catalog
-from common.schema.evolution import rename_data_field
 from common.settings import load_settings
 
 
@@ -32,6 +28,14 @@ def _pair(text: str) -> tuple[str, str]:
 )
 def evolve(table: str, renames: tuple[str, ...]) -> None:
     """Change the schema of TABLE (namespace.table) through the committer's lock."""
+    # imported here, not with the CLI: pyiceberg takes seconds to import on a busy machine, and
+    # `icefleet demo` starts its fleet before it needs it
+    import redis
+
+    from common.coord.locks import table_lock
+    from common.lake.catalog import open_catalog
+    from common.schema.evolution import rename_data_field
+
     try:
         name = TableName.parse(table)
         pairs = [_pair(r) for r in renames]
