@@ -48,7 +48,14 @@ from common.write.datafile_writer import (
     write_data_file,
 )
 from common.write.partial import Remainder, SplitConflictError
-from common.write.sources import Chunk, ReferenceSource, Source, compiled_source
+from common.write.sources import (
+    Chunk,
+    CompiledSource,
+    Lake,
+    ReferenceSource,
+    Source,
+    compile_batch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -155,14 +162,36 @@ class BatchWriter:
         fixed = TableName.parse(table) if table is not None else None
         known: dict[TableName, bool] = {}
         attempt = attempt_token()
-        source: Source | None = compiled_source(
-            self, batch_id, payload, fixed, ingested_at, known, attempt
-        )
-        if source is None:
+        source: Source
+        compiled = compile_batch(self._lake(batch_id), batch_id, payload, fixed, ingested_at)
+        if compiled is not None:
+            name, table_, rows = compiled
+            known[name] = False
+
+            def write_rows(
+                by_day: dict[int | None, pa.Table], bounds: tuple[int, int] | None
+            ) -> list[DataFile]:
+                return self.write_rows(name, table_, by_day, batch_id, attempt, bounds)
+
+            source = CompiledSource(name, rows, write_rows)
+        else:
             parsed = parse_batch(
                 payload, batch_id=batch_id, max_event_bytes=self.settings.max_event_bytes
             )
-            source = ReferenceSource(self, batch_id, parsed, fixed, ingested_at, known, attempt)
+
+            def write_events(events: list[Event], bounds: tuple[int, int], whole: bool) -> Chunk:
+                return self.write_events(
+                    batch_id,
+                    events,
+                    bounds,
+                    whole=whole,
+                    fixed=fixed,
+                    ingested_at=ingested_at,
+                    known=known,
+                    attempt=attempt,
+                )
+
+            source = ReferenceSource(parsed, write_events)
         result = BatchResult(batch_id, events=source.count, path=source.path)
         result.dead_letters.extend(source.dead_letters)
         limit = source.count if split_at is None else max(0, min(split_at, source.count))
@@ -209,6 +238,16 @@ class BatchWriter:
         if result.dead_letters and self.dead_letter_sink is not None:
             self.dead_letter_sink(result.dead_letters)
         return result
+
+    def _lake(self, batch_id: str) -> Lake:
+        registry = self.registry
+        return Lake(
+            self.settings,
+            self.router.table_for,
+            lambda name: self.catalog_retry.call(f"load table {name}", self.store.load, name),
+            lambda name: registry is not None and registry.is_known(str(name), batch_id),
+            lambda table: self.plans.for_table(table).arrow_schema,
+        )
 
     def _must_stop(
         self, deadline: float | None, stop: Callable[[], bool] | None, next_chunk_s: float

@@ -1,6 +1,6 @@
 """The two ways a writer reads a batch: the compiled path when it can answer, else the reference.
 
-:func:`compiled_source` tries :mod:`common.write.compiled` on the whole payload: plain NDJSON whose
+:func:`compile_batch` tries :mod:`common.write.compiled` on the whole payload: plain NDJSON whose
 events all go to one existing table (evolve or strict mode, no renamed keys, not registered yet)
 and all fit it exactly. Anything else, and ``ICEFLEET_HOT_PATH=reference``, gives None and the
 writer parses with :func:`common.ingest.events.parse_batch` and projects event by event
@@ -11,21 +11,21 @@ letters, the files of a chunk of events, and the rest of a split batch as NDJSON
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
+import pyarrow as pa
 import pyarrow.compute as pc
 from pyiceberg.manifest import DataFile
 from pyiceberg.table import Table
 
-from common.ingest.events import DeadLetter, ParsedBatch
+from common.ingest.events import DeadLetter, Event, ParsedBatch
 from common.ingest.routing import TableName
 from common.schema.layout import aliases
+from common.settings import Settings
 from common.write.compiled import CompiledRows, Unfit, compile_rows, first_type, ndjson_lines
-
-if TYPE_CHECKING:
-    from common.write.batch_writer import BatchWriter
 
 logger = logging.getLogger(__name__)
 
@@ -55,17 +55,16 @@ class Source(Protocol):
     def rest(self, start: int) -> str: ...
 
 
+WriteEvents = Callable[[list[Event], tuple[int, int], bool], Chunk]
+WriteRows = Callable[[dict[int | None, pa.Table], tuple[int, int] | None], list[DataFile]]
+
+
 @dataclass
 class ReferenceSource:
     """Events parsed and validated one by one in Python (:func:`~common.ingest.events.parse_batch`)."""
 
-    writer: BatchWriter
-    batch_id: str
     parsed: ParsedBatch
-    fixed: TableName | None
-    ingested_at: datetime
-    known: dict[TableName, bool]
-    attempt: str
+    write_events: WriteEvents  # a chunk's events, its bounds, whether it is the whole batch
     path: str = "reference"
 
     @property
@@ -77,16 +76,7 @@ class ReferenceSource:
         return self.parsed.dead_letters
 
     def write_chunk(self, start: int, end: int, whole: bool) -> Chunk:
-        return self.writer.write_events(
-            self.batch_id,
-            self.parsed.events[start:end],
-            (start, end),
-            whole=whole,
-            fixed=self.fixed,
-            ingested_at=self.ingested_at,
-            known=self.known,
-            attempt=self.attempt,
-        )
+        return self.write_events(self.parsed.events[start:end], (start, end), whole)
 
     def rest(self, start: int) -> str:
         return "".join(f"{event.raw}\n" for event in self.parsed.events[start:])
@@ -96,12 +86,9 @@ class ReferenceSource:
 class CompiledSource:
     """A payload read by the compiled path: all of its events, valid, in one table's layout."""
 
-    writer: BatchWriter
-    batch_id: str
     name: TableName
-    table: Table
     rows: CompiledRows
-    attempt: str
+    write_rows: WriteRows  # rows by day, the chunk's bounds (None: the whole batch)
     path: str = "compiled"
     dead_letters: list[DeadLetter] = field(default_factory=list)  # none, or no answer
 
@@ -111,55 +98,61 @@ class CompiledSource:
 
     def write_chunk(self, start: int, end: int, whole: bool) -> Chunk:
         chunk = Chunk(start, end)
-        by_day = self.rows.by_day(start, end)
         bounds = None if whole else (start, end)
-        chunk.files[self.name] = self.writer.write_rows(
-            self.name, self.table, by_day, self.batch_id, self.attempt, bounds
-        )
+        chunk.files[self.name] = self.write_rows(self.rows.by_day(start, end), bounds)
         return chunk
 
     def rest(self, start: int) -> str:
         return self.rows.raw_lines(start)
 
 
-def compiled_source(
-    writer: BatchWriter,
+@dataclass(frozen=True)
+class Lake:
+    """What the compiled path asks of the writer's world: routing, tables, registrations."""
+
+    settings: Settings
+    route: Callable[[str], TableName]
+    load: Callable[[TableName], Table | None]  # None: no such table
+    is_known: Callable[[TableName], bool]  # the batch is registered or committed for it
+    arrow_schema: Callable[[Table], pa.Schema]
+
+
+def compile_batch(
+    lake: Lake,
     batch_id: str,
     payload: bytes | str,
     fixed: TableName | None,
     ingested_at: datetime,
-    known: dict[TableName, bool],
-    attempt: str,
-) -> CompiledSource | None:
-    """The batch through the compiled path, or None: the reference path must take it."""
-    settings = writer.settings
+) -> tuple[TableName, Table, CompiledRows] | None:
+    """The batch through the compiled path (its table, the table, its rows), or None: the
+    reference path must take it."""
+    settings = lake.settings
     if settings.hot_path != "compiled":
         return None
     try:
         lines = ndjson_lines(payload)
-        name = fixed or writer.router.table_for(first_type(lines))
+        name = fixed or lake.route(first_type(lines))
         if settings.mode_for(str(name)) == "raw":
             raise Unfit("raw mode")
-        table = writer.catalog_retry.call(f"load table {name}", writer.store.load, name)
+        table = lake.load(name)
         if table is None:
             raise Unfit("the table is to be created")
         if aliases(table.metadata.properties):
             raise Unfit("the table has renamed keys")
-        if writer.registry is not None and writer.registry.is_known(str(name), batch_id):
+        if lake.is_known(name):
             raise Unfit("already registered or committed")
         rows = compile_rows(
             lines,
-            writer.plans.for_table(table).arrow_schema,
+            lake.arrow_schema(table),
             max_event_bytes=settings.max_event_bytes,
             batch_id=batch_id,
             ingested_at=ingested_at,
         )
         if fixed is None:
             types = pc.unique(rows.rows.column("type")).to_pylist()
-            if any(writer.router.table_for(t) != name for t in types):
+            if any(lake.route(t) != name for t in types):
                 raise Unfit("events for several tables")
     except Unfit as why:
         logger.debug("batch %s: reference path (%s)", batch_id, why)
         return None
-    known[name] = False
-    return CompiledSource(writer, batch_id, name, table, rows, attempt)
+    return name, table, rows
