@@ -84,6 +84,10 @@ class Settings:
     commit_attempts: int = 8
     """Attempts of one catalog commit on a conflict or an unknown outcome (the watermark is
     re-read before each)."""
+    commit_concurrency: int = 1
+    """Processes of a committer worker (``icefleet worker committer``, ``demo``, ``up``): each
+    commits one table at a time, under the table's lock, so different tables commit in
+    parallel (a batch for 200 tables is 200 commits)."""
     retry_base_ms: int = 100
     """Base of the commit retries' exponential backoff with jitter; it also scales the storage and
     catalog retry policies (the default, 100, gives their own pauses)."""
@@ -323,6 +327,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], bool]] = {
     "COMMIT_MAX_FILES": ("commit_max_files", _positive_int, False),
     "COMMIT_MAX_BYTES": ("commit_max_bytes", _positive_int, False),
     "COMMIT_ATTEMPTS": ("commit_attempts", _positive_int, False),
+    "COMMIT_CONCURRENCY": ("commit_concurrency", _positive_int, False),
     "RETRY_BASE_MS": ("retry_base_ms", _positive_int, False),
     "LOCK_TTL_MS": ("lock_ttl_ms", _positive_int, False),
     "LOCK_WAIT_S": ("lock_wait_s", _positive_float, False),

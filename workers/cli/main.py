@@ -301,7 +301,13 @@ def _ping_workers(settings: Settings) -> list[str]:
 @click.argument("role", type=click.Choice(["writer", "committer"]))
 @click.option("--name", help="Worker name (default: the role); @<hostname> is appended.")
 @click.option("--pool", type=click.Choice(POOLS), default="prefork", show_default=True)
-@click.option("--concurrency", "-c", type=click.IntRange(1), help="Writer processes (default 1).")
+@click.option(
+    "--concurrency",
+    "-c",
+    type=click.IntRange(1),
+    help="Processes: writers default to 1, the committer to ICEFLEET_COMMIT_CONCURRENCY (each "
+    "process commits one table at a time; the table lock keeps each table serial).",
+)
 @click.option(
     "--beat/--no-beat",
     default=True,
@@ -314,17 +320,14 @@ def worker(
 ) -> None:
     """Run a writer (queue ingest) or the committer (queue commit) in the foreground.
 
-    The same as `celery -A workers.app worker -Q ingest|commit`, with icefleet's defaults:
-    the committer always runs one task at a time.
+    The same as `celery -A workers.app worker -Q ingest|commit`, with icefleet's defaults.
     """
     from common.wire import COMMIT_QUEUE, INGEST_QUEUE
     from workers.app import create_app
 
-    if role == "committer" and concurrency not in (None, 1):
-        raise click.BadParameter(
-            "the committer runs one task at a time", param_hint="--concurrency"
-        )
     settings = _settings()
+    if concurrency is None:
+        concurrency = settings.commit_concurrency if role == "committer" else 1
     settings.home.mkdir(parents=True, exist_ok=True)  # beat keeps its schedule file there
     queue = COMMIT_QUEUE if role == "committer" else INGEST_QUEUE
     argv = [
@@ -332,7 +335,7 @@ def worker(
         "--queues", queue,
         "--hostname", f"{name or role}@%h",
         "--pool", pool,
-        "--concurrency", str(concurrency or 1),
+        "--concurrency", str(concurrency),
         "--loglevel", loglevel,
         "--without-mingle",
         "--without-gossip",
