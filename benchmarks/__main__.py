@@ -1,4 +1,5 @@
-"""Run benchmarks: ``python -m benchmarks [NAME ...]``.
+"""Run benchmarks: ``python -m benchmarks [NAME ...]``; compare two revisions:
+``python -m benchmarks compare REV [--bench NAME ...]`` (benchmarks/compare.py).
 
 With no name, every ``bench_*.py`` module of this package runs, in name order; a NAME is a module
 name with or without its ``bench_`` prefix. Each module's ``main()`` is called with no arguments
@@ -40,6 +41,10 @@ def select(names: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
+    if args[:1] == ["compare"]:
+        from benchmarks.compare import main as compare
+
+        return compare(args[1:])
     if any(a in ("-h", "--help") for a in args):
         print(__doc__.strip())
         print("\navailable:", ", ".join(m.removeprefix(PREFIX) for m in available()))

@@ -27,6 +27,8 @@ ENV_PREFIX = "ICEFLEET_"
 SchemaMode = Literal["evolve", "strict", "raw"]
 SCHEMA_MODES: tuple[SchemaMode, ...] = ("evolve", "strict", "raw")
 COMPRESSIONS = ("zstd", "snappy", "gzip", "lz4", "none")
+HotPath = Literal["compiled", "reference"]
+HOT_PATHS: tuple[HotPath, ...] = ("compiled", "reference")
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 logger = logging.getLogger(__name__)
@@ -69,6 +71,10 @@ class Settings:
     """Rows per Parquet row group, honoured exactly."""
     compression: str = "zstd"
     """Parquet compression codec of the data files writers write."""
+    hot_path: HotPath = "compiled"
+    """``compiled``: batches that fit an existing table exactly are parsed, checked and projected
+    by Arrow's JSON reader (common/write/compiled.py), anything else by the reference path;
+    ``reference``: every batch by the reference path (to rule the compiled one out)."""
     commit_interval_ms: int = 1_000
     """A table is committed once its oldest pending batch is this old (so a trickle of events is
     visible within about this long) ..."""
@@ -79,6 +85,10 @@ class Settings:
     commit_attempts: int = 8
     """Attempts of one catalog commit on a conflict or an unknown outcome (the watermark is
     re-read before each)."""
+    commit_concurrency: int = 1
+    """Processes of a committer worker (``icefleet worker committer``, ``demo``, ``up``): each
+    commits one table at a time, under the table's lock, so different tables commit in
+    parallel (a batch for 200 tables is 200 commits)."""
     retry_base_ms: int = 100
     """Base of the commit retries' exponential backoff with jitter; it also scales the storage and
     catalog retry policies (the default, 100, gives their own pauses)."""
@@ -345,10 +355,12 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], bool]] = {
     "BATCH_MAX_BYTES": ("batch_max_bytes", _positive_int, False),
     "ROW_GROUP_ROWS": ("row_group_rows", _positive_int, False),
     "COMPRESSION": ("compression", _choice(COMPRESSIONS), False),
+    "HOT_PATH": ("hot_path", _choice(HOT_PATHS), False),
     "COMMIT_INTERVAL_MS": ("commit_interval_ms", _positive_int, False),
     "COMMIT_MAX_FILES": ("commit_max_files", _positive_int, False),
     "COMMIT_MAX_BYTES": ("commit_max_bytes", _positive_int, False),
     "COMMIT_ATTEMPTS": ("commit_attempts", _positive_int, False),
+    "COMMIT_CONCURRENCY": ("commit_concurrency", _positive_int, False),
     "RETRY_BASE_MS": ("retry_base_ms", _positive_int, False),
     "LOCK_TTL_MS": ("lock_ttl_ms", _positive_int, False),
     "LOCK_WAIT_S": ("lock_wait_s", _positive_float, False),

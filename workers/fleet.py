@@ -290,7 +290,8 @@ class Fleet:
                             f"{proc.name} exited ({proc.returncode}) while starting; "
                             f"its log {proc.log_path}:\n{proc.tail()}"
                         )
-                replies = app.control.ping(timeout=0.5) or []
+                # limit: return as soon as every worker answered, not after the whole timeout
+                replies = app.control.ping(timeout=0.5, limit=len(expected)) or []
                 seen = {name.split("@", 1)[0] for reply in replies for name in reply}
                 if expected <= seen:
                     return
@@ -332,13 +333,18 @@ class Fleet:
                 return proc
         raise KeyError(name)
 
-    def stop(self) -> None:
+    def stop(self, *, idle: bool = False) -> None:
         """Stop everything that was started, gracefully: writers, then the committer and Flower,
-        then Redis. Idempotent."""
+        then Redis. Idempotent.
+
+        ``idle``: the caller knows nothing is in flight (every batch committed, as at the end
+        of ``icefleet demo``), so the workers are stopped all at once: the order only matters
+        for what a writer finishes while stopping, which the committer must still be up for.
+        """
         self._stopping = True
         writers = [p for p in self.processes if p.name.startswith("writer")]
         others = [p for p in self.processes if p not in writers]
-        for group in (writers, others):
+        for group in ([*writers, *others],) if idle else (writers, others):
             stop_gracefully(group)
         if self.redis is not None:
             self.redis.stop()

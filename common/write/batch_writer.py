@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+import pyarrow as pa
 from pyiceberg.manifest import DataFile
 from pyiceberg.schema import Schema
 from pyiceberg.table import Table
@@ -48,6 +49,14 @@ from common.write.datafile_writer import (
     write_data_file,
 )
 from common.write.partial import Remainder, SplitConflictError
+from common.write.sources import (
+    Chunk,
+    CompiledSource,
+    Lake,
+    ReferenceSource,
+    Source,
+    compile_batch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +84,16 @@ class BatchResult:
     remainder: Remainder | None = (
         None  # the events handed back after a split (common/write/partial.py)
     )
+    path: str = "reference"  # or "compiled": which parse path took it (common/write/sources.py)
 
     @property
     def records(self) -> int:
         return sum(f.record_count for files in self.files.values() for f in files)
+
+
+def _log_written(batch_id: str, files: list[DataFile], name: TableName) -> None:
+    rows = sum(f.record_count for f in files)
+    logger.info("batch %s: wrote %d file(s), %d rows to %s", batch_id, len(files), rows, name)
 
 
 def partition_day(event: Event) -> int | None:
@@ -86,16 +101,6 @@ def partition_day(event: Event) -> int | None:
     if event.time is None:
         return None
     return event.time.toordinal() - _EPOCH_ORDINAL  # times are in UTC (common/ingest/events.py)
-
-
-@dataclass
-class _Chunk:
-    """What one chunk of a batch wrote: files per table, and events its tables rejected."""
-
-    start: int
-    end: int
-    files: dict[TableName, list[DataFile]] = field(default_factory=dict)
-    dead_letters: list[DeadLetter] = field(default_factory=list)
 
 
 class BatchWriter:
@@ -151,44 +156,59 @@ class BatchWriter:
         :func:`~common.ingest.events.paused_gc`): a batch's events stay alive until its files are
         written, and each collection in between would traverse all of them again.
         """
-        parsed = parse_batch(
-            payload, batch_id=batch_id, max_event_bytes=self.settings.max_event_bytes
-        )
-        result = BatchResult(batch_id, events=len(parsed.events))
-        result.dead_letters.extend(parsed.dead_letters)
         ingested_at = (
             datetime.fromtimestamp(enqueued_at_ms / 1000, UTC)
             if enqueued_at_ms is not None
             else datetime.now(UTC)
         )
         fixed = TableName.parse(table) if table is not None else None
-        events = parsed.events
-        limit = len(events) if split_at is None else max(0, min(split_at, len(events)))
-        size = max(1, chunk_events or limit or 1)
-        bounds = [(start, min(start + size, limit)) for start in range(0, limit, size)]
-        whole = len(bounds) == 1 and limit == len(events)  # the classic one-file-per-day paths
-        can_split = on_split is not None and split_at is None
-        chunks: list[_Chunk] = []  # appended whole: the truth about what is written
         known: dict[TableName, bool] = {}
         attempt = attempt_token()
+        source: Source
+        compiled = compile_batch(self._lake(batch_id), batch_id, payload, fixed, ingested_at)
+        if compiled is not None:
+            name, table_, rows = compiled
+            known[name] = False
+
+            def write_rows(
+                by_day: dict[int | None, pa.Table], bounds: tuple[int, int] | None
+            ) -> list[DataFile]:
+                return self.write_rows(name, table_, by_day, batch_id, attempt, bounds)
+
+            source = CompiledSource(name, rows, write_rows)
+        else:
+            parsed = parse_batch(
+                payload, batch_id=batch_id, max_event_bytes=self.settings.max_event_bytes
+            )
+
+            def write_events(events: list[Event], bounds: tuple[int, int], whole: bool) -> Chunk:
+                return self.write_events(
+                    batch_id,
+                    events,
+                    bounds,
+                    whole=whole,
+                    fixed=fixed,
+                    ingested_at=ingested_at,
+                    known=known,
+                    attempt=attempt,
+                )
+
+            source = ReferenceSource(parsed, write_events)
+        result = BatchResult(batch_id, events=source.count, path=source.path)
+        result.dead_letters.extend(source.dead_letters)
+        limit = source.count if split_at is None else max(0, min(split_at, source.count))
+        size = max(1, chunk_events or limit or 1)
+        bounds = [(start, min(start + size, limit)) for start in range(0, limit, size)]
+        whole = len(bounds) == 1 and limit == source.count  # the classic one-file-per-day paths
+        can_split = on_split is not None and split_at is None
+        chunks: list[Chunk] = []  # appended whole: the truth about what is written
         last_s = 0.0
         for start, end in bounds:
             if start and can_split and self._must_stop(deadline, stop, last_s):
                 break
             began = self.clock()
             try:
-                chunks.append(
-                    self._write_chunk(
-                        batch_id,
-                        events[start:end],
-                        (start, end),
-                        whole=whole,
-                        fixed=fixed,
-                        ingested_at=ingested_at,
-                        known=known,
-                        attempt=attempt,
-                    )
-                )
+                chunks.append(source.write_chunk(start, end, whole))
             except interrupt:
                 if not (chunks and can_split):
                     raise
@@ -202,25 +222,34 @@ class BatchWriter:
             if recorded != done:
                 raise SplitConflictError(batch_id, done, recorded)
             split_at = done
-        if split_at is not None and split_at < len(events):
-            rest = events[split_at:]
+        if split_at is not None and split_at < source.count:
             result.remainder = Remainder(
                 split_child_id(batch_id, split_at),
                 split_at,
-                len(rest),
-                "".join(f"{event.raw}\n" for event in rest),
+                source.count - split_at,
+                source.rest(split_at),
             )
             logger.warning(
                 "batch %s: split after %d of %d events; the rest goes on as %s",
                 batch_id,
                 split_at,
-                len(events),
+                source.count,
                 result.remainder.batch_id,
             )
         self._register(batch_id, chunks, known, result)
         if result.dead_letters and self.dead_letter_sink is not None:
             self.dead_letter_sink(result.dead_letters)
         return result
+
+    def _lake(self, batch_id: str) -> Lake:
+        registry = self.registry
+        return Lake(
+            self.settings,
+            self.router.table_for,
+            lambda name: self.catalog_retry.call(f"load table {name}", self.store.load, name),
+            lambda name: registry is not None and registry.is_known(str(name), batch_id),
+            lambda table: self.plans.for_table(table).arrow_schema,
+        )
 
     def _must_stop(
         self, deadline: float | None, stop: Callable[[], bool] | None, next_chunk_s: float
@@ -231,7 +260,7 @@ class BatchWriter:
             return True
         return deadline is not None and self.clock() + next_chunk_s > deadline
 
-    def _write_chunk(
+    def write_events(
         self,
         batch_id: str,
         events: list[Event],
@@ -242,9 +271,9 @@ class BatchWriter:
         ingested_at: datetime,
         known: dict[TableName, bool],
         attempt: str,
-    ) -> _Chunk:
+    ) -> Chunk:
         """Write the files of one chunk of events; register nothing yet."""
-        chunk = _Chunk(*bounds)
+        chunk = Chunk(*bounds)
         groups: dict[TableName, list[Event]] = defaultdict(list)
         for event in events:
             groups[fixed or self.router.table_for(event.attributes["type"])].append(event)
@@ -264,7 +293,7 @@ class BatchWriter:
     def _register(
         self,
         batch_id: str,
-        chunks: list[_Chunk],
+        chunks: list[Chunk],
         known: dict[TableName, bool],
         result: BatchResult,
     ) -> None:
@@ -309,30 +338,7 @@ class BatchWriter:
                 rejected.append(
                     DeadLetter(batch_id, event.position, reason, "data", event.raw.encode())
                 )
-            if projection.table.num_rows == 0:
-                return
-            path = (
-                data_file_path(table.location(), batch_id, day, attempt)
-                if chunk is None
-                else chunk_file_path(table.location(), batch_id, day, *chunk, attempt=attempt)
-            )
-            writes.start(
-                day,
-                functools.partial(
-                    self.storage_retry.call,
-                    f"write {path}",
-                    write_data_file,
-                    table,
-                    projection.table,
-                    path,
-                    Record(day),
-                    row_group_rows=self.settings.row_group_rows,
-                    compression=self.settings.compression,
-                    plan=self.plans.for_table(table),
-                    page_checksums=self.settings.page_checksums,
-                    objects=self.objects,
-                ),
-            )
+            self._start_file(writes, table, day, projection.table, batch_id, attempt, chunk)
 
         try:
             # A day's file is written while the next day is projected. Fast path: inference
@@ -361,14 +367,63 @@ class BatchWriter:
             files = writes.results()
         finally:
             writes.cancel()
-        logger.info(
-            "batch %s: wrote %d file(s), %d rows to %s",
-            batch_id,
-            len(files),
-            sum(f.record_count for f in files),
-            name,
-        )
+        _log_written(batch_id, files, name)
         return files, rejected
+
+    def write_rows(
+        self,
+        name: TableName,
+        table: Table,
+        by_day: dict[int | None, pa.Table],
+        batch_id: str,
+        attempt: str,
+        chunk: tuple[int, int] | None,
+    ) -> list[DataFile]:
+        """Write rows already in ``table``'s layout, one file per day (the compiled path)."""
+        writes = FileWrites(self._file_pool if len(by_day) > 1 else None)
+        try:
+            for day, rows in by_day.items():
+                self._start_file(writes, table, day, rows, batch_id, attempt, chunk)
+            files = writes.results()
+        finally:
+            writes.cancel()
+        _log_written(batch_id, files, name)
+        return files
+
+    def _start_file(
+        self,
+        writes: FileWrites,
+        table: Table,
+        day: int | None,
+        rows: pa.Table,
+        batch_id: str,
+        attempt: str,
+        chunk: tuple[int, int] | None,
+    ) -> None:
+        if rows.num_rows == 0:
+            return
+        path = (
+            data_file_path(table.location(), batch_id, day, attempt)
+            if chunk is None
+            else chunk_file_path(table.location(), batch_id, day, *chunk, attempt=attempt)
+        )
+        writes.start(
+            day,
+            functools.partial(
+                self.storage_retry.call,
+                f"write {path}",
+                write_data_file,
+                table,
+                rows,
+                path,
+                Record(day),
+                row_group_rows=self.settings.row_group_rows,
+                compression=self.settings.compression,
+                plan=self.plans.for_table(table),
+                page_checksums=self.settings.page_checksums,
+                objects=self.objects,
+            ),
+        )
 
     def _file_pool(self) -> ThreadPoolExecutor:
         if self._pool is None:  # made on first use: in the worker process, after Celery forks

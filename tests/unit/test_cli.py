@@ -57,7 +57,7 @@ def test_every_command_has_help(runner: CliRunner, command: str) -> None:
         (["demo", "--writers", "abc"], "--writers"),
         (["up", "--pool", "gevent"], "--pool"),
         (["worker", "scheduler"], "writer"),
-        (["worker", "committer", "--concurrency", "2"], "one task at a time"),
+        (["worker", "committer", "--concurrency", "0"], "--concurrency"),
         (["send"], "FILE"),
         (["send", "-", "--table", "Events.Page"], "--table"),
         (["send", "-", "--batch-id", "orders~12"], "--batch-id"),

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import click
 
-from common.coord.locks import table_lock
 from common.errors import IcefleetError, TableNotFoundError
 from common.ingest.routing import TableName
-from common.schema.evolution import rename_data_field
 from workers.cli.context import connect, load_context, open_catalog_checked
 from workers.cli.errors import errors
 
@@ -31,6 +29,11 @@ def _pair(text: str) -> tuple[str, str]:
 )
 def evolve(table: str, renames: tuple[str, ...]) -> None:
     """Change the schema of TABLE (namespace.table) through the committer's lock."""
+    # imported here, not with the CLI: pyiceberg takes seconds to import on a busy machine, and
+    # `icefleet demo` starts its fleet before it needs it
+    from common.coord.locks import table_lock
+    from common.schema.evolution import rename_data_field
+
     try:
         name = TableName.parse(table)
     except IcefleetError as exc:
