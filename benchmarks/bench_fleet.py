@@ -13,6 +13,10 @@ Baseline, same run, same events: ONE process doing what a user without icefleet 
 batch, ``orjson.loads`` each event, group by type, ``pa.Table.from_pylist`` and one
 ``table.append`` per table (schema fixed from the first batch).
 
+Each fleet size runs with dedupe on (the default: exactly once per CloudEvent, claims in Redis)
+and off (``ICEFLEET_DEDUPE=off``), interleaved, so the cost of dedupe end to end is the ratio of
+the two in the same run (``--dedupe on`` runs only the default).
+
 The machine has 2 cores for everything: the producer, Redis, the writers and the committer share
 them, so 2 writers cannot double 1 writer here. No seed target for the scaling itself; the ratio
 is printed. Run: ``python -m benchmarks fleet`` or
@@ -53,6 +57,7 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--writers", default="1,2", help="fleet sizes, comma-separated")
     parser.add_argument("--rounds", type=int, default=2, help="runs per fleet size")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds per run")
+    parser.add_argument("--dedupe", default="on,off", help="ICEFLEET_DEDUPE values to run")
     parser.add_argument(
         "--no-pin",
         dest="pin",
@@ -112,7 +117,25 @@ def process_group_peak_rss_mb(pgid: int) -> dict[str, float]:
 
 
 def run_fleet(
-    writers: int, batches: list[list[dict[str, Any]]], timeout_s: float, pin: bool = True
+    writers: int,
+    batches: list[list[dict[str, Any]]],
+    timeout_s: float,
+    pin: bool = True,
+    dedupe: str = "on",
+) -> dict[str, Any]:
+    saved = os.environ.get("ICEFLEET_DEDUPE")
+    os.environ["ICEFLEET_DEDUPE"] = dedupe  # the fleet's processes inherit it
+    try:
+        return _run_fleet(writers, batches, timeout_s, pin) | {"dedupe": dedupe}
+    finally:
+        if saved is None:
+            os.environ.pop("ICEFLEET_DEDUPE", None)
+        else:
+            os.environ["ICEFLEET_DEDUPE"] = saved
+
+
+def _run_fleet(
+    writers: int, batches: list[list[dict[str, Any]]], timeout_s: float, pin: bool
 ) -> dict[str, Any]:
     events = sum(len(b) for b in batches)
     payloads = encoded(batches)
@@ -198,15 +221,26 @@ def run_plain(batches: list[list[dict[str, Any]]]) -> dict[str, Any]:
     return {"events": events, "seconds": seconds, "events_per_s": events / seconds}
 
 
+def _label(writers: int, dedupe: str) -> str:
+    return f"{writers}" if dedupe == "on" else f"{writers}_dedupe_{dedupe}"
+
+
 def run(
-    events: int, batch_size: int, sizes: list[int], rounds: int, timeout_s: float, pin: bool = True
+    events: int,
+    batch_size: int,
+    sizes: list[int],
+    rounds: int,
+    timeout_s: float,
+    pin: bool = True,
+    modes: tuple[str, ...] = ("on", "off"),
 ) -> dict[str, Any]:
-    runs: dict[int, list[dict[str, Any]]] = {k: [] for k in sizes}
+    keys = [(k, mode) for k in sizes for mode in modes]
+    runs: dict[str, list[dict[str, Any]]] = {_label(k, m): [] for k, m in keys}
     for r in range(rounds):
-        for writers in sizes:
-            run_id = f"r{r}w{writers}-{os.getpid()}"
+        for writers, mode in keys:
+            run_id = f"r{r}w{writers}{mode}-{os.getpid()}"
             batches = batches_of(list(synthetic_events(events, seed=7, run_id=run_id)), batch_size)
-            runs[writers].append(run_fleet(writers, batches, timeout_s, pin))
+            runs[_label(writers, mode)].append(run_fleet(writers, batches, timeout_s, pin, mode))
     plain = run_plain(batches_of(list(synthetic_events(events, seed=7)), batch_size))
     per_size: dict[str, dict[str, Any]] = {
         str(k): {
@@ -222,7 +256,8 @@ def run(
         }
         for k, v in runs.items()
     }  # fmt: skip
-    base = per_size[str(sizes[0])]["events_per_s_median"]
+    first = _label(sizes[0], modes[0])
+    base = per_size[first]["events_per_s_median"]
     return {
         "benchmark": NAME,
         "at": now_iso(),
@@ -232,21 +267,29 @@ def run(
         "plain_pyiceberg_one_process": plain,
         "ratios": {
             **{
-                f"{k}_writers_vs_{sizes[0]}": per_size[str(k)]["events_per_s_median"] / base
+                f"{k}_writers_vs_{sizes[0]}": per_size[_label(k, modes[0])]["events_per_s_median"]
+                / base
                 for k in sizes[1:]
             },
             # enqueue -> every batch written and registered: the writers' own scaling
             **{
-                f"{k}_writers_vs_{sizes[0]}_written": per_size[str(k)][
+                f"{k}_writers_vs_{sizes[0]}_written": per_size[_label(k, modes[0])][
                     "written_events_per_s_median"
                 ]
-                / per_size[str(sizes[0])]["written_events_per_s_median"]
+                / per_size[first]["written_events_per_s_median"]
                 for k in sizes[1:]
             },
             **{
-                f"{k}_writers_vs_plain": per_size[str(k)]["events_per_s_median"]
+                f"{_label(k, m)}_writers_vs_plain": per_size[_label(k, m)]["events_per_s_median"]
                 / plain["events_per_s"]
+                for k, m in keys
+            },
+            # exactly once per CloudEvent end to end: dedupe on / off, same run
+            **{
+                f"{k}_writers_dedupe_on_vs_off": per_size[_label(k, "on")]["events_per_s_median"]
+                / per_size[_label(k, "off")]["events_per_s_median"]
                 for k in sizes
+                if {"on", "off"} <= set(modes)
             },
         },
         "environment": environment(),
@@ -262,7 +305,8 @@ def report(result: dict[str, Any]) -> str:
         rss = v["writer_peak_rss_mb_max"]
         lines.append(
             row(
-                f"  {k} writer(s) + committer",
+                f"  {k.partition('_dedupe_')[0]} writer(s) + committer"
+                + (", dedupe off" if "_dedupe_" in k else ""),
                 f"{fmt_rate(v['events_per_s_median'])}  ({v['seconds_median']:.1f} s; all "
                 f"written at {v['written_events_per_s_median']:,.0f} ev/s; "
                 f"writer peak RSS {rss:.0f} MiB)"
@@ -290,7 +334,8 @@ def report(result: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args([] if argv is None else argv)
     sizes = [int(s) for s in args.writers.split(",") if s]
-    result = run(args.events, args.batch_size, sizes, args.rounds, args.timeout, args.pin)
+    modes = tuple(m.strip() for m in args.dedupe.split(",") if m.strip())
+    result = run(args.events, args.batch_size, sizes, args.rounds, args.timeout, args.pin, modes)
     print(report(result))
     print(f"  results: {write_results(NAME, result, args.output)}")
     return 0

@@ -22,6 +22,11 @@ round (so a noisy neighbour hurts all three alike):
   paused, the trick icefleet's parser and projection use; the ratio to it is printed too, so
   the gain from that trick is not mistaken for beating the ceiling.
 
+- **dedupe off** (issue 13): the same writer with ``ICEFLEET_DEDUPE=off``; the cost of exactly
+  once per CloudEvent (claiming each event's ``(source, id)`` in Redis before writing) is
+  measured in pairs like the page checksums' (target: at most 10 %). Every batch carries ids
+  never sent before (made outside the timed section), as a real stream does.
+
 Figures are events per second: for each round, the contender's events over its time; the median
 over rounds is reported. Targets (issue 16, which replaced issue 8's "4x plain pyiceberg": plain
 commits once a batch, so that ratio depends on how old the plain table is): icefleet at least
@@ -69,10 +74,13 @@ EVENT_TYPE = "com.example.shop.order_placed"
 TARGETS_VS_RAW_PAUSED = {1_000: 0.8, 10_000: 1.0}
 # page checksums may cost at most this much of the writer's time (issue 19)
 TARGET_CHECKSUM_OVERHEAD = 0.05
+# exactly once per CloudEvent may cost at most this much of the writer's throughput (issue 13)
+TARGET_DEDUPE_OVERHEAD = 0.10
 CONTENDERS = (
     "icefleet",
     "icefleet_reference",
     "icefleet_no_page_checksums",
+    "icefleet_no_dedupe",
     "plain_pyiceberg",
     "raw_ceiling",
     "raw_ceiling_gc_paused",
@@ -129,6 +137,12 @@ class Contenders:
             writer.router,
             writer.registry,
         )
+        self.undeduped = BatchWriter(
+            dataclasses.replace(writer.settings, dedupe=False),
+            writer.store,
+            writer.router,
+            writer.registry,
+        )
         warm = pa.Table.from_pylist(plain_rows(warm_payload))
         self.plain_schema = warm.schema
         self.plain_table = self._plain_table(self.pipe.catalog, warm.schema)
@@ -162,6 +176,10 @@ class Contenders:
         result = self.unchecked.write(self._next(), payload, enqueued_at_ms=int(time.time() * 1000))
         assert result.records == result.events and not result.dead_letters, result
 
+    def icefleet_no_dedupe(self, payload: bytes) -> None:
+        result = self.undeduped.write(self._next(), payload, enqueued_at_ms=int(time.time() * 1000))
+        assert result.records == result.events and result.path == "compiled", result
+
     def plain_pyiceberg(self, payload: bytes) -> None:
         self.plain_table.append(pa.Table.from_pylist(plain_rows(payload), schema=self.plain_schema))
 
@@ -184,6 +202,7 @@ class Contenders:
 def bench_size(contenders: Contenders, size: int, rounds: int, per_round: int) -> dict[str, Any]:
     # bytes, as a writer worker gets them (the producer sends zstd, which decodes to bytes)
     payload = ndjson(order_events(size, run_id=f"s{size}")).encode()
+    fresh = Fresh(payload, f"s{size}")
     batches = max(1, per_round // size)
     rates: dict[str, list[float]] = {c: [] for c in CONTENDERS}
     batch_ms: dict[str, list[float]] = {c: [] for c in CONTENDERS}
@@ -196,8 +215,9 @@ def bench_size(contenders: Contenders, size: int, rounds: int, per_round: int) -
             times = []
             cpu_started = time.process_time()
             for _ in range(batches):
+                batch = fresh()  # ids never sent before, as in a real stream (dedupe is on)
                 started = time.perf_counter()
-                fn(payload)
+                fn(batch)
                 times.append(time.perf_counter() - started)
             cpu[name].append(size * batches / (time.process_time() - cpu_started))
             rates[name].append(size * batches / sum(times))
@@ -225,8 +245,14 @@ def bench_size(contenders: Contenders, size: int, rounds: int, per_round: int) -
     per_round = [
         a / b for a, b in zip(rates["icefleet"], rates["raw_ceiling_gc_paused"], strict=True)
     ]
-    overhead, overhead_cpu = checksum_cost(contenders, payload, pairs=max(10, rounds * batches))
+    pairs = max(10, rounds * batches)
+    overhead, overhead_cpu = paired_cost(
+        contenders, fresh, ("icefleet", "icefleet_no_page_checksums"), pairs
+    )
+    dedupe, dedupe_cpu = paired_cost(contenders, fresh, ("icefleet", "icefleet_no_dedupe"), pairs)
     result["ratios"] = {
+        "dedupe_overhead": dedupe,
+        "dedupe_overhead_cpu": dedupe_cpu,
         "page_checksum_overhead": overhead,
         "page_checksum_overhead_cpu": overhead_cpu,
         "icefleet_vs_plain": vs_plain,
@@ -241,24 +267,40 @@ def bench_size(contenders: Contenders, size: int, rounds: int, per_round: int) -
         "vs_raw_gc_paused_met": None if target is None else vs_raw_paused >= target,
         "checksum_overhead": TARGET_CHECKSUM_OVERHEAD,
         "checksum_overhead_met": overhead < TARGET_CHECKSUM_OVERHEAD,
+        "dedupe_overhead": TARGET_DEDUPE_OVERHEAD,
+        "dedupe_overhead_met": dedupe <= TARGET_DEDUPE_OVERHEAD,
     }
     return result
 
 
-def checksum_cost(contenders: Contenders, payload: str | bytes, pairs: int) -> tuple[float, float]:
-    """The cost of page checksums, from batches written in pairs (on, off; the order alternates):
-    the median over pairs of (time on / time off) - 1, by wall time and by this process's CPU
-    time. Pairs cancel the load of a shared machine, which changes between rounds by far more
-    than the effect measured here."""
+class Fresh:
+    """The same events under ids never sent before, made outside the timed section: with dedupe
+    on, a payload sent twice would be written once."""
+
+    def __init__(self, payload: bytes, run_id: str) -> None:
+        self.payload, self.marker, self.serial = payload, f'"id":"{run_id}-'.encode(), 0
+
+    def __call__(self) -> bytes:
+        self.serial += 1
+        return self.payload.replace(self.marker, self.marker[:-1] + b".%d-" % self.serial)
+
+
+def paired_cost(
+    contenders: Contenders, fresh: Fresh, names: tuple[str, str], pairs: int
+) -> tuple[float, float]:
+    """The cost of a feature (``names``: with it, without it), from batches written in pairs (the
+    order alternates): the median over pairs of (time with / time without) - 1, by wall time and
+    by this process's CPU time. Pairs cancel the load of a shared machine, which changes between
+    rounds by far more than the effects measured here (page checksums, dedupe)."""
     wall, cpu = [], []
     for n in range(pairs):
-        order = ("icefleet", "icefleet_no_page_checksums")
         timed: dict[str, tuple[float, float]] = {}
-        for name in order if n % 2 == 0 else order[::-1]:
+        for name in names if n % 2 == 0 else names[::-1]:
+            batch = fresh()
             started, started_cpu = time.perf_counter(), time.process_time()
-            contenders.get(name)(payload)
+            contenders.get(name)(batch)
             timed[name] = (time.perf_counter() - started, time.process_time() - started_cpu)
-        on, off = timed["icefleet"], timed["icefleet_no_page_checksums"]
+        on, off = timed[names[0]], timed[names[1]]
         wall.append(on[0] / off[0] - 1)
         cpu.append(on[1] / off[1] - 1 if off[1] > 0 else 0.0)
     return median(wall), median(cpu)
@@ -290,6 +332,7 @@ LABELS = {
     "icefleet": "icefleet BatchWriter.write (compiled)",
     "icefleet_reference": "icefleet, reference path",
     "icefleet_no_page_checksums": "icefleet, page checksums off",
+    "icefleet_no_dedupe": "icefleet, dedupe off",
     "plain_pyiceberg": "plain pyiceberg append",
     "raw_ceiling": "raw ceiling (parse+Arrow+Parquet)",
     "raw_ceiling_gc_paused": "raw ceiling, GC paused",
@@ -338,6 +381,12 @@ def report(result: dict[str, Any]) -> str:
                 f"{ratios['page_checksum_overhead']:9.1%}; "
                 f"{ratios['page_checksum_overhead_cpu']:.1%}   (target < "
                 f"{targets['checksum_overhead']:.0%}: {verdict(targets['checksum_overhead_met'])})",
+            ),
+            row(
+                "  dedupe by (source, id): cost, paired (wall; CPU)",
+                f"{ratios['dedupe_overhead']:9.1%}; "
+                f"{ratios['dedupe_overhead_cpu']:.1%}   (target <= "
+                f"{targets['dedupe_overhead']:.0%}: {verdict(targets['dedupe_overhead_met'])})",
             ),
         ]
     return "\n".join(lines)

@@ -85,6 +85,20 @@ class InvalidBatchIdError(IcefleetError, ValueError):
         super().__init__(f"invalid batch id {batch_id[:80]!r}: {reason}")
 
 
+class BatchConflictError(IcefleetError):
+    """Raised when a batch id already names other content (another payload or table).
+
+    A batch id is the idempotency key of its content (:mod:`common.coord.bindings`): reusing it for
+    other events would have them skipped as a duplicate. The producer raises it, the gateway
+    answers 409 with it, ``icefleet send`` exits non-zero with it.
+    """
+
+    def __init__(self, batch_id: str, reason: str) -> None:
+        self.batch_id = batch_id
+        self.reason = reason
+        super().__init__(f"batch id {batch_id[:200]!r} is taken: {reason}")
+
+
 class SchemaConflictError(IcefleetError):
     """Raised in ``strict`` mode when an event does not fit the table's schema."""
 
@@ -149,6 +163,21 @@ class CommitStateUnknownError(IcefleetError):
     def __init__(self, table: str, detail: str) -> None:
         self.table = table
         super().__init__(f"outcome of the commit to {table} is unknown: {detail}")
+
+
+class CommitVerificationError(IcefleetError):
+    """Raised when a commit found landed is not the one prepared: the snapshot carrying the
+    prepared commit-seq names other batches (another fleet on the same table, a Redis restored
+    from an old copy). The table's pending batches are left as they are for an operator."""
+
+    def __init__(self, table: str, seq: int, detail: str) -> None:
+        self.table = table
+        self.seq = seq
+        super().__init__(
+            f"{table}: commit seq {seq} landed with other batches than prepared ({detail}); "
+            "not clearing pending: the table's commits stop until an operator resolves it "
+            "(see docs/exactly-once.md, 'Recovery')"
+        )
 
 
 class ConcurrentModificationError(IcefleetError):

@@ -63,8 +63,8 @@ class Settings:
     max_event_bytes: int = 1_048_576
     """Events larger than this many bytes, as received, are dead-lettered with the reason."""
     batch_max_events: int = 10_000
-    """The producer cuts what it is given into batches of at most this many events (child ids
-    ``<id>:<n>``); writers write a batch in chunks of half of it."""
+    """The producer cuts what it is given into batches of at most this many events (part ids
+    ``<id>~p<n>``); writers write a batch in chunks of half of it."""
     batch_max_bytes: int = 8_388_608
     """... and of at most this many bytes of NDJSON."""
     row_group_rows: int = 100_000
@@ -98,7 +98,17 @@ class Settings:
     """How long a commit or maintenance run waits for a table's lock (a commit task's time limit
     is this plus five minutes)."""
     dedup_window_s: int = 7 * 24 * 3600
-    """How long a committed batch id is remembered: the same id sent again within it lands once."""
+    """How long icefleet remembers what landed: committed batch ids (the same id sent again lands
+    once), what each batch id is bound to (the same id with other events is refused) and event
+    identities (an event whose ``source`` and ``id`` landed in its table is not written again);
+    docs/exactly-once.md."""
+    dedupe: bool = True
+    """Exactly once per CloudEvent: an event whose ``(source, id)`` landed or is pending in its
+    table within the dedup window is not written again (same bytes: counted; other bytes:
+    dead-lettered). ``off`` for producers that reuse ids on purpose; per table in
+    ``ICEFLEET_DEDUPE_TABLES``."""
+    dedupe_tables: tuple[tuple[str, bool], ...] = ()
+    """Per-table dedupe, overriding ``ICEFLEET_DEDUPE``: ``ns.table=on|off`` pairs."""
     schema_mode: SchemaMode = "evolve"
     """Schema mode of every table without its own: ``evolve`` (new ``data`` fields become new
     columns), ``strict`` (events that do not fit are dead-lettered), ``raw`` (envelope and
@@ -187,6 +197,14 @@ class Settings:
                 return mode
         return self.schema_mode
 
+    def dedupe_for(self, table: str) -> bool:
+        """Whether events of a table are deduplicated by (source, id): its own override, else
+        the default."""
+        for name, on in self.dedupe_tables:
+            if name == table:
+                return on
+        return self.dedupe
+
 
 # --- value parsers: each raises ValueError with what the variable accepts ------------------------
 
@@ -257,6 +275,26 @@ def _schema_modes(raw: str) -> tuple[tuple[str, SchemaMode], ...]:
                 "comma-separated namespace.table=MODE pairs, MODE one of evolve, strict, raw"
             )
         out.append((_table_name(table), mode.strip().lower()))  # type: ignore[arg-type]
+    return tuple(out)
+
+
+_SWITCH = {"on": True, "off": False, "true": True, "false": False, "1": True, "0": False}
+
+
+def _switch(raw: str) -> bool:
+    value = _SWITCH.get(raw.strip().lower())
+    if value is None:
+        raise ValueError("on or off")
+    return value
+
+
+def _dedupe_tables(raw: str) -> tuple[tuple[str, bool], ...]:
+    out: list[tuple[str, bool]] = []
+    for item in filter(None, (part.strip() for part in raw.split(","))):
+        table, sep, switch = item.partition("=")
+        if not sep or switch.strip().lower() not in ("on", "off"):
+            raise ValueError("comma-separated namespace.table=on|off pairs, e.g. 'events.ping=off'")
+        out.append((_table_name(table), switch.strip().lower() == "on"))
     return tuple(out)
 
 
@@ -365,6 +403,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], bool]] = {
     "LOCK_TTL_MS": ("lock_ttl_ms", _positive_int, False),
     "LOCK_WAIT_S": ("lock_wait_s", _positive_float, False),
     "DEDUP_WINDOW_S": ("dedup_window_s", _positive_int, False),
+    "DEDUPE": ("dedupe", _switch, False),
+    "DEDUPE_TABLES": ("dedupe_tables", _dedupe_tables, False),
     "SCHEMA_MODE": ("schema_mode", _choice(SCHEMA_MODES), False),
     "SCHEMA_MODES": ("schema_modes", _schema_modes, False),
     "MAX_COLUMNS": ("max_columns", _positive_int, False),

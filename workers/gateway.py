@@ -6,7 +6,8 @@ Valid events are enqueued with the :class:`~common.ingest.producer.Producer` as 
 id is the ``Idempotency-Key`` header when there is one (a retried request then lands once), and
 the answer is ``202 {"batch_id", "accepted"}``; invalid ones are listed in a ``400`` with their
 position and reason, while the valid events of the same request are still enqueued. Other
-answers: ``401`` (bearer token missing or wrong, when ``ICEFLEET_HTTP_TOKEN`` is set), ``413``
+answers: ``409`` (the ``Idempotency-Key`` named other events before: common/coord/bindings.py),
+``401`` (bearer token missing or wrong, when ``ICEFLEET_HTTP_TOKEN`` is set), ``413``
 (body over ``ICEFLEET_HTTP_MAX_BODY_BYTES``), ``415`` (content type), ``503`` (Redis unreachable).
 
 ``GET /healthz`` pings Redis (no token needed: load balancers call it). ``GET /metrics`` is the
@@ -39,7 +40,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from common.errors import InvalidBatchIdError, InvalidIdentifierError
+from common.errors import BatchConflictError, InvalidBatchIdError, InvalidIdentifierError
 from common.ingest.producer import Producer
 from common.ingest.routing import Router, TableName
 from common.observe.logs import log_context
@@ -220,6 +221,8 @@ async def post_events(request: Request) -> Response:
             outcome = await run_in_threadpool(gateway.enqueue, mode, headers, body, table, key)
     except RequestError as exc:
         return _error(exc.status, exc.reason)
+    except BatchConflictError as exc:  # the key names other events: nothing was enqueued
+        return _error(409, f"Idempotency-Key: {exc}")
     except (redis.RedisError, KombuOperationalError) as exc:
         logger.error("enqueue failed: Redis unavailable: %s", exc)
         return _error(503, f"the queue is unavailable: {redact_text(str(exc))}")

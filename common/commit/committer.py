@@ -4,12 +4,17 @@ Per table, under the table lock:
 
 1. **Recover.** If a *prepared* record is left in Redis (a committer died or lost the reply of a
    commit), refresh the table and read the watermark: if the prepared seq is there, the commit
-   landed, so finish it (clear pending); otherwise commit again, same seq, same batches.
+   landed, so finish it (clear pending); otherwise commit again, same seq, same batches. Landed
+   is verified, not trusted: the snapshot of that seq (or the table property, once the
+   snapshot is expired) carries ``icefleet.commit-batches``, a digest of the batch ids it
+   committed, which must equal the prepared record's; else :class:`CommitVerificationError`
+   stops the table (another fleet on the same table, a Redis restored from an old copy) and
+   pending is left as it is for an operator.
 2. **Prepare.** Take the pending batches, pick ``seq = watermark + 1`` and write the prepared
    record (seq and batch ids) before touching the catalog.
 3. **Commit.** One append snapshot (a merge append: small manifests are merged once there are
-   100, so commit time stays flat as the table ages) for all their files, with ``icefleet.commit-seq`` in the
-   snapshot summary and in the table properties, in one catalog transaction that asserts the
+   100, so commit time stays flat as the table ages) for all their files, with ``icefleet.commit-seq``
+   and ``icefleet.commit-batches`` (16 hex digits) in the snapshot summary and in the table properties, in one catalog transaction that asserts the
    snapshot it was based on. Right before every attempt the lock is checked and the watermark is
    re-read, so a commit whose reply was lost is never applied twice. pyiceberg's own commit retry
    is off for these commits; ours (tenacity: exponential backoff, jitter, bounded attempts) owns it.
@@ -27,19 +32,27 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import orjson
 import redis
 from pyiceberg.catalog import Catalog
 from pyiceberg.exceptions import CommitFailedException, CommitStateUnknownException
 from pyiceberg.manifest import DataFile
 from pyiceberg.table import Table
 
+from common.commit.watermark import (
+    BATCHES_PROPERTY,
+    SEQ_PROPERTY,
+    PreparedCommit,
+    batches_digest,
+    committed_seq,
+    landed_digest,
+)
 from common.coord.locks import TableLock, table_lock
 from common.coord.pending import PendingEntry, PendingRegistry
 from common.coord.replies import as_text
 from common.errors import (
     CommitConflictError,
     CommitStateUnknownError,
+    CommitVerificationError,
     MissingDataFileError,
     RetryableError,
 )
@@ -50,29 +63,9 @@ from common.settings import Settings
 
 logger = logging.getLogger(__name__)
 
-SEQ_PROPERTY = "icefleet.commit-seq"
 NO_RETRY = {"commit.retry.num-retries": "0"}
 MANIFEST_MERGE = "commit.manifest-merge.enabled"
 FaultHook = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class PreparedCommit:
-    """What a committer is about to commit: written to Redis before the catalog is touched."""
-
-    seq: int
-    batch_ids: tuple[str, ...]
-    prepared_ms: int
-
-    def to_json(self) -> str:
-        return orjson.dumps(
-            {"seq": self.seq, "batch_ids": list(self.batch_ids), "prepared_ms": self.prepared_ms}
-        ).decode()
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> PreparedCommit:
-        raw = orjson.loads(text)
-        return cls(int(raw["seq"]), tuple(raw["batch_ids"]), int(raw["prepared_ms"]))
 
 
 @dataclass
@@ -89,21 +82,6 @@ class CommitResult:
     attempts: int = 1
     duration_ms: float = 0.0
     quarantined: list[str] = field(default_factory=list)
-
-
-def committed_seq(table: Table) -> int:
-    """The commit watermark: the highest ``icefleet.commit-seq`` the table carries (0 if none)."""
-    best = int(table.metadata.properties.get(SEQ_PROPERTY, "0") or 0)
-    snapshot = table.current_snapshot()
-    while snapshot is not None:
-        summary = snapshot.summary
-        value = summary.additional_properties.get(SEQ_PROPERTY) if summary else None
-        if value is not None:
-            return max(best, int(value))
-        if snapshot.parent_snapshot_id is None:
-            break
-        snapshot = table.metadata.snapshot_by_id(snapshot.parent_snapshot_id)
-    return best
 
 
 def without_library_retries(table: Table, *, merge_manifests: bool = False) -> Table:
@@ -264,6 +242,7 @@ class Committer:
         result = CommitResult(str(name), prepared.seq, len(prepared.batch_ids), 0, 0, None)
         result.recovered = recovered
         if committed_seq(table) >= prepared.seq:
+            self._verify_landed(name, table, prepared)
             logger.warning("%s: commit seq %d had landed; finishing it", name, prepared.seq)
         else:
             files, records, quarantined = self._files_of(name, prepared, table)
@@ -316,6 +295,7 @@ class Committer:
             lock.check()
             table = self.catalog.load_table(name.parts)
             if committed_seq(table) >= prepared.seq:
+                self._verify_landed(name, table, prepared)
                 landed = table  # an earlier attempt landed although its reply was lost
                 return
             landed = self._commit_once(name, table, prepared, files, records)
@@ -333,6 +313,27 @@ class Committer:
         assert landed is not None
         return landed
 
+    @staticmethod
+    def _verify_landed(name: TableName, table: Table, prepared: PreparedCommit) -> None:
+        """The commit that landed under the prepared seq is the prepared one, or stop."""
+        found, digest = landed_digest(table, prepared.seq)
+        if not found:
+            raise CommitVerificationError(
+                str(name),
+                prepared.seq,
+                f"the table is at seq {committed_seq(table)} and records seq {prepared.seq} "
+                "nowhere any more",
+            )
+        if digest is None:  # landed before commits carried a digest: nothing to compare
+            return
+        if digest != prepared.digest:
+            raise CommitVerificationError(
+                str(name),
+                prepared.seq,
+                f"its snapshot carries batches digest {digest}, the prepared record's "
+                f"{len(prepared.batch_ids)} batch(es) digest to {prepared.digest}",
+            )
+
     def _commit_once(
         self,
         name: TableName,
@@ -344,12 +345,13 @@ class Committer:
         seq = str(prepared.seq)
         summary = {
             SEQ_PROPERTY: seq,
+            BATCHES_PROPERTY: prepared.digest,
             "icefleet.batches": str(len(prepared.batch_ids)),
             "icefleet.records": str(records),
         }
         merge = table.metadata.properties.get(MANIFEST_MERGE, "true").strip().lower() != "false"
         tx = without_library_retries(table, merge_manifests=merge).transaction()
-        tx.set_properties({SEQ_PROPERTY: seq})
+        tx.set_properties({SEQ_PROPERTY: seq, BATCHES_PROPERTY: prepared.digest})
         update = tx.update_snapshot(snapshot_properties=summary)
         # A merge append: one append snapshot like a fast append, but once a table has
         # `commit.manifest.min-count-to-merge` (100) small manifests it merges them, so commit
@@ -400,11 +402,14 @@ class _Quarantined:
 
 
 __all__ = [
+    "BATCHES_PROPERTY",
     "SEQ_PROPERTY",
     "CommitResult",
     "Committer",
     "MissingDataFileError",
     "PreparedCommit",
+    "batches_digest",
     "committed_seq",
+    "landed_digest",
     "without_library_retries",
 ]

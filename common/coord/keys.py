@@ -96,6 +96,29 @@ def replayed(digest: str) -> str:
     return f"{PREFIX}replayed:{digest}"
 
 
+def content(batch_id: str) -> str:
+    """The content a batch id is bound to (string: its content digest, and the sizes of its
+    parts when the producer cut it; the dedup window as TTL; common/coord/bindings.py)."""
+    return f"{PREFIX}content:{batch_id}"
+
+
+def claims(table: str, bucket: int) -> str:
+    """Event identities that landed or are pending in a table, claimed in one time bucket (hash:
+    identity digest → owner, position and bytes digest; common/coord/claims.py)."""
+    return f"{claims_prefix(table)}{bucket}"
+
+
+def claims_prefix(table: str) -> str:
+    """The claims buckets' names without the bucket number (their Lua script appends it)."""
+    return _table_key("claims", table) + "@"
+
+
+def duplicates() -> str:
+    """Duplicate events counted per table (hash: ``<table>:dropped`` and ``<table>:conflicting``
+    → count; common/coord/claims.py)."""
+    return f"{PREFIX}duplicates"
+
+
 def canary_last() -> str:
     """The canary's last result (string: JSON; workers/tasks/canary.py, read by the metrics)."""
     return f"{PREFIX}canary:last"

@@ -25,19 +25,37 @@ import redis
 from pyiceberg.manifest import DataFile
 
 from common.coord import keys
+from common.coord.claims import EventClaims
 from common.coord.replies import as_text
 from common.errors import LockLostError
 from common.lake.datafiles import data_file_from_dict, data_file_to_dict
 
-# KEYS: pending, committed, pending_tables; ARGV: batch_id, entry, table → 1 registered, 0 duplicate
+# KEYS: pending, committed, pending_tables, duplicates; ARGV: batch_id, entry (empty: nothing to
+# commit), table, duplicates dropped, conflicting → 1 registered, 0 duplicate. An empty part (all
+# its events were repeats) is remembered as committed at once. The duplicate counters move with
+# the registration, which happens once per batch and table: a redelivery never counts again.
 _REGISTER_LUA = """
 if redis.call('zscore', KEYS[2], ARGV[1]) then
   return 0
 end
-if redis.call('hsetnx', KEYS[1], ARGV[1], ARGV[2]) == 0 then
-  return 0
+if ARGV[2] == '' then
+  if redis.call('hexists', KEYS[1], ARGV[1]) == 1 then
+    return 0
+  end
+  local now = redis.call('TIME')
+  redis.call('zadd', KEYS[2], 'NX', now[1] * 1000 + math.floor(now[2] / 1000), ARGV[1])
+else
+  if redis.call('hsetnx', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+    return 0
+  end
+  redis.call('sadd', KEYS[3], ARGV[3])
 end
-redis.call('sadd', KEYS[3], ARGV[3])
+if ARGV[4] ~= '0' then
+  redis.call('hincrby', KEYS[4], ARGV[3] .. ':dropped', ARGV[4])
+end
+if ARGV[5] ~= '0' then
+  redis.call('hincrby', KEYS[4], ARGV[3] .. ':conflicting', ARGV[5])
+end
 return 1
 """
 
@@ -168,20 +186,49 @@ class PendingRegistry:
         self._finish = client.register_script(_FINISH_LUA)
         self._remove = client.register_script(_REMOVE_LUA)
         self._prepare_fenced = client.register_script(_PREPARE_FENCED_LUA)
+        #: the writers' claims on event identities, kept beside the registry they complete
+        self.claims = EventClaims(client)
 
     # --- writers ----------------------------------------------------------------------------------
 
-    def register(self, table: str, batch_id: str, entry_json: str) -> bool:
+    def register(
+        self,
+        table: str,
+        batch_id: str,
+        entry_json: str,
+        duplicates: tuple[int, int] = (0, 0),
+    ) -> bool:
         """Record a written batch as pending; ``False`` (and no change) if it is already known.
 
         Known means pending, or committed within the dedup window: a redelivered batch is
-        harmless either way.
+        harmless either way. ``duplicates`` (dropped, conflicting) are the repeats of events this
+        part of the batch left out (common/coord/claims.py), counted if it is registered. An empty
+        ``entry_json`` registers a part with nothing to commit (all its events were repeats).
         """
         registered = self._register(
-            keys=[keys.pending(table), keys.committed(table), keys.pending_tables()],
-            args=[batch_id, entry_json, table],
+            keys=[
+                keys.pending(table),
+                keys.committed(table),
+                keys.pending_tables(),
+                keys.duplicates(),
+            ],
+            args=[batch_id, entry_json, table, *duplicates],
         )
         return bool(registered)
+
+    def duplicates(self) -> dict[str, tuple[int, int]]:
+        """Per table, (duplicates dropped, conflicting duplicates dead-lettered) so far."""
+        out: dict[str, tuple[int, int]] = {}
+        raw = cast(Mapping[Any, Any], self._client.hgetall(keys.duplicates()))
+        for name, count in raw.items():
+            table, _, kind = as_text(name).rpartition(":")
+            dropped, conflicting = out.get(table, (0, 0))
+            if kind == "dropped":
+                dropped = int(count)
+            elif kind == "conflicting":
+                conflicting = int(count)
+            out[table] = (dropped, conflicting)
+        return out
 
     def is_known(self, table: str, batch_id: str) -> bool:
         """Whether the batch is pending or committed (within the dedup window)."""

@@ -20,12 +20,22 @@ import redis
 
 from common.coord import keys
 from common.coord.backlog import Backlog, Waiter, WaitResult, read_backlog
+from common.coord.bindings import BatchBindings
 from common.coord.resend import retain
 from common.ingest.events import encode_ndjson, split_events
 from common.ingest.payloads import pack
 from common.ingest.routing import TableName
 from common.settings import Settings, load_settings
-from common.wire import INGEST_QUEUE, WRITE_TASK, WriteTask, check_batch_id, part_ids, task_message
+from common.wire import (
+    INGEST_QUEUE,
+    WRITE_TASK,
+    WriteTask,
+    check_batch_id,
+    check_derived_id,
+    content_digest,
+    part_ids,
+    task_message,
+)
 
 __all__ = [
     "Backlog",
@@ -171,6 +181,7 @@ class Producer:
         self._owns_client = client is None
         self._publish: Publisher = publish or KombuPublisher(self.settings.redis_url)
         self._clock = clock
+        self._bindings = BatchBindings(self.client, self.settings.dedup_window_s)
         self.last_batch_ids: list[str] = []
 
     def enqueue(
@@ -184,9 +195,12 @@ class Producer:
         ``events`` are mappings, or JSON text per event (kept verbatim), or one payload
         (``str``/``bytes``: NDJSON, a JSON array, a CloudEvents batch). ``table``
         (``namespace.table``) sends every event there instead of routing by type. ``batch_id`` is
-        the idempotency key: enqueueing the same events under the same id again lands them once.
-        When the events exceed one batch they go as ``<id>:0``, ``<id>:1``, ... (see
-        :attr:`last_batch_ids`); resend with the same batch limits to keep those ids.
+        the idempotency key: enqueueing the same events under the same id again lands them once;
+        other events (or another table) under an id already used raise
+        :class:`~common.errors.BatchConflictError`, and an id with a ``~`` (reserved for the ids
+        icefleet derives) :class:`~common.errors.InvalidBatchIdError`. When the events exceed one
+        batch they go as ``<id>~p0``, ``<id>~p1``, ... (see :attr:`last_batch_ids`), cut the same
+        way when sent again under the same id.
         """
         return self._enqueue(events, table, batch_id)[0]
 
@@ -199,23 +213,53 @@ class Producer:
         """Like :meth:`enqueue`, returning the ids of the batches actually sent."""
         return self._enqueue(events, table, batch_id)[1]
 
+    def enqueue_derived(
+        self, events: Iterable[EventLike] | str | bytes, table: str | None, batch_id: str
+    ) -> list[str]:
+        """Enqueue under an id icefleet derived (a dead-letter replay's, :mod:`common.wire`);
+        return the ids of the batches sent. Callers' ids go through :meth:`enqueue`."""
+        return self._enqueue(events, table, check_derived_id(batch_id), derived=True)[1]
+
     def _enqueue(
-        self, events: Iterable[EventLike] | str | bytes, table: str | None, batch_id: str | None
+        self,
+        events: Iterable[EventLike] | str | bytes,
+        table: str | None,
+        batch_id: str | None,
+        *,
+        derived: bool = False,
     ) -> tuple[str, list[str]]:
         if table is not None:
             TableName.parse(table)  # InvalidIdentifierError says what is wrong with it
-        if batch_id is not None:
+        if batch_id is not None and not derived:
             check_batch_id(batch_id)  # InvalidBatchIdError (a ValueError) says why not
         lines = _as_lines(events)
         if not lines:
             raise ValueError("nothing to enqueue: no events")
         parent = batch_id or str(uuid.uuid4())
         batches = split_lines(lines, self.settings.batch_max_events, self.settings.batch_max_bytes)
+        if batch_id is not None:  # a fresh UUID needs no binding: the writer binds its parts
+            batches = self._bind(parent, lines, batches, table)
         ids = part_ids(parent, len(batches))
         self.last_batch_ids = ids
         for child, batch in zip(ids, batches, strict=True):
             self._send(child, "".join(f"{line}\n" for line in batch), table)
         return parent, ids
+
+    def _bind(
+        self, batch_id: str, lines: list[str], batches: list[list[str]], table: str | None
+    ) -> list[list[str]]:
+        """Bind the id to the events (BatchConflictError if it names others); return the parts
+        to send: cut as the first enqueue under this id cut them (common/coord/bindings.py)."""
+        digest = content_digest("".join(f"{line}\n" for line in lines), table)
+        sizes = [len(batch) for batch in batches] if len(batches) > 1 else []
+        bound = self._bindings.bind(batch_id, digest, sizes)
+        if list(bound.parts) == sizes:
+            return batches
+        cut, start = [], 0
+        for size in bound.parts or (len(lines),):
+            cut.append(lines[start : start + size])
+            start += size
+        return cut
 
     def _send(self, batch_id: str, payload: str, table: str | None) -> None:
         packed, encoding = pack(payload)  # an eighth of the message: common/ingest/payloads.py

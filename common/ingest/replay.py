@@ -6,7 +6,8 @@ again, exactly once however often it is run or wherever it is interrupted:
 
 1. each selected dead letter not yet *assigned* to a replay batch is assigned to one, in one
    atomic step per batch (``icefleet:replays``: dead-letter id → batch id, plus the batch's
-   members). The batch id is a digest of its members' ids, ``replay-<24 hex>``;
+   members). The batch id is a digest of its members' ids, ``~replay-<24 hex>``: an id icefleet
+   derives (common/wire.py), which no caller can give;
 2. each batch is enqueued with exactly its members' events under its id, so sending it again
    (a replay run twice, or resumed after a crash) is deduplicated like any resent batch;
 3. only after the enqueue are its dead letters deleted, and the assignment forgotten.
@@ -42,6 +43,7 @@ from common.coord.replies import as_text
 from common.ingest.events import DeadLetter, parse_batch, split_events
 from common.ingest.routing import Router
 from common.settings import Settings
+from common.wire import replay_batch_id
 
 REPLAYS_KEY = keys.replays()  # hash: dead-letter id → batch id; batch:<id> → members
 REPLAY_BATCH_LETTERS = 1_000  # dead letters per replay batch (the producer splits large ones)
@@ -130,7 +132,7 @@ class Replayer:
             for start in range(0, len(group), REPLAY_BATCH_LETTERS):
                 members = [letter.id for letter in group[start : start + REPLAY_BATCH_LETTERS]]
                 digest = hashlib.sha256("\n".join(members).encode()).hexdigest()[:24]
-                batch_id = f"replay-{digest}"
+                batch_id = replay_batch_id(digest)
                 info = orjson.dumps({"members": members, "table": table}).decode()
                 if not self._assign(keys=[REPLAYS_KEY], args=[batch_id, info, *members]):
                     # a concurrent replay took some of them: follow its assignments
@@ -208,12 +210,12 @@ class Replayer:
 
     def _enqueue(self, events: list[str], table: str | None, batch_id: str) -> None:
         if self._producer is not None:
-            self._producer.enqueue(events, table=table, batch_id=batch_id)
+            self._producer.enqueue_derived(events, table, batch_id)
             return
         from common.ingest.producer import Producer
 
         with Producer(self.settings, client=self.client) as producer:
-            producer.enqueue(events, table=table, batch_id=batch_id)
+            producer.enqueue_derived(events, table, batch_id)
 
 
 __all__ = [

@@ -13,7 +13,8 @@ Two kinds of figures:
 - **Shared state, read from Redis at scrape time** by :class:`RedisStateCollector`: the backlog
   (outstanding and pending batches, queue lengths), dead letters, the freshness lag of each table
   (now minus its last commit, from the committer's dedup memory ``icefleet:committed:<table>``,
-  whose scores are commit times), the canary's last result and the sampled validation's
+  whose scores are commit times), duplicate events per table (common/coord/claims.py), the
+  canary's last result and the sampled validation's
   (``icefleet_verify_failures_total``, the last run's time). Any process that reaches Redis
   reports these for the whole fleet, never stale; the gateway does.
 """
@@ -35,6 +36,7 @@ from prometheus_client.registry import Collector
 
 from common.coord import keys
 from common.coord.backlog import read_backlog
+from common.coord.pending import PendingRegistry
 from common.coord.replies import as_text
 
 __all__ = [
@@ -216,6 +218,7 @@ class RedisStateCollector(Collector):
         dead.add_metric([], int(self._client.xlen(keys.dead_letters())))
         yield dead
         yield from self._freshness(now_s)
+        yield from self._duplicates()
         yield from self._canary()
         yield from self._validation()
 
@@ -246,6 +249,25 @@ class RedisStateCollector(Collector):
             lag.add_metric([name], max(0.0, now_s - committed_s))
         yield lag
         yield last
+
+    def _duplicates(self) -> Iterator[Metric]:
+        dropped = CounterMetricFamily(
+            "icefleet_duplicates_dropped",
+            "Events not written because an event with the same (source, id) and the same bytes "
+            "landed or is pending in the table within the dedup window, by table.",
+            labels=["table"],
+        )
+        conflicting = CounterMetricFamily(
+            "icefleet_duplicates_conflicting",
+            "Events dead-lettered because an event with the same (source, id) but other bytes "
+            "landed or is pending in the table (a producer bug), by table.",
+            labels=["table"],
+        )
+        for table, (drops, conflicts) in sorted(PendingRegistry(self._client).duplicates().items()):
+            dropped.add_metric([table], drops)
+            conflicting.add_metric([table], conflicts)
+        yield dropped
+        yield conflicting
 
     def _canary(self) -> Iterator[Metric]:
         raw = self._client.get(keys.canary_last())

@@ -10,6 +10,10 @@ A batch may be written in chunks with a deadline and split when it cannot finish
 (:mod:`common.write.partial`); chunk files get paths of their own, derived from the batch id and the
 chunk's event range. Storage and catalog calls are retried on transient errors
 (:mod:`common.lake.retry`).
+
+Before writing, the events of tables with dedupe on are claimed by their CloudEvents identity
+(:mod:`common.coord.claims`, :mod:`common.write.dedupe`): a repeat of an event that landed or is
+pending is not written; a byte-identical one is counted, one with other bytes is dead-lettered.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from pyiceberg.schema import Schema
 from pyiceberg.table import Table
 from pyiceberg.typedef import Record
 
+from common.coord.claims import EventClaims, Verdicts
 from common.coord.pending import PendingEntry
 from common.ingest.events import DeadLetter, Event, parse_batch, paused_gc
 from common.ingest.routing import Router, TableName
@@ -48,6 +53,7 @@ from common.write.datafile_writer import (
     data_file_path,
     write_data_file,
 )
+from common.write.dedupe import claim_compiled, claim_events, conflicts, release_rejected
 from common.write.partial import Remainder, SplitConflictError
 from common.write.sources import (
     Chunk,
@@ -69,7 +75,9 @@ class Registry(Protocol):
 
     def is_known(self, table: str, batch_id: str) -> bool: ...
 
-    def register(self, table: str, batch_id: str, entry_json: str) -> bool: ...
+    def register(
+        self, table: str, batch_id: str, entry_json: str, duplicates: tuple[int, int] = (0, 0)
+    ) -> bool: ...
 
 
 @dataclass
@@ -85,6 +93,8 @@ class BatchResult:
         None  # the events handed back after a split (common/write/partial.py)
     )
     path: str = "reference"  # or "compiled": which parse path took it (common/write/sources.py)
+    # per table (dropped, conflicting) repeats of events that landed or are pending
+    duplicates: dict[str, tuple[int, int]] = field(default_factory=dict)
 
     @property
     def records(self) -> int:
@@ -118,6 +128,8 @@ class BatchWriter:
         self.store = store
         self.router = router
         self.registry = registry
+        # a registry that keeps claims on event identities (PendingRegistry does) dedupes events
+        self.claims: EventClaims | None = getattr(registry, "claims", None)
         self.dead_letter_sink = dead_letter_sink
         self.storage_retry, self.catalog_retry = policies_for(settings.retry_base_ms)
         self.clock: Callable[[], float] = time.monotonic  # tests may slow time down
@@ -164,39 +176,20 @@ class BatchWriter:
         fixed = TableName.parse(table) if table is not None else None
         known: dict[TableName, bool] = {}
         attempt = attempt_token()
-        source: Source
-        compiled = compile_batch(self._lake(batch_id), batch_id, payload, fixed, ingested_at)
-        if compiled is not None:
-            name, table_, rows = compiled
-            known[name] = False
+        skip: set[int] = set()  # repeats of events that landed or are pending: not written
 
-            def write_rows(
-                by_day: dict[int | None, pa.Table], bounds: tuple[int, int] | None
-            ) -> list[DataFile]:
-                return self.write_rows(name, table_, by_day, batch_id, attempt, bounds)
-
-            source = CompiledSource(name, rows, write_rows)
-        else:
-            parsed = parse_batch(
-                payload, batch_id=batch_id, max_event_bytes=self.settings.max_event_bytes
-            )
-
-            def write_events(events: list[Event], bounds: tuple[int, int], whole: bool) -> Chunk:
-                return self.write_events(
-                    batch_id,
-                    events,
-                    bounds,
-                    whole=whole,
-                    fixed=fixed,
-                    ingested_at=ingested_at,
-                    known=known,
-                    attempt=attempt,
-                )
-
-            source = ReferenceSource(parsed, write_events)
+        source, reference = self._sources(
+            batch_id, payload, fixed, ingested_at, known=known, attempt=attempt, skip=skip
+        )
+        limit = source.count if split_at is None else max(0, min(split_at, source.count))
+        verdicts = self._claim(batch_id, source, limit, fixed, known)
+        skip.update(verdicts.skip)
+        if skip and isinstance(source, CompiledSource):
+            # the compiled path writes every row: repeats to leave out take the reference path
+            # (all events valid there too, so the indexes are the same)
+            source = reference()
         result = BatchResult(batch_id, events=source.count, path=source.path)
         result.dead_letters.extend(source.dead_letters)
-        limit = source.count if split_at is None else max(0, min(split_at, source.count))
         size = max(1, chunk_events or limit or 1)
         bounds = [(start, min(start + size, limit)) for start in range(0, limit, size)]
         whole = len(bounds) == 1 and limit == source.count  # the classic one-file-per-day paths
@@ -236,10 +229,109 @@ class BatchWriter:
                 source.count,
                 result.remainder.batch_id,
             )
+        self._finish(
+            batch_id,
+            source,
+            verdicts,
+            split_at if split_at is not None else limit,
+            chunks,
+            known,
+            result,
+        )
+        return result
+
+    def _sources(
+        self,
+        batch_id: str,
+        payload: bytes | str,
+        fixed: TableName | None,
+        ingested_at: datetime,
+        *,
+        known: dict[TableName, bool],
+        attempt: str,
+        skip: set[int],
+    ) -> tuple[Source, Callable[[], ReferenceSource]]:
+        """The batch's source (compiled when it can, else the reference path), and how to read
+        it the reference way; a reference chunk leaves out the events in ``skip``."""
+
+        def reference() -> ReferenceSource:
+            parsed = parse_batch(
+                payload, batch_id=batch_id, max_event_bytes=self.settings.max_event_bytes
+            )
+
+            def write_events(events: list[Event], bounds: tuple[int, int], whole: bool) -> Chunk:
+                if skip:
+                    events = [e for i, e in enumerate(events, bounds[0]) if i not in skip]
+                return self.write_events(
+                    batch_id,
+                    events,
+                    bounds,
+                    whole=whole,
+                    fixed=fixed,
+                    ingested_at=ingested_at,
+                    known=known,
+                    attempt=attempt,
+                )
+
+            return ReferenceSource(parsed, write_events)
+
+        source: Source
+        compiled = compile_batch(self._lake(batch_id), batch_id, payload, fixed, ingested_at)
+        if compiled is not None:
+            name, table_, rows = compiled
+            known[name] = False
+
+            def write_rows(
+                by_day: dict[int | None, pa.Table], bounds: tuple[int, int] | None
+            ) -> list[DataFile]:
+                return self.write_rows(name, table_, by_day, batch_id, attempt, bounds)
+
+            source = CompiledSource(name, rows, write_rows)
+        else:
+            source = reference()
+        return source, reference
+
+    def _finish(
+        self,
+        batch_id: str,
+        source: Source,
+        verdicts: Verdicts,
+        written_upto: int,
+        chunks: list[Chunk],
+        known: dict[TableName, bool],
+        result: BatchResult,
+    ) -> None:
+        """Count the repeats among the events this batch handles (those before its split point:
+        the child judges the rest), dead-letter the conflicting ones, register, give back the
+        claims of events a table rejected, and hand the dead letters over."""
+        result.duplicates = verdicts.counts(before=written_upto)
+        if isinstance(source, ReferenceSource):
+            events = source.parsed.events
+            result.dead_letters.extend(conflicts(batch_id, events, verdicts, written_upto))
+            rejected = [(str(name), pos) for chunk in chunks for name, pos in chunk.rejected]
         self._register(batch_id, chunks, known, result)
+        if isinstance(source, ReferenceSource):
+            release_rejected(self.claims, self.settings, batch_id, events, rejected)
         if result.dead_letters and self.dead_letter_sink is not None:
             self.dead_letter_sink(result.dead_letters)
-        return result
+
+    def _claim(
+        self,
+        batch_id: str,
+        source: Source,
+        limit: int,
+        fixed: TableName | None,
+        known: dict[TableName, bool],
+    ) -> Verdicts:
+        """Claim the identities of the events ``[0, limit)`` of tables with dedupe on."""
+        if isinstance(source, CompiledSource):
+            return claim_compiled(self.claims, self.settings, batch_id, source.name, source, limit)
+        assert isinstance(source, ReferenceSource)
+        events = source.parsed.events[:limit]
+        tables = [fixed or self.router.table_for(e.attributes["type"]) for e in events]
+        for name in set(tables) - set(known):
+            known[name] = self.registry is not None and self.registry.is_known(str(name), batch_id)
+        return claim_events(self.claims, self.settings, batch_id, events, tables, known)
 
     def _lake(self, batch_id: str) -> Lake:
         registry = self.registry
@@ -288,6 +380,8 @@ class BatchWriter:
                 name, table_events, batch_id, ingested_at, attempt, None if whole else bounds
             )
             chunk.dead_letters.extend(rejected)
+            if self.settings.dedupe_for(str(name)):  # their claims go back with them
+                chunk.rejected.extend((name, letter.position) for letter in rejected)
         return chunk
 
     def _register(
@@ -297,21 +391,28 @@ class BatchWriter:
         known: dict[TableName, bool],
         result: BatchResult,
     ) -> None:
-        """Register, per table, the files of every chunk written, under the batch's id."""
+        """Register, per table, the files of every chunk written, under the batch's id, with
+        the repeats left out of it; a table whose events were all repeats registers an empty
+        part (it counts them, and a redelivery then skips the table)."""
         result.skipped_tables.extend(str(name) for name, is_known in known.items() if is_known)
-        by_table: dict[TableName, list[DataFile]] = defaultdict(list)
+        by_table: dict[str, list[DataFile]] = defaultdict(list)
         for chunk in chunks:
             result.dead_letters.extend(chunk.dead_letters)
-            for name, files in chunk.files.items():
-                by_table[name].extend(files)
-        for name, files in by_table.items():
-            if not files:
+            for table_name, files in chunk.files.items():
+                by_table[str(table_name)].extend(files)
+        for name in sorted(set(by_table) | set(result.duplicates)):
+            files = by_table.get(name, [])
+            counts = result.duplicates.get(name, (0, 0))
+            if not files and counts == (0, 0):
                 continue
-            entry = PendingEntry.of(batch_id, files).to_json()
-            if self.registry is not None and not self.registry.register(str(name), batch_id, entry):
-                result.skipped_tables.append(str(name))
+            entry = PendingEntry.of(batch_id, files).to_json() if files else ""
+            if self.registry is not None and not self.registry.register(
+                name, batch_id, entry, counts
+            ):
+                result.skipped_tables.append(name)
                 continue
-            result.files[str(name)] = files
+            if files:
+                result.files[name] = files
 
     def _write_table(
         self,

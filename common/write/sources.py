@@ -38,6 +38,7 @@ class Chunk:
     end: int
     files: dict[TableName, list[DataFile]] = field(default_factory=dict)
     dead_letters: list[DeadLetter] = field(default_factory=list)
+    rejected: list[tuple[TableName, int]] = field(default_factory=list)  # (table, position)
 
 
 class Source(Protocol):

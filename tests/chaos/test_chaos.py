@@ -8,6 +8,8 @@ meanwhile:
   the queue at once through ``task_reject_on_worker_lost``), whole writers (their message comes back
   once its visibility timeout passes, which the test fast-forwards) and the committer (whole, at
   random points, preferably while a commit is prepared or under way), restarting what it killed;
+- sends the same events in two batches at once (each batch repeats 100 events of the one before)
+  while writers are killed mid-batch: each (source, id) lands once (common/coord/claims.py);
 - restarts Redis in the middle of the run (clean stop, AOF on, same port): workers reconnect;
 - puts S3 behind a proxy that answers ``503 SlowDown`` to one request in five;
 - cuts the PostgreSQL catalog off for a few seconds (a TCP proxy that resets and refuses).
@@ -74,6 +76,41 @@ def test_writers_and_committer_killed_at_random(
     assert all(outcome.faults[kind] for kind in ("writer-child", "writer", "committer")), outcome
     assert sum(outcome.faults.values()) >= 8, outcome.describe()
     report("kill -9", outcome)
+
+
+def test_duplicate_events_in_flight_while_writers_are_killed(
+    clean_env: None, redis_client: redis.Redis, redis_url: str, tmp_path: Path
+) -> None:
+    # Given a fleet, and batches each carrying 100 events of the batch before it (same bytes,
+    # another batch id: the same event in two batches enqueued concurrently)
+    env = fleet_env(ICEFLEET_REDIS_URL=redis_url, ICEFLEET_HOME=str(tmp_path / "home"))
+    rng = random.Random(1313)
+    with environment(env), running_fleet(settings_for(env)) as fleet:
+        # When they are written while writers are killed mid-batch
+        events, outcome = chaos_round(
+            fleet,
+            redis_client,
+            rng,
+            prefix="dup",
+            batches=20,
+            send_s=8,
+            faults=("writer-child", "writer"),
+            min_faults=4,
+            repeats=100,
+        )
+    # Then each (source, id) is in its table once (pyiceberg and iceberg-rust), no dead letters
+    stack = make_stack(redis_url, tmp_path / "home")
+    try:
+        verify_tables(stack, events, outcome, rust_file_io={})
+        # And exactly one copy of each repeated event was counted as a duplicate
+        dropped = sum(d for d, _ in stack.registry.duplicates().values())
+        conflicting = sum(c for _, c in stack.registry.duplicates().values())
+    finally:
+        stack.close()
+    assert (dropped, conflicting) == (19 * 100, 0)
+    assert len({e["id"] for e in events}) == len(events) - 19 * 100
+    assert outcome.faults["writer-child"] + outcome.faults["writer"] >= 4, outcome.describe()
+    report("duplicates in flight", outcome)
 
 
 def test_redis_restarted_mid_run(

@@ -1,5 +1,8 @@
 """The commit protocol as a state machine: random interleavings of writes, redeliveries, commits,
-committers crashing before and after the catalog commit, outside appends and schema changes.
+committers crashing before and after the catalog commit, outside appends and schema changes, and
+duplicate events in flight: batches repeating (or contradicting) events of other batches, writers
+killed mid-batch holding claims on event identities, killed batches redelivered or dead-lettered
+and replayed (common/coord/claims.py).
 
 Real redis-server, and a SQLite or a PostgreSQL catalog (a fresh database per example), in-process: a crash is a fault hook raising
 :class:`CommitterCrash` at ``before_catalog_commit`` or ``after_catalog_commit``, which leaves
@@ -19,6 +22,7 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 import redis
 from hypothesis import HealthCheck, settings
@@ -32,6 +36,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
+from common.coord.claims import release_events
 from common.maintenance.invariants import validate_lineage
 from tests.support.catalogs import postgres_backend
 from tests.support.events import ids_of, make_events
@@ -45,6 +50,10 @@ pytestmark = pytest.mark.integration
 
 # More for a bug hunt: ICEFLEET_TEST_STATEFUL_EXAMPLES=500 (200 take about a minute).
 EXAMPLES = int(os.environ.get("ICEFLEET_TEST_STATEFUL_EXAMPLES", "15"))
+
+
+class WriterKilled(Exception):
+    """A writer dying between its claims and its registration (in-process)."""
 
 
 class CommitProtocol(RuleBasedStateMachine):
@@ -79,6 +88,9 @@ class CommitProtocol(RuleBasedStateMachine):
         self.outside: list[str] = []
         self.counter = itertools.count()
         self.extra_fields: list[str] = []
+        # batches whose writer was killed after claiming its events, before registering them
+        self.killed: dict[str, list[dict[str, Any]]] = {}
+        self.duplicates = 0  # repeats counted so far, by the model
 
     # --- helpers ---------------------------------------------------------------------------
 
@@ -185,6 +197,79 @@ class CommitProtocol(RuleBasedStateMachine):
         # Then they are in the table (checked by the invariant)
         self.outside += ids
 
+    @precondition(lambda self: self.table_exists() or self.killed)
+    @rule(data=st.data(), conflicting=st.booleans())
+    def write_batch_with_repeats(self, data: st.DataObject, conflicting: bool) -> None:
+        # Given a batch repeating events of a written (or killed, still in flight) batch, plus
+        # one new event, and maybe a variant of a known event with other bytes
+        sources = {**self.events, **self.killed}
+        source = data.draw(st.sampled_from(sorted(sources)))
+        copies = sources[source][: data.draw(st.integers(1, len(sources[source])))]
+        batch = f"r{next(self.counter):03d}"
+        fresh = make_events(batch, 1)
+        variant = [{**sources[source][0], "subject": "other bytes"}] if conflicting else []
+        # When it is written
+        result = self.pipe.write(batch, copies + fresh + variant)
+        # Then only the new event is written; the copies are counted, the variant dead-lettered
+        assert result.records == 1
+        assert result.duplicates == {TABLE: (len(copies), len(variant))}
+        assert [d.attribute for d in result.dead_letters] == ["id"] * len(variant)
+        self.duplicates += len(copies)
+        self.events[batch] = fresh
+        self.pending.add(batch)
+
+    @rule(count=st.integers(1, 3))
+    def kill_writer_mid_batch(self, count: int) -> None:
+        # Given a new batch, When its writer dies after claiming its events, before registering
+        batch = f"k{next(self.counter):03d}"
+        events = make_events(batch, count)
+        registry = self.pipe.registry
+
+        def killed(*_: Any, **__: Any) -> bool:
+            raise WriterKilled(batch)
+
+        registry.register = killed  # type: ignore[method-assign]
+        try:
+            with pytest.raises(WriterKilled):
+                self.pipe.write(batch, events)
+        finally:
+            del registry.register
+        # Then nothing is registered (checked by the invariant), its claims are held
+        self.killed[batch] = events
+
+    @precondition(lambda self: self.killed)
+    @rule(data=st.data())
+    def redeliver_killed(self, data: st.DataObject) -> None:
+        # Given a batch whose writer was killed, When it is delivered again
+        batch = data.draw(st.sampled_from(sorted(self.killed)))
+        events = self.killed.pop(batch)
+        result = self.pipe.write(batch, events)
+        # Then its claims were its own: every event is written
+        assert result.records == len(events) and result.duplicates == {}
+        self.events[batch] = events
+        self.pending.add(batch)
+
+    @precondition(lambda self: self.killed)
+    @rule(data=st.data())
+    def dead_letter_killed_and_replay(self, data: st.DataObject) -> None:
+        # Given a batch whose writer was killed, When it is dead-lettered (its claims given back,
+        # as workers/tasks/write.py does) and its dead letter replayed under a derived id
+        batch = data.draw(st.sampled_from(sorted(self.killed)))
+        events = self.killed.pop(batch)
+        rows = {
+            TABLE: [
+                (n, e["source"], e["id"], orjson.dumps(e).decode()) for n, e in enumerate(events)
+            ]
+        }
+        window_s = self.pipe.settings.dedup_window_s
+        assert release_events(self.pipe.registry.claims, batch, rows, window_s) == len(events)
+        replay = f"~replay-{batch}"
+        result = self.pipe.write(replay, events)
+        # Then the replay lands every event
+        assert result.records == len(events) and result.duplicates == {}
+        self.events[replay] = events
+        self.pending.add(replay)
+
     # --- invariants ---------------------------------------------------------------------------
 
     @invariant()
@@ -206,6 +291,11 @@ class CommitProtocol(RuleBasedStateMachine):
 
     def teardown(self) -> None:
         try:
+            for batch, events in sorted(self.killed.items()):  # every killed writer comes back
+                assert self.pipe.write(batch, events).records == len(events)
+                self.events[batch] = events
+                self.pending.add(batch)
+            self.killed = {}
             if self.table_exists():
                 # After a final commit, everything ever written is there exactly once
                 self.commit()
@@ -214,6 +304,8 @@ class CommitProtocol(RuleBasedStateMachine):
                 assert_exactly_once(table, self.expected_ids(set(self.events)))
                 assert self.pipe.registry.pending_entries(TABLE) == {}
                 assert self.pipe.registry.prepared(TABLE) is None
+                dropped = self.pipe.registry.duplicates().get(TABLE, (0, 0))[0]
+                assert dropped == self.duplicates
         finally:
             self.pipe.close()
             self.resources.close()

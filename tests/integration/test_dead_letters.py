@@ -54,11 +54,11 @@ class RecordingProducer:
         self.sent: list[tuple[str, str | None, list[str]]] = []
         self.fail_after_enqueue = fail_after_enqueue
 
-    def enqueue(self, events: list[str], table: str | None = None, batch_id: str = "") -> str:
+    def enqueue_derived(self, events: list[str], table: str | None, batch_id: str) -> list[str]:
         self.sent.append((batch_id, table, list(events)))
         if self.fail_after_enqueue:
             raise KeyboardInterrupt("the replay was interrupted after its enqueue")
-        return batch_id
+        return [batch_id]
 
 
 @pytest.fixture
@@ -160,7 +160,7 @@ def test_a_replay_interrupted_after_its_enqueue_resends_the_same_batch(
     # Then the second run sent the same batch id with the same events (deduplicated downstream)
     assert crashed.sent == again.sent[:1]
     batch_id, table, events = again.sent[0]
-    assert batch_id.startswith("replay-") and table is None
+    assert batch_id.startswith("~replay-") and table is None  # a derived id (common/wire.py)
     assert [json.loads(e)["id"] for e in events] == ["e1", "e2", "e3", "e4"]
     assert (report.events, report.removed, report.still_invalid) == (4, 3, 0)
     assert DeadLetterStore(redis_client).count() == 0
@@ -304,7 +304,7 @@ class _Interrupted(RecordingProducer):
         super().__init__()
         self.settings = settings
 
-    def enqueue(self, events: list[str], table: str | None = None, batch_id: str = "") -> str:
+    def enqueue_derived(self, events: list[str], table: str | None, batch_id: str) -> list[str]:
         with Producer(self.settings) as producer:
-            producer.enqueue(events, table=table, batch_id=batch_id)
+            producer.enqueue_derived(events, table, batch_id)
         raise KeyboardInterrupt("interrupted after the enqueue")

@@ -251,15 +251,15 @@ def test_idempotency_key_is_the_batch_id(gateway: Server, redis_client: redis.Re
 def test_an_idempotency_key_the_producer_refuses_is_400_with_the_reason(
     gateway: Server, redis_client: redis.Redis, key: str
 ) -> None:
-    # Given an Idempotency-Key the producer refuses as a batch id (shaped like a writer's child
-    # batch <id>~<offset>, or too long)
+    # Given an Idempotency-Key the producer refuses as a batch id (with a '~', the mark of the
+    # ids icefleet derives, or too long)
     # When events are posted with it
     reply = post(gateway.url, [event("k-2")], BATCH, **{"Idempotency-Key": key})
 
     # Then the answer is 400 naming the reason (not a 500), and nothing is enqueued
     assert reply.status == 400, reply.text
     assert reply.body["error"].startswith("Idempotency-Key: invalid batch id")
-    reason = "child batch" if "~" in key else "1 to 200 characters"
+    reason = "reserved for the ids icefleet derives" if "~" in key else "1 to 200 characters"
     assert reason in reply.body["error"]
     assert queued_batches(redis_client) == {}
     assert redis_client.zcard("icefleet:outstanding") == 0

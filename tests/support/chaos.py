@@ -121,11 +121,17 @@ class Feeder:
 
 
 def round_batches(
-    prefix: str, batches: int, per_batch: int, types: Sequence[str]
+    prefix: str, batches: int, per_batch: int, types: Sequence[str], repeats: int = 0
 ) -> list[tuple[str, list[dict[str, Any]]]]:
-    return [
+    """The batches of a round; with ``repeats``, each batch after the first also carries the
+    first ``repeats`` events of the batch before it (same bytes, so in flight in two batches)."""
+    planned = [
         (f"{prefix}-{n}", make_events(f"{prefix}-{n}", per_batch, types=types, days=2))
         for n in range(batches)
+    ]
+    return [
+        (batch_id, events + (planned[n - 1][1][:repeats] if n else []))
+        for n, (batch_id, events) in enumerate(planned)
     ]
 
 
@@ -172,6 +178,7 @@ def chaos_round(
     types: Sequence[str] = ("com.example.order", "com.example.refund"),
     settle_s: float = 180.0,
     extra: Callable[[ChaosReport], None] | None = None,
+    repeats: int = 0,
 ) -> tuple[list[dict[str, Any]], ChaosReport]:
     """Send ``batches`` batches over about ``send_s`` seconds while killing processes at random
     (each kind in ``faults`` once, in random order, then mostly pool processes, at least
@@ -179,7 +186,7 @@ def chaos_round(
     everything is committed."""
     started = time.monotonic()
     report = ChaosReport()
-    planned = round_batches(prefix, batches, per_batch, types)
+    planned = round_batches(prefix, batches, per_batch, types, repeats)
     feeder = Feeder(fleet.settings, planned, send_s / batches).start()
     first = rng.sample(list(faults), len(faults))
     weights = [3 if kind == "writer-child" else 1 for kind in faults]

@@ -1,6 +1,6 @@
 """The producer: batch splitting, ids, the outstanding bookkeeping, the message, the backlog.
 
-Redis is fakeredis (the producer runs no Lua); messages go to a recording publisher, or through
+Redis is fakeredis (the producer runs no Lua: its batch-id binding is one MULTI/EXEC); messages go to a recording publisher, or through
 kombu's in-memory transport to check that a Celery worker would accept them.
 """
 
@@ -17,6 +17,7 @@ import common.coord.backlog
 from common.coord import keys
 from common.coord.backlog import Backlog, Outstanding, Waiter, read_backlog
 from common.errors import (
+    BatchConflictError,
     IcefleetError,
     InvalidBatchIdError,
     InvalidEventError,
@@ -100,7 +101,7 @@ def test_split_lines_counts_utf8_bytes_not_characters() -> None:
 
 def test_child_ids_keep_the_id_when_not_split() -> None:
     assert part_ids("k", 1) == ["k"]
-    assert part_ids("k", 3) == ["k:0", "k:1", "k:2"]
+    assert part_ids("k", 3) == ["k~p0", "k~p1", "k~p2"]
 
 
 # --- enqueue ---------------------------------------------------------------------------------------
@@ -116,7 +117,7 @@ def test_enqueue_splits_into_children_with_derived_ids(client: fakeredis.FakeRed
 
     # Then the key is returned, three children are sent in order, and no event is lost
     assert batch_id == "order-42"
-    assert producer.last_batch_ids == ["order-42:0", "order-42:1", "order-42:2"]
+    assert producer.last_batch_ids == ["order-42~p0", "order-42~p1", "order-42~p2"]
     assert [kwargs["batch_id"] for _, kwargs, _ in recorder.sent] == producer.last_batch_ids
     assert {(task, queue) for task, _, queue in recorder.sent} == {(WRITE_TASK, INGEST_QUEUE)}
     ids = [
@@ -190,30 +191,88 @@ def test_enqueue_refuses_nothing_and_unencodable_events(client: fakeredis.FakeRe
         producer.enqueue([event(0)], batch_id="")
 
 
-@pytest.mark.parametrize("batch_id", ["orders~12", "a~0", "x~1~2", "~7"])
-def test_enqueue_refuses_an_id_shaped_like_a_writers_child_batch(
+@pytest.mark.parametrize("batch_id", ["orders~12", "a~0", "x~1~2", "~7", "orders~p0", "a~b", "~"])
+def test_enqueue_refuses_an_id_in_the_derived_namespace(
     client: fakeredis.FakeRedis, batch_id: str
 ) -> None:
-    # Given a batch id ending in ~<digits>, the form of a writer's child batch (<id>~<offset>)
+    # Given a batch id holding '~', the mark of the ids icefleet derives (parts, splits, replays)
     recorder = Recorder()
     producer = make_producer(client, recorder)
 
     # When it is enqueued, Then it is refused with the reason, in icefleet's hierarchy
-    with pytest.raises(InvalidBatchIdError, match=r"ends in '~<digits>'.*child batch") as caught:
+    with pytest.raises(InvalidBatchIdError, match=r"'~' is reserved for the ids icefleet derives"):
         producer.enqueue([event(1)], batch_id=batch_id)
-    assert isinstance(caught.value, IcefleetError) and isinstance(caught.value, ValueError)
-    assert caught.value.batch_id == batch_id
 
-    # And nothing was sent or recorded as outstanding
+    # And nothing was sent, bound or recorded as outstanding
     assert recorder.sent == []
     assert client.zcard(keys.outstanding()) == 0
+    assert client.exists(keys.content(batch_id)) == 0
 
 
-@pytest.mark.parametrize("batch_id", ["orders~", "orders~x1", "orders~12a", "o~12:3", "a-12", "~"])
-def test_ids_with_a_tilde_elsewhere_are_fine(client: fakeredis.FakeRedis, batch_id: str) -> None:
-    # Given ids with a tilde that do not end in ~<digits>, When enqueued, Then they are accepted
+@pytest.mark.parametrize("batch_id", ["orders:0", "orders:1", "a-12", "o:12:3", "x" * 200])
+def test_ids_shaped_like_the_old_parts_are_a_callers_own(
+    client: fakeredis.FakeRedis, batch_id: str
+) -> None:
+    # Given ids without '~' (':<n>' was the parts' separator before), When enqueued,
+    # Then they are accepted: no derived id can have that shape any more
     assert check_batch_id(batch_id) == batch_id
     assert make_producer(client, Recorder()).enqueue([event(1)], batch_id=batch_id) == batch_id
+
+
+def test_the_same_id_with_other_events_is_refused_before_anything_is_sent(
+    client: fakeredis.FakeRedis,
+) -> None:
+    # Given a batch enqueued under an idempotency key
+    recorder = Recorder()
+    make_producer(client, recorder).enqueue([event(1), event(2)], batch_id="k")
+
+    # When the key is used again for other events, or the same events for another table
+    producer = make_producer(client, recorder)
+    with pytest.raises(BatchConflictError, match=r"batch id 'k' is taken: .*other events") as other:
+        producer.enqueue([event(1), event(3)], batch_id="k")
+    with pytest.raises(BatchConflictError):
+        producer.enqueue([event(1), event(2)], table="events.elsewhere", batch_id="k")
+
+    # Then both are refused with a typed error naming the id, and only the first was sent
+    assert other.value.batch_id == "k" and isinstance(other.value, IcefleetError)
+    assert len(recorder.sent) == 1
+
+    # And the same events again under the key are a no-op resend, as always
+    producer.enqueue([event(1), event(2)], batch_id="k")
+    assert [kwargs["payload"] for _, kwargs, _ in recorder.sent[1:]] == [
+        recorder.sent[0][1]["payload"]
+    ]
+
+
+def test_a_resend_is_cut_into_the_same_parts_whatever_the_limits_are_now(
+    client: fakeredis.FakeRedis,
+) -> None:
+    # Given 10 events enqueued in parts of at most 4 under an id
+    first = Recorder()
+    make_producer(client, first, batch_max_events=4).enqueue(
+        [event(n) for n in range(10)], batch_id="k"
+    )
+
+    # When they are sent again by producers with other limits (parts of 3, or no cut at all)
+    for limit in (3, 100):
+        again = Recorder()
+        producer = make_producer(client, again, batch_max_events=limit)
+        producer.enqueue([event(n) for n in range(10)], batch_id="k")
+
+        # Then each part id carries exactly the events it carried the first time
+        assert producer.last_batch_ids == ["k~p0", "k~p1", "k~p2"]
+        assert [k["payload"] for _, k, _ in again.sent] == [k["payload"] for _, k, _ in first.sent]
+
+
+def test_replays_enqueue_under_derived_ids_only(client: fakeredis.FakeRedis) -> None:
+    # Given the replay path of the producer, When it is given a derived id, Then it is sent
+    recorder = Recorder()
+    producer = make_producer(client, recorder)
+    assert producer.enqueue_derived([event(1)], None, "~replay-abc") == ["~replay-abc"]
+    # And a caller's id is refused there, as a derived id is refused by enqueue()
+    with pytest.raises(InvalidBatchIdError, match="not an id icefleet derives"):
+        producer.enqueue_derived([event(1)], None, "orders")
+    assert len(recorder.sent) == 1
 
 
 def test_enqueue_records_outstanding_batches_with_their_first_enqueue_time(

@@ -89,7 +89,9 @@ class FirstWins:
     def is_known(self, table: str, batch_id: str) -> bool:
         return False
 
-    def register(self, table: str, batch_id: str, entry_json: str) -> bool:
+    def register(
+        self, table: str, batch_id: str, entry_json: str, duplicates: tuple[int, int] = (0, 0)
+    ) -> bool:
         return self.entries.setdefault((table, batch_id), entry_json) is entry_json
 
 

@@ -23,6 +23,7 @@ from common.commit.committer import committed_seq
 from common.coord import keys
 from common.coord.backlog import Backlog, read_backlog
 from common.coord.deadletters import DeadLetterStore
+from common.coord.pending import PendingRegistry
 from common.lake.catalog import catalog_tables
 from common.redaction import redact_url
 from common.settings import Settings
@@ -80,12 +81,16 @@ def collect(
     tables = table_stats(catalog) if catalog is not None else {}
     names = sorted(set(tables) | set(backlog.pending))
     oldest = oldest_pending_ms(client, names)
+    duplicates = PendingRegistry(client).duplicates()
+    names = sorted(set(names) | set(duplicates))
     per_table = []
     for name in names:
         stats = tables.get(name)
         pending_since = oldest.get(name)
         row: dict[str, Any] = asdict(stats) if stats else {"table": name}
         row["pending_batches"] = backlog.pending.get(name, 0)
+        # repeats of events that landed: dropped (same bytes), dead-lettered (other bytes)
+        row["duplicates_dropped"], row["duplicates_conflicting"] = duplicates.get(name, (0, 0))
         # lag: how long the oldest batch written to this table has waited for its commit
         row["lag_ms"] = max(0, now_ms - pending_since) if pending_since else 0
         last = stats.last_commit_ms if stats else None
@@ -201,6 +206,7 @@ def renderable(data: dict[str, Any]) -> Group:
         "last commit",
         "pending",
         "lag",
+        "duplicates",
     ):
         table.add_column(column, justify="left" if column == "table" else "right")
     # whole names, however narrow the terminal: the numbers wrap instead
@@ -216,6 +222,12 @@ def renderable(data: dict[str, Any]) -> Group:
             + (" ago" if row.get("last_commit_age_ms") else ""),
             str(row["pending_batches"]),
             age_text(row["lag_ms"]) if row["lag_ms"] else "-",
+            f"{row['duplicates_dropped']:,}"
+            + (
+                f" (+{row['duplicates_conflicting']:,} conflicting)"
+                if row["duplicates_conflicting"]
+                else ""
+            ),
         )
     lines.append(table if data["tables"] else Text("no tables yet"))
     lines.append(Text(data["summary"]))

@@ -32,15 +32,17 @@ from celery import Task, shared_task
 from celery.exceptions import Reject, Retry, SoftTimeLimitExceeded
 from celery.signals import worker_init, worker_shutting_down
 
+from common.coord.bindings import BatchBindings
+from common.coord.claims import EventRow, release_events
 from common.coord.pending import PendingRegistry
-from common.errors import PayloadEncodingError
+from common.errors import BatchConflictError, PayloadEncodingError
 from common.ingest.events import DeadLetter, Event, parse_batch
 from common.ingest.payloads import pack, unpack
 from common.ingest.producer import enqueue_write_task
 from common.ingest.routing import Router
 from common.lake.catalog import preload_catalog_modules
 from common.lake.retry import worth_retrying_later
-from common.wire import INGEST_QUEUE, WRITE_TASK, WriteTask, split_child_id
+from common.wire import INGEST_QUEUE, WRITE_TASK, WriteTask, content_digest, split_child_id
 from common.write.batch_writer import BatchResult
 from common.write.partial import Remainder, SplitRecords, chunk_events, deadline_for
 from workers.limits import WRITE_RETRY_MAX_BACKOFF_S
@@ -107,7 +109,8 @@ def dead_letter_batch(
     """Keep what did not land in the dead-letter store and stop tracking the batch.
 
     Events of a table that already holds this batch (an earlier attempt registered it) are left
-    out, so a replay cannot land them twice. A batch split by an earlier attempt keeps only its
+    out, so a replay cannot land them twice; the others give back their claims on their
+    identities, so a replay lands them. A batch split by an earlier attempt keeps only its
     events before the split point; the rest is its child's, which is enqueued (again) instead.
     """
     parsed = parse_batch(payload, batch_id=batch_id, max_event_bytes=rt.settings.max_event_bytes)
@@ -124,16 +127,23 @@ def dead_letter_batch(
             hand_back(rt, child, table, enqueued_at_ms)
         events = events[:split_at]
     landed = _tables_holding(rt, batch_id, events, table)
+    kept = [(i, e, _table_of(rt, e, table)) for i, e in enumerate(events)]
+    kept = [(i, e, name) for i, e, name in kept if name not in landed]
     if split_at is not None or landed:
-        kept = [e for e in events if _table_of(rt, e, table) not in landed]
         items = sorted(
-            [(e.position, e.raw.encode()) for e in kept]
+            [(e.position, e.raw.encode()) for _, e, _ in kept]
             + ([(d.position, d.raw) for d in parsed.dead_letters] if split_at is None else [])
         )
         payload = b"".join(raw + b"\n" for _, raw in items)
     raw = payload.encode("utf-8", "surrogatepass") if isinstance(payload, str) else payload
     if raw:
         rt.dead_letters.add([DeadLetter(batch_id, 0, reason, None, raw)], table=table)
+    # Their claims go with them (common/coord/claims.py): a replay of the dead letter must land.
+    rows: dict[str, list[EventRow]] = {}
+    for i, e, name in kept:
+        if rt.settings.dedupe_for(name):
+            rows.setdefault(name, []).append((i, e.attributes["source"], e.attributes["id"], e.raw))
+    release_events(PendingRegistry(rt.client).claims, batch_id, rows, rt.settings.dedup_window_s)
     rt.outstanding.done(batch_id)
     logger.error("batch %s dead-lettered whole: %s", batch_id, reason)
 
@@ -200,6 +210,12 @@ def write_batch(
             text = unpack(payload, encoding)
         except PayloadEncodingError as exc:
             return _refuse_payload(rt, batch_id, payload, table, str(exc))
+        try:  # the id must still name these events (common/coord/bindings.py)
+            BatchBindings(rt.client, rt.settings.dedup_window_s).bind(
+                batch_id, content_digest(text, table)
+            )
+        except BatchConflictError as exc:
+            return _refuse_payload(rt, batch_id, text, table, str(exc))
         result = _write(self, rt, batch_id, text, table, enqueued_at_ms)
         result["payload_bytes"] = len(text)
         if "dead_lettered" in result:  # what the metrics count as dead-lettered events

@@ -1,0 +1,294 @@
+"""Exactly once per CloudEvent: claims on event identities, per table, in Redis.
+
+CloudEvents 1.0 identifies an event by ``source`` and ``id``. Per table, an event whose identity
+already landed, or is pending, within the dedup window (``ICEFLEET_DEDUP_WINDOW_S``) is not written
+again, whichever batch, producer, gateway request, replay or redelivery carries it. On by
+default; ``ICEFLEET_DEDUPE=off`` or ``ICEFLEET_DEDUPE_TABLES=ns.table=off`` turns it off for
+producers that reuse ids on purpose.
+
+**The protocol.** The batch protocol already makes each *position* of a batch land once: a batch id
+is bound to its content (:mod:`common.coord.bindings`), registration admits a batch id once per
+table (:mod:`common.coord.pending`), and a writer that splits a batch hands the events from
+offset ``k`` on to the child ``<id>~<k>`` (:mod:`common.write.partial`). Claims add identities on
+top of positions:
+
+1. **Claim before writing.** A writer about to write events ``[0, limit)`` of a batch (``limit``:
+   the recorded split point, else all) claims, per table, the identity of each of them in one
+   Lua script, atomically: an identity nobody holds is claimed for the event's *place*, the root
+   of the batch's lineage and the event's position in it (:func:`common.wire.lineage`:
+   ``orders~500`` event 3 is ``orders`` event 503), with the digest of its bytes. The script
+   answers per event: ``n`` (claimed now) or ``m`` (already claimed for this very place: a
+   redelivery, a racing attempt of the same batch, or the split child of the batch that claimed
+   it), both written; ``d`` (claimed for another place, same bytes: a duplicate, dropped and
+   counted) or ``c`` (other bytes: two events under one identity, a producer bug someone must
+   see: dead-lettered with the reason, counted). A repeat inside one batch is judged against its
+   first occurrence the same way, before the script runs.
+2. **Claims follow the batch's fate.** They belong to a place, not to a process: a writer killed
+   mid-batch leaves claims its redelivery finds as ``m``; a split child finds its parent's claims
+   on its own events as ``m``. A batch dead-lettered whole releases the claims of the events it
+   dead-letters (compare-and-delete on the exact place), so a replay of them lands; an event the
+   table rejects (a strict schema) releases its claim with its dead letter. Events of a table
+   already holding the batch keep theirs.
+3. **Count once.** Duplicates are counted in the same script that registers the batch's files for
+   the table (a batch whose events there were all repeats registers an empty part, remembered as
+   committed at once), which admits a batch once per table: a redelivery does not count again.
+
+So every event either lands once, or is in the dead letters with the reason, or was counted as a
+byte-identical repeat of one that did (or of one in the dead letters, whose replay lands it).
+
+**Memory and expiry.** Claims live in hashes ``icefleet:claims:<table>@<bucket>``, one per time
+bucket of a quarter of the window (:data:`BUCKETS`), by the Redis server's clock (writers' clocks
+may differ): a claim goes to the current bucket, which expires one window after it ends; a lookup
+reads the current bucket and the :data:`BUCKETS` before it. An identity is remembered at least the
+window and at most a quarter longer; memory is bounded by the ids of 1.25 windows. The width
+follows the window, so changing the window starts the memory of identities afresh. An entry is a
+16-byte identity and a 20-byte value (owner 8, position 4, bytes digest 8): ~90 bytes of Redis
+memory an id, measured by ``python -m benchmarks dedupe``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import redis
+
+from common.coord import keys
+from common.wire import CLAIM_VALUE_BYTES, IDENTITY_BYTES, claim_keys, lineage, owner_digest
+
+#: The window is cut into this many time buckets: expiry granularity a quarter of the window, at
+#: the cost of reading five hashes per claim.
+BUCKETS = 4
+_CHUNK = 2_000  # fields per HMGET/HSET: Lua's unpack() has a stack limit of ~8,000 values
+
+# Shared by both scripts: the live buckets, newest first (ARGV[1] prefix, [2] width s, [3] back).
+_BUCKETS_LUA = """
+local now = tonumber(redis.call('TIME')[1])
+local width = tonumber(ARGV[2])
+local current = math.floor(now / width)
+local live = {}
+for b = current, current - tonumber(ARGV[3]), -1 do
+  local key = ARGV[1] .. b
+  if redis.call('exists', key) == 1 then
+    live[#live + 1] = key
+  end
+end
+local ids, values = ARGV[5], ARGV[6]
+local n = #ids / ID
+local function id(i) return string.sub(ids, (i - 1) * ID + 1, i * ID) end
+local function value(i) return string.sub(values, (i - 1) * VALUE + 1, i * VALUE) end
+"""
+
+# ARGV: prefix, width s, buckets back, window s, identities (16 bytes each, unique), values (20
+# bytes each) → one code per identity: n new, m mine, d duplicate, c conflicting
+_CLAIM_LUA = (
+    _BUCKETS_LUA
+    + """
+local found = {}
+local missing = {}
+for i = 1, n do missing[i] = i end
+for _, key in ipairs(live) do
+  if #missing == 0 then break end
+  local rest = {}
+  for s = 1, #missing, CHUNK do
+    local fields = {}
+    for j = s, math.min(s + CHUNK - 1, #missing) do
+      fields[#fields + 1] = id(missing[j])
+    end
+    local held = redis.call('hmget', key, unpack(fields))
+    for j = 1, #fields do
+      local i = missing[s + j - 1]
+      if held[j] then found[i] = held[j] else rest[#rest + 1] = i end
+    end
+  end
+  missing = rest
+end
+local codes = {}
+local new = {}
+for i = 1, n do
+  local held = found[i]
+  if not held then
+    codes[i] = 'n'
+    new[#new + 1] = id(i)
+    new[#new + 1] = value(i)
+  else
+    local mine = value(i)
+    if held == mine then
+      codes[i] = 'm'
+    elseif string.sub(held, 13) == string.sub(mine, 13) then
+      codes[i] = 'd'
+    else
+      codes[i] = 'c'
+    end
+  end
+end
+if #new > 0 then
+  local key = ARGV[1] .. current
+  for s = 1, #new, 2 * CHUNK do
+    redis.call('hset', key, unpack(new, s, math.min(s + 2 * CHUNK - 1, #new)))
+  end
+  redis.call('expireat', key, (current + 1) * width + tonumber(ARGV[4]))
+end
+return table.concat(codes)
+"""
+)
+
+# ARGV: prefix, width s, buckets back, (unused), identities, values → claims released
+_RELEASE_LUA = (
+    _BUCKETS_LUA
+    + """
+local released = 0
+for i = 1, n do
+  local mine = value(i)
+  for _, key in ipairs(live) do
+    if redis.call('hget', key, id(i)) == mine then
+      released = released + redis.call('hdel', key, id(i))
+      break
+    end
+  end
+end
+return released
+"""
+)
+
+
+def _script(text: str) -> str:
+    return (
+        text.replace("CHUNK", str(_CHUNK))
+        .replace("ID", str(IDENTITY_BYTES))
+        .replace("VALUE", str(CLAIM_VALUE_BYTES))
+    )
+
+
+NEW, MINE, DUPLICATE, CONFLICT = "n", "m", "d", "c"
+WRITE = frozenset((NEW, MINE))
+#: (index, source, id, raw) of an event: what claiming it needs
+EventRow = tuple[int, str, str, str]
+#: a batch's events to claim, by table
+Rows = Mapping[str, Sequence[EventRow]]
+
+
+class EventClaims:
+    """Claims on event identities, per table (see the module docstring)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self._client = client
+        self._claim = client.register_script(_script(_CLAIM_LUA))
+        self._release = client.register_script(_script(_RELEASE_LUA))
+
+    @staticmethod
+    def _args(table: str, window_s: int, ids: bytes, values: bytes) -> list[str | int | bytes]:
+        width = max(1, -(-int(window_s) // BUCKETS))  # ceil: BUCKETS buckets cover the window
+        return [keys.claims_prefix(table), width, BUCKETS, int(window_s), ids, values]
+
+    def claim(self, table: str, ids: bytes, values: bytes, window_s: int) -> str:
+        """Claim identities (16 bytes each, unique) for values (20 bytes each) in ``table``;
+        one code per identity."""
+        if not ids:
+            return ""
+        codes = self._claim(args=self._args(table, window_s, ids, values))
+        return codes.decode() if isinstance(codes, bytes) else str(codes)
+
+    def release(self, table: str, ids: bytes, values: bytes, window_s: int) -> int:
+        """Drop the claims that still hold exactly these values (same place); return how many."""
+        if not ids:
+            return 0
+        return int(self._release(args=self._args(table, window_s, ids, values)))
+
+
+@dataclass
+class Verdicts:
+    """What claiming a batch's events decided, per event index (valid events, payload order)."""
+
+    skip: set[int] = field(default_factory=set)  # repeats: not written
+    repeats: list[tuple[int, str, str]] = field(default_factory=list)  # (index, table, d|c)
+
+    def counts(self, before: int) -> dict[str, tuple[int, int]]:
+        """Per table (duplicates, conflicting) among the events before index ``before``."""
+        out: dict[str, tuple[int, int]] = {}
+        for index, table, code in self.repeats:
+            if index < before:
+                dropped, conflicting = out.get(table, (0, 0))
+                out[table] = (
+                    (dropped + 1, conflicting) if code == DUPLICATE else (dropped, conflicting + 1)
+                )
+        return out
+
+
+def _place(batch_id: str) -> tuple[bytes, int]:
+    root, offset = lineage(batch_id)
+    return owner_digest(root), offset
+
+
+def claim_batch(claims: EventClaims, batch_id: str, rows: Rows, window_s: int) -> Verdicts:
+    """Claim the events of a batch (rows of the tables with dedupe on); see the module docstring.
+
+    Only the first occurrence of an identity in the batch is claimed; a later one is a
+    duplicate of it (same bytes) or a conflict (other bytes).
+    """
+    owner, offset = _place(batch_id)
+    verdicts = Verdicts()
+    for table, events in rows.items():
+        identities, values = claim_keys(owner, offset, events)
+        indexes = [event[0] for event in events]
+        if len(set(identities)) != len(identities):  # repeats inside the batch: the slow way
+            indexes, identities, values = _first_occurrences(
+                table, indexes, identities, values, verdicts
+            )
+        codes = claims.claim(table, b"".join(identities), b"".join(values), window_s)
+        if codes.count(NEW) + codes.count(MINE) == len(codes):
+            continue  # the common case: nothing seen before
+        for index, code in zip(indexes, codes, strict=True):
+            if code not in WRITE:
+                verdicts.skip.add(index)
+                verdicts.repeats.append((index, table, code))
+    return verdicts
+
+
+def _first_occurrences(
+    table: str,
+    indexes: list[int],
+    identities: list[bytes],
+    values: list[bytes],
+    verdicts: Verdicts,
+) -> tuple[list[int], list[bytes], list[bytes]]:
+    """Keep the first occurrence of each identity; judge the others against it."""
+    seen: dict[bytes, bytes] = {}
+    kept: list[int] = []
+    for index, identity, value in zip(indexes, identities, values, strict=True):
+        earlier = seen.get(identity)
+        if earlier is None:
+            seen[identity] = value
+            kept.append(index)
+        else:
+            code = DUPLICATE if earlier[12:] == value[12:] else CONFLICT
+            verdicts.repeats.append((index, table, code))
+            verdicts.skip.add(index)
+    return kept, list(seen), list(seen.values())
+
+
+def release_events(claims: EventClaims, batch_id: str, rows: Rows, window_s: int) -> int:
+    """Release the claims a batch holds on these events (a claim held for another place, or
+    already gone, is left alone)."""
+    owner, offset = _place(batch_id)
+    released = 0
+    for table, events in rows.items():
+        identities, values = claim_keys(owner, offset, events)
+        pairs = dict(zip(identities, values, strict=True))
+        released += claims.release(table, b"".join(pairs), b"".join(pairs.values()), window_s)
+    return released
+
+
+__all__ = [
+    "BUCKETS",
+    "CONFLICT",
+    "DUPLICATE",
+    "MINE",
+    "NEW",
+    "EventClaims",
+    "EventRow",
+    "Rows",
+    "Verdicts",
+    "claim_batch",
+    "release_events",
+]
