@@ -278,16 +278,6 @@ def _schema_modes(raw: str) -> tuple[tuple[str, SchemaMode], ...]:
     return tuple(out)
 
 
-_SWITCH = {"on": True, "off": False, "true": True, "false": False, "1": True, "0": False}
-
-
-def _switch(raw: str) -> bool:
-    value = _SWITCH.get(raw.strip().lower())
-    if value is None:
-        raise ValueError("on or off")
-    return value
-
-
 def _dedupe_tables(raw: str) -> tuple[tuple[str, bool], ...]:
     out: list[tuple[str, bool]] = []
     for item in filter(None, (part.strip() for part in raw.split(","))):
@@ -403,7 +393,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], bool]] = {
     "LOCK_TTL_MS": ("lock_ttl_ms", _positive_int, False),
     "LOCK_WAIT_S": ("lock_wait_s", _positive_float, False),
     "DEDUP_WINDOW_S": ("dedup_window_s", _positive_int, False),
-    "DEDUPE": ("dedupe", _switch, False),
+    "DEDUPE": ("dedupe", _on_off, False),
     "DEDUPE_TABLES": ("dedupe_tables", _dedupe_tables, False),
     "SCHEMA_MODE": ("schema_mode", _choice(SCHEMA_MODES), False),
     "SCHEMA_MODES": ("schema_modes", _schema_modes, False),

@@ -30,8 +30,8 @@ from common.ingest.producer import Producer
 from common.ingest.routing import Router
 from common.lake.catalog import open_catalog
 from common.settings import Settings
-from tests.support.fleet import environment, fleet_config, running_fleet, wait_idle
 from tests.integration.test_gateway import AUTH, BATCH, TOKEN, Server, post, request
+from tests.support.fleet import environment, fleet_config, running_fleet, wait_idle
 from tests.support.readback import rust_ids
 from tests.support.services import free_port, wait_for_port
 from workers.fleet import Fleet
