@@ -7,7 +7,7 @@ PYTEST  = $(PYTHON) -m pytest
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install lint test test-unit test-integration test-chaos bench docs clean
+.PHONY: help install lint test test-unit test-integration test-chaos lock bench docs clean
 
 help: ## list the targets
 	@awk 'BEGIN {FS = ":.*## "} /^[a-z-]+:.*## / {printf "  make %-17s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -40,6 +40,16 @@ test: lint ## lint, the whole suite under coverage, then the line and branch flo
 	$(PYTHON) -m coverage report
 	$(PYTHON) -m coverage json --quiet
 	$(PYTHON) .ci/check_coverage.py .coverage-report.json --min-lines 85 --min-branches 80
+
+# The exact versions the image installs (docker/requirements.lock): icefleet's dependencies and its
+# build backend, with hashes, for Python 3.11 on every platform, resolved by uv from PyPI. Existing
+# pins are kept while pyproject.toml allows them; LOCK_ARGS=--upgrade takes the newest allowed.
+LOCK_ARGS ?=
+lock: ## refresh docker/requirements.lock from pyproject.toml (uv pip compile)
+	$(PYTHON) -m pip install --quiet 'uv>=0.13,<1'
+	$(PYTHON) -c 'import tomllib; print(*tomllib.load(open("pyproject.toml", "rb"))["build-system"]["requires"], sep="\n")' \
+		| $(PYTHON) -m uv pip compile --quiet --universal --python-version 3.11 --generate-hashes \
+			--custom-compile-command 'make lock' $(LOCK_ARGS) pyproject.toml - -o docker/requirements.lock
 
 bench: ## benchmarks (python -m benchmarks)
 	$(PYTHON) -m benchmarks
