@@ -2,8 +2,9 @@
 
 ``docker-compose -f compose.yaml config -q`` (run by .ci/run) checks that the file is valid
 Compose; these tests check what it says: health checks, restart policies, a writer that scales,
-every Redis user waiting for a healthy Redis, Flower behind basic auth, one image for every role,
-commands the CLI accepts, and a non-root image whose entry point dispatches as documented.
+every Redis user waiting for a healthy Redis, Flower behind basic auth, one image for every role
+built once, secrets required by the containers rather than by compose, commands the CLI accepts,
+a non-root image built from the lock whose entry point dispatches as documented.
 (PyYAML comes with the test tools: moto's ``responses`` requires it.)
 """
 
@@ -32,6 +33,11 @@ NO_HEALTHCHECK = {"beat"}  # nothing to ask it; a dead beat is restarted by its 
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     return yaml.safe_load((ROOT / "compose.yaml").read_text())
+
+
+@pytest.fixture(scope="module")
+def compose_text() -> str:
+    return (ROOT / "compose.yaml").read_text()
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +80,9 @@ def test_redis_keeps_an_append_only_file_on_a_volume(
 
 
 def test_postgres_and_minio_health_and_the_bucket(services: dict[str, dict[str, Any]]) -> None:
-    assert "pg_isready" in services["postgres"]["healthcheck"]["test"]
+    # over TCP: the official image's first-start server listens on the Unix socket only
+    test = services["postgres"]["healthcheck"]["test"]
+    assert "pg_isready" in test and test[test.index("-h") + 1] == "127.0.0.1"
     assert services["minio"]["healthcheck"]["test"][:2] == ["CMD", "mc"]
     buckets = services["createbuckets"]
     assert buckets["depends_on"] == {"minio": {"condition": "service_healthy"}}
@@ -101,12 +109,21 @@ def test_writers_scale(services: dict[str, dict[str, Any]]) -> None:
     assert command_of(writer) == ["icefleet", "worker", "writer"]
 
 
-def test_one_image_for_every_role(services: dict[str, dict[str, Any]]) -> None:
+def test_one_image_for_every_role_built_once(services: dict[str, dict[str, Any]]) -> None:
     images = {services[name]["image"] for name in ICEFLEET_ROLES}
-    builds = [services[name]["build"] for name in ICEFLEET_ROLES]
     assert len(images) == 1
-    assert all(build == {"context": ".", "dockerfile": "docker/Dockerfile"} for build in builds)
+    # one service says how to build it, so `docker compose build` builds it once, not per role
+    builders = [name for name, service in services.items() if "build" in service]
+    assert builders == ["writer"]
+    assert services["writer"]["build"] == {"context": ".", "dockerfile": "docker/Dockerfile"}
     assert all(services[name].get("init") is True for name in ICEFLEET_ROLES)
+
+
+def test_no_compose_command_needs_env(compose_text: str) -> None:
+    # `${VAR:?message}` would make every command (config, ps, down) fail without .env
+    assert not re.search(r"\$\{[A-Z0-9_]+:?\?", compose_text)
+    r2 = (ROOT / "docker" / "compose.r2.yaml").read_text()
+    assert not re.search(r"\$\{[A-Z0-9_]+:?\?", r2)
 
 
 def test_roles_run_commands_the_cli_accepts(services: dict[str, dict[str, Any]]) -> None:
@@ -127,13 +144,16 @@ def test_roles_run_commands_the_cli_accepts(services: dict[str, dict[str, Any]])
 def test_flower_requires_basic_auth(services: dict[str, dict[str, Any]]) -> None:
     flower = services["flower"]
     assert '--basic-auth="$$FLOWER_BASIC_AUTH"' in flower["command"][2]
-    assert re.fullmatch(r"\$\{FLOWER_BASIC_AUTH:\?.+\}", flower["environment"]["FLOWER_BASIC_AUTH"])
+    env = flower["environment"]
+    assert env["FLOWER_BASIC_AUTH"] == "${FLOWER_BASIC_AUTH:-}"
+    assert "FLOWER_BASIC_AUTH=user:password" in env["ENTRYPOINT_REQUIRE_FLOWER_BASIC_AUTH"]
     assert flower["ports"] == ["${FLOWER_PORT:-5555}:5555"]
 
 
 def test_gateway_requires_a_token(services: dict[str, dict[str, Any]]) -> None:
-    token = services["gateway"]["environment"]["ICEFLEET_HTTP_TOKEN"]
-    assert re.fullmatch(r"\$\{ICEFLEET_HTTP_TOKEN:\?.+\}", token)
+    env = services["gateway"]["environment"]
+    assert env["ICEFLEET_HTTP_TOKEN"] == "${ICEFLEET_HTTP_TOKEN:-}"
+    assert "ICEFLEET_HTTP_TOKEN" in env["ENTRYPOINT_REQUIRE_ICEFLEET_HTTP_TOKEN"]
 
 
 def test_catalog_is_postgres_and_the_warehouse_minio(services: dict[str, dict[str, Any]]) -> None:
@@ -149,11 +169,90 @@ def test_catalog_is_postgres_and_the_warehouse_minio(services: dict[str, dict[st
 
 def test_image_is_slim_non_root_with_the_entrypoint() -> None:
     dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert re.search(r"^ARG PYTHON_IMAGE=python:3\.11-slim$", dockerfile, re.M)
     bases = re.findall(r"^FROM (\S+)", dockerfile, re.M)
-    assert bases and all(base.startswith("python:3.11-slim") for base in bases)
+    assert bases and all(base == "${PYTHON_IMAGE}" for base in bases)
     users = re.findall(r"^USER (\S+)", dockerfile, re.M)
     assert users and users[-1].split(":")[0] not in ("root", "0")
     assert 'ENTRYPOINT ["icefleet-entrypoint"]' in dockerfile
+
+
+def test_image_builds_with_the_classic_builder_too() -> None:
+    # Debian's docker-compose 1.29 builds with the classic builder: no COPY --chmod (or other
+    # BuildKit-only flags), and the context filtered by the root .dockerignore, which BuildKit
+    # reads too (a docker/Dockerfile.dockerignore would win over it there, and nowhere else)
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert not re.search(r"^(COPY|ADD|RUN) --(chmod|chown|link|mount)", dockerfile, re.M)
+    assert not (ROOT / "docker" / "Dockerfile.dockerignore").exists()
+    ignored = (ROOT / ".dockerignore").read_text().splitlines()
+    assert "*" in ignored  # everything, but what the image needs
+    for path in re.findall(r"^COPY (?!--from)(\S+)", dockerfile, re.M):
+        assert f"!{path.rstrip('/')}" in ignored or f"!{path.rstrip('/')}/" in ignored, path
+
+
+def test_secrets_stay_out_of_git() -> None:
+    assert ".env" in (ROOT / ".gitignore").read_text().splitlines()
+
+
+def test_image_installs_the_lock() -> None:
+    dockerfile = (ROOT / "docker" / "Dockerfile").read_text()
+    assert re.search(r"pip install --require-hashes -r requirements\.lock", dockerfile)
+    assert re.search(r"pip install --no-deps --no-build-isolation \.", dockerfile)
+
+
+def test_lock_pins_every_dependency_with_hashes() -> None:
+    # made by `make lock` (uv pip compile); here only checked against pyproject.toml
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lock = (ROOT / "docker" / "requirements.lock").read_text()
+    pins = {
+        canonicalize_name(m["name"]): m["version"]
+        for m in re.finditer(r"^(?P<name>[A-Za-z0-9_.-]+)==(?P<version>\S+)", lock, re.M)
+    }
+    entries = re.split(r"\n(?=[A-Za-z0-9])", lock.split("\n", 2)[2])
+    assert pins and all("--hash=sha256:" in entry for entry in entries if "==" in entry)
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    wanted = [*project["project"]["dependencies"], *project["build-system"]["requires"]]
+    for text in wanted:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is not in docker/requirements.lock: run make lock"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"{name}=={pins[name]} does not satisfy {requirement}: run make lock"
+        )
+
+
+@pytest.mark.parametrize(
+    ("env", "code", "says"),
+    [
+        (
+            {"ENTRYPOINT_REQUIRE_TOKEN": "set TOKEN in .env"},
+            78,
+            "TOKEN is not set: set TOKEN in .env",
+        ),
+        ({"ENTRYPOINT_REQUIRE_TOKEN": "set it", "TOKEN": ""}, 78, "TOKEN is not set: set it"),
+        ({"ENTRYPOINT_REQUIRE_TOKEN": "set it", "TOKEN": "s3cret"}, 0, ""),
+    ],
+)
+def test_entrypoint_refuses_to_start_without_a_required_secret(
+    tmp_path: Path, env: dict[str, str], code: int, says: str
+) -> None:
+    stub = tmp_path / "icefleet"
+    stub.write_text('#!/bin/sh\necho icefleet "$@"\n')
+    stub.chmod(0o755)
+    result = subprocess.run(
+        ["sh", str(ROOT / "docker" / "entrypoint.sh"), "serve"],
+        env={"PATH": f"{tmp_path}:/usr/bin:/bin", **env},
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
+    assert result.returncode == code, result.stderr
+    assert says in result.stderr
+    assert (result.stdout.strip() == "icefleet serve") == (code == 0)
 
 
 @pytest.mark.parametrize(
@@ -197,4 +296,6 @@ def test_r2_override_switches_every_role_to_the_rest_catalog(
         assert env["PYICEBERG_CATALOG__R2__URI"].startswith(
             "https://catalog.cloudflarestorage.com/"
         )
-        assert env["PYICEBERG_CATALOG__R2__TOKEN"].startswith("${R2_CATALOG_TOKEN:?")
+        assert env["PYICEBERG_CATALOG__R2__TOKEN"] == "${R2_CATALOG_TOKEN:-}"
+        for variable in ("R2_ACCOUNT_ID", "R2_BUCKET", "PYICEBERG_CATALOG__R2__TOKEN"):
+            assert env[f"ENTRYPOINT_REQUIRE_{variable}"].startswith("set R2_"), variable
