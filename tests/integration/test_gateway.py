@@ -150,8 +150,9 @@ def gateway(redis_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterato
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         print(f"--- icefleet serve (exit {proc.returncode}) ---\n{log.read_text()[-3000:]}")
-    # a clean shutdown: uvicorn finishes, then re-raises the SIGTERM it caught
-    assert proc.returncode in (0, -signal.SIGTERM)
+    # a clean shutdown exits 0 (uvicorn re-raises the SIGTERM it caught; `icefleet serve` turns
+    # that into exit 0, or `docker stop` would report 143)
+    assert proc.returncode == 0
     assert "Application shutdown complete" in log.read_text()
 
 

@@ -7,6 +7,8 @@ nothing from it, so ``python -m workers.cli.main`` does not import the CLI modul
 from __future__ import annotations
 
 import logging
+import signal
+import sys
 
 import click
 
@@ -59,6 +61,10 @@ def serve(host: str, port: int, metrics_port: int | None) -> None:
     else:
         app = create_gateway(settings)
     logger.info("gateway listening on http://%s:%d (POST /events)", host, port)
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again so that the process
+    # dies of it: exit status 143, which `docker stop` and compose report as a failure. A clean
+    # shutdown is a success: this handler, which uvicorn puts back before raising, exits 0.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     uvicorn.run(
         app,
         host=host,
