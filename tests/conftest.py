@@ -35,7 +35,12 @@ from tests.support.services import (
     s3_test_bucket,
 )
 
-MARKER_BY_DIRECTORY = {"unit": "unit", "integration": "integration", "chaos": "chaos"}
+MARKER_BY_DIRECTORY = {
+    "unit": "unit",
+    "integration": "integration",
+    "chaos": "chaos",
+    "stack": "stack",  # make test-stack only (Docker); make test leaves it out
+}
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
