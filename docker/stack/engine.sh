@@ -77,6 +77,9 @@ stop() {
         fi
         sleep 0.2
     done
+    # what dockerd leaves mounted under its exec root (the host's network namespace handle)
+    awk -v root="$state/" 'index($2, root) == 1 {print $2}' /proc/mounts | sort -r |
+        while read -r mount; do umount "$mount" 2>/dev/null || true; done
     echo "engine.sh: dockerd stopped"
 }
 
