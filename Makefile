@@ -30,7 +30,8 @@ test-chaos: ## real workers killed, Redis restarted, S3 throttled, the catalog c
 	$(PYTEST) -m chaos $(PYTEST_ARGS)
 
 # The whole suite under coverage, the chaos tests included (each bounded by its own timeout;
-# together about three minutes), the stack test aside (make test-stack: it needs Docker). `coverage run` (not pytest-cov) so that [tool.coverage.run]
+# together about three minutes), the stack test aside (make test-stack: it needs Docker).
+# `coverage run` (not pytest-cov) so that [tool.coverage.run]
 # patch = ["subprocess", ...] follows Celery workers and other child processes: each writes a
 # .coverage.* file, combined here. Lines and branches then each have their own floor.
 test: lint ## lint, the whole suite under coverage, then the line and branch floors (85% / 80%)
