@@ -30,6 +30,7 @@ import pytest
 import redis
 
 from common.coord.deadletters import DeadLetterStore
+from common.ingest.events import encode_ndjson
 from common.ingest.producer import Producer
 from common.lake.catalog import open_catalog
 from common.settings import load_settings
@@ -111,9 +112,10 @@ def test_fleet_lands_every_event_exactly_once(
         assert result.done, result.describe()
         landed_s = time.monotonic() - started
 
-        # ... and once more through the CLI after it was committed
+        # ... and once more through the CLI after it was committed, the same bytes the producer
+        # sent (a batch id is bound to its content: other bytes under it would be refused)
         duplicate = tmp_path / "duplicate.ndjson"
-        duplicate.write_text("".join(json.dumps(e) + "\n" for e in batches[DUPLICATE]))
+        duplicate.write_text(encode_ndjson(batches[DUPLICATE]))
         sent = run_cli("send", str(duplicate), "--batch-id", f"batch-{DUPLICATE}")
         assert sent.returncode == 0, sent.stderr
         assert sent.stdout.split() == [f"batch-{DUPLICATE}"]
