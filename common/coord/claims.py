@@ -51,10 +51,19 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+import orjson
 import redis
 
 from common.coord import keys
-from common.wire import CLAIM_VALUE_BYTES, IDENTITY_BYTES, claim_keys, lineage, owner_digest
+from common.wire import (
+    CLAIM_VALUE_BYTES,
+    IDENTITY_BYTES,
+    claim_keys,
+    event_identity,
+    lineage,
+    owner_digest,
+    raw_digest,
+)
 
 #: The window is cut into this many time buckets: expiry granularity a quarter of the window, at
 #: the cost of reading five hashes per claim.
@@ -152,6 +161,29 @@ return released
 )
 
 
+# ARGV: prefix, width s, buckets back, window s, identities (16 bytes each), bytes digests (8
+# bytes each) → claims dropped: those of these identities holding these bytes, whatever place
+_FORGET_LUA = """
+local now = tonumber(redis.call('TIME')[1])
+local width = tonumber(ARGV[2])
+local current = math.floor(now / width)
+local ids, digests = ARGV[5], ARGV[6]
+local forgotten = 0
+for i = 1, #ids / ID do
+  local identity = string.sub(ids, (i - 1) * ID + 1, i * ID)
+  local digest = string.sub(digests, (i - 1) * 8 + 1, i * 8)
+  for b = current, current - tonumber(ARGV[3]), -1 do
+    local key = ARGV[1] .. b
+    local held = redis.call('hget', key, identity)
+    if held and string.sub(held, VALUE - 7) == digest then
+      forgotten = forgotten + redis.call('hdel', key, identity)
+    end
+  end
+end
+return forgotten
+"""
+
+
 def _script(text: str) -> str:
     return (
         text.replace("CHUNK", str(_CHUNK))
@@ -175,6 +207,7 @@ class EventClaims:
         self._client = client
         self._claim = client.register_script(_script(_CLAIM_LUA))
         self._release = client.register_script(_script(_RELEASE_LUA))
+        self._forget = client.register_script(_script(_FORGET_LUA))
 
     @staticmethod
     def _args(table: str, window_s: int, ids: bytes, values: bytes) -> list[str | int | bytes]:
@@ -194,6 +227,13 @@ class EventClaims:
         if not ids:
             return 0
         return int(self._release(args=self._args(table, window_s, ids, values)))
+
+    def forget(self, table: str, ids: bytes, digests: bytes, window_s: int) -> int:
+        """Drop the claims of identities whose bytes are these digests, whoever placed them: the
+        rows are no longer in the table (a quarantined file), so they may land again."""
+        if not ids:
+            return 0
+        return int(self._forget(args=self._args(table, window_s, ids, digests)))
 
 
 @dataclass
@@ -279,6 +319,26 @@ def release_events(claims: EventClaims, batch_id: str, rows: Rows, window_s: int
     return released
 
 
+def forget_raw_events(claims: EventClaims, table: str, raws: Sequence[str], window_s: int) -> int:
+    """Forget the claims on the events ``raws`` (as received: ``raw_event``) in ``table``, so a
+    copy of them sent again lands; events that are not JSON objects with a source and id are
+    skipped (they never held a claim)."""
+    ids: list[bytes] = []
+    digests: list[bytes] = []
+    for raw in raws:
+        try:
+            event = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            continue
+        if not isinstance(event, dict):
+            continue
+        source, event_id = event.get("source"), event.get("id")
+        if isinstance(source, str) and isinstance(event_id, str):
+            ids.append(event_identity(source, event_id))
+            digests.append(raw_digest(raw))
+    return claims.forget(table, b"".join(ids), b"".join(digests), window_s)
+
+
 __all__ = [
     "BUCKETS",
     "CONFLICT",
@@ -290,5 +350,6 @@ __all__ = [
     "Rows",
     "Verdicts",
     "claim_batch",
+    "forget_raw_events",
     "release_events",
 ]

@@ -233,12 +233,16 @@ def restore(
     store: QuarantineStore,
     enqueue: Callable[[list[str], str, str], list[str]],
     *,
+    forget: Callable[[list[str], str], object] | None = None,
     now_ms: int | None = None,
 ) -> QuarantineRecord:
     """Send the restorable ``raw_event`` values of a quarantined file to its table again.
 
     ``enqueue(lines, table, batch_id)`` sends them and returns the batch ids sent (the producer's
-    ``enqueue_many``). Nothing is deleted.
+    ``enqueue_many``). ``forget(lines, table)`` first drops the per-event dedupe claims those rows
+    still hold (:func:`common.coord.claims.forget_raw_events`): they left the table with the file,
+    and would otherwise be dropped as repeats of themselves. Only before the first restore: once
+    restored, the claims belong to the rows that landed again. Nothing is deleted.
     """
     if record.status == "copied":
         raise ValueError(f"{record.original_path} is still in {record.table}: quarantine it first")
@@ -248,6 +252,8 @@ def restore(
         raise CorruptDataFileError(
             record.quarantine_path, "no raw_event value of it can be read and decoded"
         )
+    if forget is not None and record.status != "restored":
+        forget(found.restorable, record.table)
     record.restored_batch_ids = enqueue(found.restorable, record.table, record.restore_batch_id)
     record.restored_rows = len(found.restorable)
     record.restored_ms = int(time.time() * 1000) if now_ms is None else now_ms

@@ -84,6 +84,7 @@ def quarantine(
         if not restore:
             record = quarantine_file(iceberg_table, file, store, lock=m.lock(name))
         else:
+            from common.coord.claims import EventClaims, forget_raw_events
             from common.ingest.producer import Producer
 
             found = store.get(iceberg_table.io, iceberg_table, file)
@@ -96,6 +97,9 @@ def quarantine(
                     store,
                     lambda lines, target, batch_id: producer.enqueue_many(
                         lines, table=target, batch_id=batch_id
+                    ),
+                    forget=lambda lines, target: forget_raw_events(
+                        EventClaims(m.client), target, lines, m.settings.dedup_window_s
                     ),
                 )
     _print(record, as_json)
