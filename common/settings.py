@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from common.coord.budget import Budget
 from common.errors import ConfigError, InvalidIdentifierError
 from common.redaction import REDACTED, redact_url
 
 ENV_PREFIX = "ICEFLEET_"
 SchemaMode = Literal["evolve", "strict", "raw"]
+AckDurability = Literal["redis", "fsync"]
+ACK_DURABILITIES: tuple[AckDurability, ...] = ("redis", "fsync")
 SCHEMA_MODES: tuple[SchemaMode, ...] = ("evolve", "strict", "raw")
 COMPRESSIONS = ("zstd", "snappy", "gzip", "lz4", "none")
 HotPath = Literal["compiled", "reference"]
@@ -129,6 +132,20 @@ class Settings:
     plus 60 s."""
     log_level: str = "INFO"
     """Level of icefleet's logs."""
+    # backpressure and durability (common/coord/budget.py, common/coord/redis_memory.py)
+    budget_max_bytes: int = 0  # 0: 1/16 of the machine's memory, at least 64 MiB
+    """Fleet-wide budget of work not yet written, in bytes of packed (zstd) payload: past it
+    producers are refused (the gateway answers 429 with ``Retry-After``). Redis holds about 2.2
+    bytes per budget byte (message and copy). ``0``: 1/16 of this machine's memory, at least 64
+    MiB; set the same value on every host."""
+    budget_max_batches: int = 0  # 0: one per 64 KiB of the byte budget, at least 1,000
+    """... and in batches not yet written (each costs Redis about 2 KiB besides its payload).
+    ``0``: one per 64 KiB of ``ICEFLEET_BUDGET_MAX_BYTES``, at least 1,000."""
+    ack_durability: AckDurability = "redis"
+    """What an acknowledgement (the producer's return, the gateway's 202) promises: ``redis``,
+    the batch is in Redis (with AOF ``everysec`` a host crash can lose up to a second of
+    acknowledged batches); ``fsync``, it is in Redis' AOF on disk (needs ``appendfsync
+    always``, which ``icefleet up`` then sets on its Redis; checked at start)."""
     # HTTP ingest, metrics, canary, log format (workers/gateway.py, canary.py, common/observe/logs.py)
     http_max_body_bytes: int = 10_485_760
     """The gateway refuses larger request bodies (413), while reading them."""
@@ -186,6 +203,11 @@ class Settings:
         return f"Settings(redis_url={redact_url(self.redis_url)!r}, http_token={token!r}, {shown})"
 
     @property
+    def budget(self) -> Budget:
+        """The budget of work not yet written, ``0`` settings sized from this machine's memory."""
+        return Budget.sized(self.budget_max_bytes, self.budget_max_batches)
+
+    @property
     def warehouse_dir(self) -> Path:
         """Where the embedded default keeps data files."""
         return self.home / "warehouse"
@@ -216,6 +238,16 @@ def _positive_int(raw: str) -> int:
         raise ValueError("a positive whole number, e.g. 1000") from None
     if value <= 0:
         raise ValueError("a positive whole number, e.g. 1000")
+    return value
+
+
+def _size_or_auto(raw: str) -> int:
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        raise ValueError("a whole number, e.g. 536870912, or 0 for the automatic size") from None
+    if value < 0:
+        raise ValueError("a whole number, e.g. 536870912, or 0 for the automatic size")
     return value
 
 
@@ -402,6 +434,9 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], bool]] = {
     "WRITE_TIMEOUT_S": ("write_timeout_s", _positive_int, False),
     "RESEND_AFTER": ("resend_after_s", _duration_s, False),
     "LOG_LEVEL": ("log_level", _log_level, False),
+    "BUDGET_MAX_BYTES": ("budget_max_bytes", _size_or_auto, False),
+    "BUDGET_MAX_BATCHES": ("budget_max_batches", _size_or_auto, False),
+    "ACK_DURABILITY": ("ack_durability", _choice(ACK_DURABILITIES), False),
     "HTTP_MAX_BODY_BYTES": ("http_max_body_bytes", _positive_int, False),
     "HTTP_TOKEN": ("http_token", _nonempty, True),
     "METRICS_PORT": ("metrics_port", _port, False),

@@ -8,7 +8,10 @@ the answer is ``202 {"batch_id", "accepted"}``; invalid ones are listed in a ``4
 position and reason, while the valid events of the same request are still enqueued. Other
 answers: ``409`` (the ``Idempotency-Key`` named other events before: common/coord/bindings.py),
 ``401`` (bearer token missing or wrong, when ``ICEFLEET_HTTP_TOKEN`` is set), ``413``
-(body over ``ICEFLEET_HTTP_MAX_BODY_BYTES``), ``415`` (content type), ``503`` (Redis unreachable).
+(body over ``ICEFLEET_HTTP_MAX_BODY_BYTES``), ``415`` (content type), ``429`` with
+``Retry-After`` (the fleet's budget of work not yet written is used up:
+:mod:`common.coord.budget`), ``503`` with ``Retry-After`` (Redis unreachable, loading its AOF, or
+full).
 
 ``GET /healthz`` pings Redis (no token needed: load balancers call it). ``GET /metrics`` is the
 Prometheus text format, behind the token like ``/events``, unless ``icefleet serve
@@ -40,7 +43,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from common.errors import BatchConflictError, InvalidBatchIdError, InvalidIdentifierError
+from common.coord.redis_memory import warn_about_eviction
+from common.errors import (
+    BatchConflictError,
+    InvalidBatchIdError,
+    InvalidIdentifierError,
+    OverloadedError,
+)
 from common.ingest.producer import Producer
 from common.ingest.routing import Router, TableName
 from common.observe.logs import log_context
@@ -56,9 +65,12 @@ __all__ = [
     "ProducerPool",
     "create_gateway",
     "redis_client",
+    "redis_state",
 ]
 
 logger = logging.getLogger(__name__)
+
+UNAVAILABLE_RETRY_S = 5  # Retry-After while Redis is unreachable, loading its AOF, or full
 
 
 @dataclass
@@ -186,9 +198,24 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _error(status: int, reason: str) -> JSONResponse:
-    headers = {"WWW-Authenticate": 'Bearer realm="icefleet"'} if status == 401 else None
-    return JSONResponse({"error": reason}, status_code=status, headers=headers)
+def _error(status: int, reason: str, retry_after_s: int | None = None) -> JSONResponse:
+    headers = {"WWW-Authenticate": 'Bearer realm="icefleet"'} if status == 401 else {}
+    body: dict[str, Any] = {"error": reason}
+    if retry_after_s is not None:
+        headers["Retry-After"] = str(retry_after_s)
+        body["retry_after_s"] = retry_after_s
+    return JSONResponse(body, status_code=status, headers=headers or None)
+
+
+def redis_state(exc: BaseException) -> str:
+    """What a Redis failure says of Redis, never where it is: ``loading`` (it restarts and reads
+    its AOF), ``full`` (maxmemory reached under noeviction) or ``unreachable``."""
+    text = str(exc)
+    if isinstance(exc, redis.BusyLoadingError) or text.startswith("LOADING"):
+        return "loading"
+    if isinstance(exc, redis.OutOfMemoryError) or "maxmemory" in text:
+        return "full"
+    return "unreachable"
 
 
 def _options(request: Request) -> tuple[str | None, str | None]:
@@ -223,9 +250,16 @@ async def post_events(request: Request) -> Response:
         return _error(exc.status, exc.reason)
     except BatchConflictError as exc:  # the key names other events: nothing was enqueued
         return _error(409, f"Idempotency-Key: {exc}")
+    except OverloadedError as exc:
+        gateway.metrics.http_refused.labels("overloaded").inc()
+        return _error(429, str(exc), retry_after_s=exc.retry_after_s)
     except (redis.RedisError, KombuOperationalError) as exc:
-        logger.error("enqueue failed: Redis unavailable: %s", exc)
-        return _error(503, f"the queue is unavailable: {redact_text(str(exc))}")
+        state = redis_state(exc)
+        logger.error("enqueue failed: Redis %s: %s", state, redact_text(str(exc)))
+        gateway.metrics.http_refused.labels(f"redis_{state}").inc()
+        return _error(
+            503, f"the queue is {state}: nothing was enqueued", retry_after_s=UNAVAILABLE_RETRY_S
+        )
     gateway.record(outcome)
     if outcome.rejected:
         logger.info(
@@ -243,10 +277,13 @@ async def healthz(request: Request) -> Response:
     try:
         await run_in_threadpool(gateway.client.ping)
     except redis.RedisError as exc:
+        # states only: a health endpoint anyone may call must not name hosts, ports or users
         return JSONResponse(
-            {"status": "unavailable", "redis": redact_text(str(exc))}, status_code=503
+            {"status": "unavailable", "redis": redis_state(exc)},
+            status_code=503,
+            headers={"Retry-After": str(UNAVAILABLE_RETRY_S)},
         )
-    return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "ok", "redis": "ok"})
 
 
 async def metrics_endpoint(request: Request) -> Response:
@@ -300,7 +337,7 @@ def create_gateway(
 ) -> ASGIApp:
     """The ASGI app. ``serve_metrics=False`` leaves ``/metrics`` to a port of its own."""
     client = redis_client(settings)
-    metrics = metrics or create_metrics(client)
+    metrics = metrics or create_metrics(client, budget=settings.budget)
     pool = ProducerPool(producer_factory or (lambda: Producer(settings)))
     gateway = Gateway(settings, pool, metrics, client, Router(settings.routes, settings.namespace))
 
@@ -308,6 +345,7 @@ def create_gateway(
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if settings.http_token is None:
             logger.warning("ICEFLEET_HTTP_TOKEN is not set: POST /events accepts anyone")
+        await run_in_threadpool(warn_about_eviction, client, settings.budget)
         try:
             yield
         finally:

@@ -52,7 +52,7 @@ def serve(host: str, port: int, metrics_port: int | None) -> None:
         from common.observe.metrics import create_metrics
         from workers.gateway import redis_client
 
-        metrics = create_metrics(redis_client(settings))
+        metrics = create_metrics(redis_client(settings), budget=settings.budget)
         start_http_server(metrics_port, addr=host, registry=metrics.registry)
         logger.info("metrics on http://%s:%d/metrics", host, metrics_port)
         app = create_gateway(settings, metrics=metrics, serve_metrics=False)
