@@ -7,8 +7,10 @@ Against the session's real redis-server (the bookkeeping is Lua); messages go to
 from __future__ import annotations
 
 import random
+import time
 from typing import Any
 
+import orjson
 import pytest
 import redis
 
@@ -254,3 +256,35 @@ def test_the_automatic_budget_follows_the_machine_memory() -> None:
     assert Budget.sized(max_bytes=1_000).max_batches == MIN_AUTO_BATCHES
     assert Budget.sized(5_000, 7) == Budget(5_000, 7)
     assert load_settings({"ICEFLEET_BUDGET_MAX_BYTES": "5000"}).budget.max_bytes == 5_000
+
+
+def test_icefleet_send_waits_saying_why_then_fails_having_sent_nothing(
+    redis_url: str, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch, tmp_path: Any
+) -> None:
+    from click.testing import CliRunner
+
+    from workers.cli.main import main
+
+    # Given a fleet whose budget of one batch is used
+    monkeypatch.setenv("ICEFLEET_REDIS_URL", redis_url)
+    monkeypatch.setenv("ICEFLEET_HOME", str(tmp_path))
+    monkeypatch.setenv("ICEFLEET_BUDGET_MAX_BATCHES", "1")
+    admit(redis_client, "held", enqueued_ms=int(time.time() * 1000), size=10, budget=None)
+
+    # When `icefleet send` is given a short wait
+    line = orjson.dumps(event(1)).decode()
+    result = CliRunner().invoke(main, ["send", "--max-wait", "0.2", "-"], input=line)
+
+    # Then it said it waited and why, failed in one line, and enqueued nothing
+    assert result.exit_code == 1
+    assert "over its budget (1/1 batches" in result.output
+    assert "waiting 1s" in result.output
+    assert "error: the fleet is over its budget" in result.output
+    assert redis_client.zcard(keys.outstanding()) == 1
+    assert redis_client.llen("ingest") == 0
+
+    # And once the batch is written, the same command goes through and prints the batch id
+    Outstanding(redis_client).done("held")
+    sent = CliRunner().invoke(main, ["send", "--batch-id", "k1", "-"], input=line)
+    assert sent.exit_code == 0, sent.output
+    assert sent.output.strip() == "k1"
