@@ -27,6 +27,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from common.coord.redis_memory import required_maxmemory, warn_about_eviction
 from common.errors import MissingDependencyError
 from common.settings import Settings
 
@@ -157,13 +158,18 @@ class ManagedProcess:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def redis_process(home: Path, port: int) -> ManagedProcess:
-    """``redis-server`` on a loopback port with its AOF and log under ``home/redis``."""
+def redis_process(
+    home: Path, port: int, maxmemory: int = 0, appendfsync: str = "everysec"
+) -> ManagedProcess:
+    """``redis-server`` on a loopback port with its AOF and log under ``home/redis``; with a
+    ``maxmemory`` (bytes) and ``noeviction``, so overload makes it refuse writes, never be
+    killed or drop keys (common/coord/redis_memory.py)."""
     workdir = home / "redis"
     workdir.mkdir(parents=True, exist_ok=True)
     argv = [
         redis_server_binary(), "--port", str(port), "--bind", LOOPBACK, "--dir", str(workdir),
-        "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+        "--appendonly", "yes", "--appendfsync", appendfsync, "--save", "",
+        "--maxmemory", str(maxmemory), "--maxmemory-policy", "noeviction",
         "--protected-mode", "yes", "--daemonize", "no",
     ]  # fmt: skip
     return ManagedProcess("redis", argv, dict(os.environ), workdir / "redis.log")
@@ -186,6 +192,17 @@ def wait_for_redis(url: str, proc: ManagedProcess | None, timeout_s: float = 20.
             if time.monotonic() > deadline:
                 raise TimeoutError(f"Redis at {LOOPBACK} not answering after {timeout_s:.0f}s")
             time.sleep(0.1)
+    finally:
+        client.close()
+
+
+def check_external_redis(settings: Settings) -> None:
+    """Warn when a Redis icefleet did not start could evict its keys or grow unbounded."""
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    try:
+        warn_about_eviction(client, settings.budget)
     finally:
         client.close()
 
@@ -231,12 +248,19 @@ class Fleet:
         try:
             if self.spawn_redis:
                 port = free_port()
-                self.redis = redis_process(self.home, port)
+                self.redis = redis_process(
+                    self.home,
+                    port,
+                    maxmemory=required_maxmemory(self.settings.budget),
+                    # a 202 that waits for the disk (ICEFLEET_ACK_DURABILITY=fsync)
+                    appendfsync="always" if self.settings.ack_durability == "fsync" else "everysec",
+                )
                 self.settings = replace(self.settings, redis_url=f"redis://{LOOPBACK}:{port}/0")
                 self.redis.start()
                 wait_for_redis(self.settings.redis_url, self.redis)
             else:
                 wait_for_redis(self.settings.redis_url, None)
+                check_external_redis(self.settings)
             if self.flower:
                 self._check_flower()
             for name in self.worker_names():
