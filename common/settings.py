@@ -135,11 +135,11 @@ class Settings:
     # backpressure and durability (common/coord/budget.py, common/coord/redis_memory.py)
     budget_max_bytes: int = 0  # 0: 1/16 of the machine's memory, at least 64 MiB
     """Fleet-wide budget of work not yet written, in bytes of packed (zstd) payload: past it
-    producers are refused (the gateway answers 429 with ``Retry-After``). Redis holds about 2.2
+    producers are refused (the gateway answers 429 with ``Retry-After``). Redis holds about 2.7
     bytes per budget byte (message and copy). ``0``: 1/16 of this machine's memory, at least 64
     MiB; set the same value on every host."""
     budget_max_batches: int = 0  # 0: one per 64 KiB of the byte budget, at least 1,000
-    """... and in batches not yet written (each costs Redis about 2 KiB besides its payload).
+    """... and in batches not yet written (each costs Redis 3 to 6 KiB besides its payload).
     ``0``: one per 64 KiB of ``ICEFLEET_BUDGET_MAX_BYTES``, at least 1,000."""
     ack_durability: AckDurability = "redis"
     """What an acknowledgement (the producer's return, the gateway's 202) promises: ``redis``,
