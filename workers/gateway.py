@@ -7,8 +7,11 @@ id is the ``Idempotency-Key`` header when there is one (a retried request then l
 the answer is ``202 {"batch_id", "accepted"}``; invalid ones are listed in a ``400`` with their
 position and reason, while the valid events of the same request are still enqueued. Other
 answers: ``409`` (the ``Idempotency-Key`` named other events before: common/coord/bindings.py),
-``401`` (bearer token missing or wrong, when ``ICEFLEET_HTTP_TOKEN`` is set), ``413``
-(body over ``ICEFLEET_HTTP_MAX_BODY_BYTES``), ``415`` (content type), ``429`` with
+``401`` (bearer token missing or wrong, when ``ICEFLEET_HTTP_TOKEN`` is set), ``413`` (body over
+``ICEFLEET_HTTP_MAX_BODY_BYTES``, decoded: ``Content-Encoding: gzip`` is honoured, any other is
+a ``415``), ``415`` (content type), ``431`` (headers over 16 KiB), ``400`` for a JSON object
+with a key twice or a ``ce-*`` header that is not percent-encoded UTF-8
+(:mod:`workers.http_input`), ``429`` with
 ``Retry-After`` (the fleet's budget of work not yet written is used up:
 :mod:`common.coord.budget`), ``503`` with ``Retry-After`` (Redis unreachable, loading its AOF, or
 full).
@@ -57,9 +60,18 @@ from common.observe.metrics import CONTENT_TYPE_LATEST, Metrics, create_metrics
 from common.redaction import redact_text
 from common.settings import Settings
 from common.wire import check_batch_id
-from workers.gateway_modes import Rejection, RequestError, parse_request, request_mode
+from workers.gateway_modes import (
+    Rejection,
+    RequestError,
+    _is_json,
+    media_type,
+    parse_request,
+    request_mode,
+)
+from workers.http_input import UVICORN_HEADER_LIMIT, HeaderLimit, decode_body, duplicate_key
 
 __all__ = [
+    "UVICORN_HEADER_LIMIT",
     "Gateway",
     "Outcome",
     "ProducerPool",
@@ -159,6 +171,13 @@ class Gateway:
         batch_id: str | None,
     ) -> Outcome:
         """Parse, validate and enqueue (blocking: runs in the thread pool)."""
+        body = decode_body(body, headers.get("content-encoding"), self.settings.http_max_body_bytes)
+        if mode != "binary" or _is_json(media_type(headers.get("content-type"))):
+            duplicate = duplicate_key(body, mode)
+            if duplicate is not None:
+                raise RequestError(
+                    400, f"{duplicate}: keys must be unique (parsers would keep only one value)"
+                )
         events, rejected = parse_request(
             mode, headers, body, max_event_bytes=self.settings.max_event_bytes
         )
@@ -360,4 +379,4 @@ def create_gateway(
         routes.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.gateway = gateway
-    return _Instrumentation(app, metrics, frozenset(r.path for r in routes))
+    return _Instrumentation(HeaderLimit(app), metrics, frozenset(r.path for r in routes))

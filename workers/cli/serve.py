@@ -36,7 +36,7 @@ def serve(host: str, port: int, metrics_port: int | None) -> None:
 
     from common.observe.logs import configure_logging
     from workers.cli.context import connect, load_context
-    from workers.gateway import create_gateway
+    from workers.gateway import UVICORN_HEADER_LIMIT, create_gateway
 
     with errors():  # one line now, not a gateway answering 503 to every request
         context = load_context()
@@ -66,4 +66,6 @@ def serve(host: str, port: int, metrics_port: int | None) -> None:
         log_config=None,  # our root handler (JSON or text, redacted) formats uvicorn's records
         server_header=False,
         timeout_graceful_shutdown=10,
+        # the parser's own limit above the gateway's, which answers 431 (not h11's bare 400)
+        h11_max_incomplete_event_size=UVICORN_HEADER_LIMIT,
     )
