@@ -26,7 +26,7 @@ from tests.integration.test_gateway import (
 
 pytestmark = pytest.mark.integration
 
-served = test_gateway.gateway  # that module's server, here as the fixture "gateway"
+served = test_gateway.gateway  # that module's server, here as the fixture "served"
 
 
 def raw_post(base: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict[str, str], str]:
@@ -45,43 +45,43 @@ def raw_post(base: str, body: bytes, headers: dict[str, str]) -> tuple[int, dict
 
 
 def test_a_gzip_body_is_decoded_and_lands_as_sent(
-    gateway: Server, redis_client: redis.Redis
+    served: Server, redis_client: redis.Redis
 ) -> None:
     # Given a batch sent gzip-compressed
     events = [event("gz-1"), event("gz-2", data={"é": "ü"})]
     body = gzip.compress(json.dumps(events).encode())
 
     # When it is posted with Content-Encoding: gzip
-    reply = post(gateway.url, body, BATCH, **{"Content-Encoding": "gzip"})
+    reply = post(served.url, body, BATCH, **{"Content-Encoding": "gzip"})
 
     # Then the events in the queue are the ones sent
     assert reply.status == 202, reply.text
     assert queued_batches(redis_client)[reply.body["batch_id"]] == events
 
 
-def test_a_gzip_bomb_is_413_on_its_decoded_size(gateway: Server, redis_client: redis.Redis) -> None:
+def test_a_gzip_bomb_is_413_on_its_decoded_size(served: Server, redis_client: redis.Redis) -> None:
     # Given a body far under the limit that decodes far over it
     inner = json.dumps([event(f"b-{n}", data={"pad": "0" * 1_000}) for n in range(500)]).encode()
     body = gzip.compress(inner)
     assert len(body) < MAX_BODY_BYTES < len(inner)
 
     # When it is posted gzip-encoded, then it is refused as too large and nothing is enqueued
-    reply = post(gateway.url, body, BATCH, **{"Content-Encoding": "gzip"})
+    reply = post(served.url, body, BATCH, **{"Content-Encoding": "gzip"})
     assert reply.status == 413 and "decodes" in reply.body["error"]
     assert queued_batches(redis_client) == {}
 
 
 @pytest.mark.parametrize("encoding", ["br", "deflate"])
 def test_other_content_encodings_are_415(
-    gateway: Server, redis_client: redis.Redis, encoding: str
+    served: Server, redis_client: redis.Redis, encoding: str
 ) -> None:
-    reply = post(gateway.url, event("e-1"), STRUCTURED, **{"Content-Encoding": encoding})
+    reply = post(served.url, event("e-1"), STRUCTURED, **{"Content-Encoding": encoding})
     assert reply.status == 415 and encoding in reply.body["error"]
     assert queued_batches(redis_client) == {}
 
 
 def test_binary_mode_headers_are_percent_decoded_utf8(
-    gateway: Server, redis_client: redis.Redis
+    served: Server, redis_client: redis.Redis
 ) -> None:
     # Given a binary-mode event whose source and an extension carry percent-encoded UTF-8
     headers = {
@@ -94,7 +94,7 @@ def test_binary_mode_headers_are_percent_decoded_utf8(
     }
 
     # When it is posted, then they land decoded, exactly
-    status, _, text = raw_post(gateway.url, b'{"n": 1}', headers)
+    status, _, text = raw_post(served.url, b'{"n": 1}', headers)
     assert status == 202, text
     (landed,) = queued_batches(redis_client)[json.loads(text)["batch_id"]]
     assert (landed["source"], landed["comment"]) == ("/café", '50% "off"')
@@ -102,7 +102,7 @@ def test_binary_mode_headers_are_percent_decoded_utf8(
 
 @pytest.mark.parametrize("value", ["/caf\u00e9", "/%FF", "/50%"])
 def test_binary_mode_headers_that_are_not_percent_encoded_utf8_are_400(
-    gateway: Server, redis_client: redis.Redis, value: str
+    served: Server, redis_client: redis.Redis, value: str
 ) -> None:
     headers = {
         "Content-Type": "application/json",
@@ -111,14 +111,14 @@ def test_binary_mode_headers_that_are_not_percent_encoded_utf8_are_400(
         "ce-source": value,
         "ce-type": "com.example.http_order",
     }
-    status, _, text = raw_post(gateway.url, b'{"n": 1}', headers)
+    status, _, text = raw_post(served.url, b'{"n": 1}', headers)
     assert status == 400 and "ce-source" in json.loads(text)["error"]
     assert queued_batches(redis_client) == {}
 
 
-def test_oversized_headers_are_431(gateway: Server, redis_client: redis.Redis) -> None:
+def test_oversized_headers_are_431(served: Server, redis_client: redis.Redis) -> None:
     status, _, text = raw_post(
-        gateway.url,
+        served.url,
         json.dumps(event("h-1")).encode(),
         {"Content-Type": STRUCTURED, "X-Padding": "p" * 20_000},
     )
@@ -143,9 +143,9 @@ def test_oversized_headers_are_431(gateway: Server, redis_client: redis.Redis) -
     ],
 )
 def test_a_key_twice_in_one_event_is_400(
-    gateway: Server, redis_client: redis.Redis, body: bytes, content_type: str, where: str
+    served: Server, redis_client: redis.Redis, body: bytes, content_type: str, where: str
 ) -> None:
-    reply = post(gateway.url, body, content_type)
+    reply = post(served.url, body, content_type)
     assert reply.status == 400 and reply.body["error"].startswith(where)
     assert "twice" in reply.body["error"]
     assert queued_batches(redis_client) == {}
