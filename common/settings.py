@@ -324,6 +324,12 @@ def _redis_url(raw: str) -> str:
     accepts = "a Redis URL such as redis://127.0.0.1:6379/0 (or rediss://, unix://)"
     if not re.match(r"^(redis|rediss|unix)://", raw):
         raise ValueError(accepts)
+    if re.search(r"[?&]password=", raw):
+        # kombu, the broker's client, fails on it with a bare TypeError
+        raise ValueError(
+            "a Redis URL with the password in its user part, redis://:PASSWORD@host:port/db, "
+            "not as ?password= (which the Celery broker cannot read)"
+        )
     if raw.startswith("unix://"):
         return raw
     # Checked here, not when the first command connects: redis-py would raise a bare ValueError
