@@ -149,6 +149,9 @@ class Settings:
     # HTTP ingest, metrics, canary, log format (workers/gateway.py, canary.py, common/observe/logs.py)
     http_max_body_bytes: int = 10_485_760
     """The gateway refuses larger request bodies (413), while reading them."""
+    flower_basic_auth: str | None = field(default=None, repr=False)
+    """``user:password`` that ``icefleet up --flower`` requires of Flower's visitors (its task
+    pages show batch ids and tracebacks); unset: a random password, printed once at start."""
     http_token: str | None = None  # a secret: never shown by __repr__
     """Bearer token the gateway requires on ``POST /events`` and ``GET /metrics``; unset: anyone
     may post (and the gateway logs a warning)."""
@@ -195,7 +198,7 @@ class Settings:
     """How many live files each sampled deep verify reads, rotating through the tables."""
 
     def __repr__(self) -> str:
-        hidden = ("redis_url", "http_token")
+        hidden = ("redis_url", "http_token", "flower_basic_auth")
         shown = ", ".join(
             f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name not in hidden
         )
@@ -349,6 +352,13 @@ def _nonempty(raw: str) -> str:
     return raw.strip()
 
 
+def _basic_auth(raw: str) -> str:
+    user, sep, password = raw.partition(":")
+    if not sep or not user or not password or "," in raw:
+        raise ValueError("user:password, both non-empty (one pair)")
+    return raw
+
+
 def _log_level(raw: str) -> str:
     return _choice(("debug", "info", "warning", "error"))(raw).upper()
 
@@ -445,6 +455,7 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], bool]] = {
     "ACK_DURABILITY": ("ack_durability", _choice(ACK_DURABILITIES), False),
     "HTTP_MAX_BODY_BYTES": ("http_max_body_bytes", _positive_int, False),
     "HTTP_TOKEN": ("http_token", _nonempty, True),
+    "FLOWER_BASIC_AUTH": ("flower_basic_auth", _basic_auth, True),
     "METRICS_PORT": ("metrics_port", _port, False),
     "CANARY_INTERVAL_S": ("canary_interval_s", _seconds_or_off, False),
     "LOG_FORMAT": ("log_format", _choice(("json", "text")), False),
@@ -463,6 +474,11 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], bool]] = {
     "VERIFY_INTERVAL": ("verify_interval_s", _positive_duration_s, False),
     "VERIFY_SAMPLE_FILES": ("verify_sample_files", _positive_int, False),
 }
+
+
+def _shown(secret: str) -> str:
+    """A secret variable's value for an error: a URL without its credentials, else nothing."""
+    return redact_url(secret) if "://" in secret else REDACTED
 
 
 def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -486,7 +502,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
         try:
             values[attr] = parse(raw)
         except (ValueError, InvalidIdentifierError) as exc:
-            raise ConfigError(name, redact_url(raw) if secret else raw, str(exc)) from None
+            raise ConfigError(name, _shown(raw) if secret else raw, str(exc)) from None
     values.update(overrides)
     settings = Settings(**values)
     if settings.commit_max_bytes < settings.batch_max_bytes:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -196,6 +197,12 @@ def wait_for_redis(url: str, proc: ManagedProcess | None, timeout_s: float = 20.
         client.close()
 
 
+def generated_basic_auth() -> str:
+    """``icefleet:<random>`` for Flower when no ICEFLEET_FLOWER_BASIC_AUTH is set: its task
+    pages show batch ids and tracebacks, so it is never open, not even on 127.0.0.1."""
+    return f"icefleet:{secrets.token_urlsafe(18)}"
+
+
 def check_external_redis(settings: Settings) -> None:
     """Warn when a Redis icefleet did not start could evict its keys or grow unbounded."""
     import redis
@@ -220,6 +227,8 @@ class Fleet:
     loglevel: str = "INFO"
     processes: list[ManagedProcess] = field(default_factory=list)
     redis: ManagedProcess | None = None
+    # user:password Flower requires (ICEFLEET_FLOWER_BASIC_AUTH, else generated at start)
+    flower_auth: str | None = field(default=None, repr=False)
     _stopping: bool = False
     _backoff_until: dict[str, float] = field(default_factory=dict)
 
@@ -263,16 +272,18 @@ class Fleet:
                 check_external_redis(self.settings)
             if self.flower:
                 self._check_flower()
+                self.flower_auth = self.settings.flower_basic_auth or generated_basic_auth()
             for name in self.worker_names():
                 self._add(name, self._worker_argv(name))
             if self.flower:
-                self._add("flower", self._flower_argv())
+                self._add("flower", self._flower_argv(), self.flower_env())
         except BaseException:
             self.stop()
             raise
 
-    def _add(self, name: str, argv: list[str]) -> None:
-        proc = ManagedProcess(name, argv, self.child_env(), self.log_dir / f"{name}.log")
+    def _add(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        env = env or self.child_env()
+        proc = ManagedProcess(name, argv, env, self.log_dir / f"{name}.log")
         self.processes.append(proc)
         proc.start()
 
@@ -288,6 +299,12 @@ class Fleet:
             sys.executable, "-m", "celery", "-A", "workers.app", "flower",
             f"--address={LOOPBACK}", f"--port={self.flower_port}",
         ]  # fmt: skip
+
+    def flower_env(self) -> dict[str, str]:
+        """Flower's environment: its basic auth travels here, not in argv (which ``ps`` shows
+        to every local user); Flower reads ``FLOWER_*`` variables as its options."""
+        assert self.flower_auth is not None
+        return {**self.child_env(), "FLOWER_BASIC_AUTH": self.flower_auth}
 
     def _check_flower(self) -> None:
         import importlib.util
