@@ -198,9 +198,9 @@ def wait_for_redis(url: str, proc: ManagedProcess | None, timeout_s: float = 20.
 
 
 def generated_basic_auth() -> str:
-    """``icefleet:<random>`` for Flower when no ICEFLEET_FLOWER_BASIC_AUTH is set: its task
+    """``flower:<random>`` for Flower when no ICEFLEET_FLOWER_BASIC_AUTH is set: its task
     pages show batch ids and tracebacks, so it is never open, not even on 127.0.0.1."""
-    return f"icefleet:{secrets.token_urlsafe(18)}"
+    return "flower:" + secrets.token_urlsafe(18)
 
 
 def check_external_redis(settings: Settings) -> None:

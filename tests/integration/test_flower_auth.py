@@ -65,7 +65,7 @@ def test_flower_requires_basic_auth_and_listens_on_loopback_only(
             assert auth == given
         else:
             user, _, password = auth.partition(":")
-            assert user == "icefleet" and len(password) >= 20
+            assert user == "flower" and len(password) >= 20
         # on 127.0.0.1 only, and the password is not on its command line for `ps` to show
         assert listening_addresses(port) == {"0100007F"}
         proc = fleet.process("flower")

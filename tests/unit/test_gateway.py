@@ -10,7 +10,7 @@ import orjson
 import pytest
 import redis
 
-from workers.gateway import Outcome, ProducerPool
+from workers.gateway import Outcome, ProducerPool, redis_state
 from workers.gateway_modes import (
     BATCH,
     STRUCTURED,
@@ -19,7 +19,6 @@ from workers.gateway_modes import (
     binary_event,
     media_type,
     parse_request,
-    redis_state,
     request_mode,
 )
 
