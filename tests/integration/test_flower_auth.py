@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from common.settings import load_settings
-from tests.services import free_port, wait_for_port
+from tests.support.services import free_port, wait_for_port
 from workers.fleet import Fleet, generated_basic_auth
 
 pytestmark = pytest.mark.integration

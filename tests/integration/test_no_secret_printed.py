@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from common.redaction import redact_text, redact_url
-from tests.services import free_port
+from tests.support.services import free_port
 from workers.cli.main import main
 
 pytestmark = pytest.mark.integration
@@ -39,8 +39,16 @@ COMMANDS: dict[str, list[str]] = {
 
 
 def test_every_command_that_reaches_redis_is_listed() -> None:
-    # Only these need no Redis: serving HTTP (its own tests), a worker, the catalog checks.
-    no_redis = {"serve", "worker", "verify", "sync-catalog", "demo"}  # demo: as `up`
+    # Only these need no Redis: serving HTTP (its own tests), a worker, the catalog commands.
+    no_redis = {
+        "serve",
+        "worker",
+        "verify",
+        "sync-catalog",
+        "tables",
+        "query",
+        "demo",
+    }  # demo: as up
     assert set(main.commands) - no_redis == {name.split()[0] for name in COMMANDS}
 
 

@@ -17,7 +17,7 @@ from common.coord.redis_memory import eviction_warnings, require_fsync, required
 from common.errors import ConfigError
 from common.ingest.producer import Producer
 from common.settings import load_settings
-from tests.services import RedisProcess, free_port
+from tests.support.services import RedisProcess, free_port
 from workers.fleet import check_external_redis, redis_process, wait_for_redis
 
 pytestmark = pytest.mark.integration
