@@ -63,6 +63,13 @@ class Settings:
     routes: tuple[Route, ...] = ()
     """Routing rules tried before the default, first match wins: ``com.github.*=github.events``
     sends every event whose type matches the fnmatch pattern to that table."""
+    unrouted: str = "by-type"
+    """Where events whose type matches no ``ICEFLEET_ROUTES`` rule go: ``by-type``, a table
+    named after the type (any client can then create tables); ``dead-letter``, the dead-letter
+    store with the reason; or one ``namespace.table`` for them all."""
+    max_tables: int = 1_000
+    """Writers create no table past this many in the catalog: the events of a new table beyond
+    it are dead-lettered, the reason naming this variable and ``ICEFLEET_UNROUTED``."""
     max_event_bytes: int = 1_048_576
     """Events larger than this many bytes, as received, are dead-lettered with the reason."""
     batch_max_events: int = 10_000
@@ -301,6 +308,18 @@ def _routes(raw: str) -> tuple[Route, ...]:
     return tuple(routes)
 
 
+def _unrouted(raw: str) -> str:
+    value = raw.strip()
+    if value in ("by-type", "dead-letter"):
+        return value
+    try:
+        return _table_name(value)
+    except ValueError:
+        raise ValueError(
+            "by-type, dead-letter, or one namespace.table (lowercase [a-z0-9_])"
+        ) from None
+
+
 def _schema_modes(raw: str) -> tuple[tuple[str, SchemaMode], ...]:
     out: list[tuple[str, SchemaMode]] = []
     for item in filter(None, (part.strip() for part in raw.split(","))):
@@ -426,6 +445,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], bool]] = {
     "CATALOG": ("catalog_name", _nonempty, False),
     "NAMESPACE": ("namespace", _identifier_part, False),
     "ROUTES": ("routes", _routes, False),
+    "UNROUTED": ("unrouted", _unrouted, False),
+    "MAX_TABLES": ("max_tables", _positive_int, False),
     "MAX_EVENT_BYTES": ("max_event_bytes", _positive_int, False),
     "BATCH_MAX_EVENTS": ("batch_max_events", _positive_int, False),
     "BATCH_MAX_BYTES": ("batch_max_bytes", _positive_int, False),

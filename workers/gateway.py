@@ -358,7 +358,13 @@ def create_gateway(
     client = redis_client(settings)
     metrics = metrics or create_metrics(client, budget=settings.budget)
     pool = ProducerPool(producer_factory or (lambda: Producer(settings)))
-    gateway = Gateway(settings, pool, metrics, client, Router(settings.routes, settings.namespace))
+    gateway = Gateway(
+        settings,
+        pool,
+        metrics,
+        client,
+        Router(settings.routes, settings.namespace, settings.unrouted),
+    )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
