@@ -86,6 +86,6 @@ def test_unrouted_types_can_share_one_table(tmp_path: Path) -> None:
 
 
 def test_the_unrouted_setting_says_what_it_accepts() -> None:
-    with pytest.raises(ConfigError, match="by-type, dead-letter, or one namespace.table"):
+    with pytest.raises(ConfigError, match=r"by-type, dead-letter, or one namespace\.table"):
         load_settings({"ICEFLEET_UNROUTED": "drop"})
     assert load_settings({}).unrouted == "by-type"
