@@ -167,7 +167,7 @@ def gateway(redis_url: str, home: Path, **env: str) -> Iterator[int]:
     """``icefleet serve`` in a process of its own; yields its port."""
     port = free_port()
     variables = {k: v for k, v in os.environ.items() if not k.startswith("ICEFLEET_")}
-    variables.update(ICEFLEET_REDIS_URL=redis_url, ICEFLEET_HOME=str(home), **env)
+    variables.update({**env, "ICEFLEET_REDIS_URL": redis_url, "ICEFLEET_HOME": str(home)})
     log = (home / "gateway.log").open("ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "workers.cli.main", "serve", "--port", str(port)],

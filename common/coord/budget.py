@@ -98,8 +98,8 @@ def retry_after_s(oldest_ms: int | None, now_ms: int) -> int:
     return max(1, min(RETRY_AFTER_MAX_S, math.ceil((now_ms - oldest_ms) / 4000)))
 
 
-# KEYS: outstanding, sizes, bytes. ARGV: batch id, enqueue ms, size, check (0/1), max bytes,
-# max batches, request bytes, request batches.
+# KEYS: outstanding, sizes, bytes, payload copy. ARGV: batch id, enqueue ms, size, check (0/1),
+# max bytes, max batches, request bytes, request batches, the copy (JSON, "" for none), its TTL.
 # Returns {1, score} when added, {0, score} when already outstanding (not charged again),
 # {-1, batches, bytes, oldest score} when refused.
 _ADMIT = """
@@ -117,6 +117,7 @@ end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
 redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
 redis.call('INCRBY', KEYS[3], ARGV[3])
+if ARGV[9] ~= '' then redis.call('SET', KEYS[4], ARGV[9], 'EX', ARGV[10]) end
 return {1, ARGV[2]}
 """
 
@@ -165,8 +166,14 @@ def admit(
     budget: Budget | None,
     request_bytes: int | None = None,
     request_batches: int = 1,
+    copy: bytes = b"",
+    copy_ttl_s: int = 1,
 ) -> tuple[bool, int]:
     """Make the batch outstanding and charge it (one Lua call); return (added, first enqueue ms).
+
+    ``copy`` (the write task's arguments, :mod:`common.coord.resend`) is stored with it when the
+    batch is added, in the same step: an outstanding batch always has the copy it may be sent
+    again from, whatever kills the producer or Redis in between.
 
     ``budget`` ``None``: never refused (writers' hand-backs). Otherwise past the budget raises
     :class:`OverloadedError` with the suggested delay, leaving Redis unchanged.
@@ -174,7 +181,12 @@ def admit(
     check = budget is not None
     limits = budget or Budget(0, 0)
     reply = _script(client, _ADMIT)(
-        keys=[keys.outstanding(), keys.budget_sizes(), keys.budget_bytes()],
+        keys=[
+            keys.outstanding(),
+            keys.budget_sizes(),
+            keys.budget_bytes(),
+            keys.payload(batch_id),
+        ],
         args=[
             batch_id,
             enqueued_ms,
@@ -184,6 +196,8 @@ def admit(
             limits.max_batches,
             size if request_bytes is None else request_bytes,
             request_batches,
+            copy,
+            copy_ttl_s,
         ],
     )
     status = int(reply[0])

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any, Protocol
 
+import orjson
 import redis
 
 from common.coord.backlog import Backlog, Waiter, WaitResult, read_backlog
@@ -135,9 +136,9 @@ def enqueue_write_task(
 ) -> WriteTask:
     """Send one write task the one way that loses nothing; return it as sent.
 
-    The batch is *outstanding* before its message exists (so a wait sees it), a copy of the
-    message is kept until the batch is written (:mod:`common.coord.resend` sends a lost one
-    again), and the message goes last. A batch sent again while still outstanding keeps its
+    The batch is *outstanding* before its message exists (so a wait sees it), with a copy of
+    the message kept until the batch is written (:mod:`common.coord.resend` sends a lost one
+    again), both in one step, and the message goes last. A batch sent again while still outstanding keeps its
     first enqueue time (``enqueued_at_ms`` when the task carries none): both deliveries then
     write byte-identical files (``_ingested_at`` is the enqueue time). If publishing fails, a
     batch this call made outstanding is forgotten again and the error raised.
@@ -147,22 +148,26 @@ def enqueue_write_task(
     nothing is sent; without one it is only charged (hand-backs, which replace counted work).
     """
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    first_ms = task.enqueued_at_ms if task.enqueued_at_ms is not None else now_ms
-    size = len(task.payload)
-    request_bytes, request_batches = request or (size, 1)
-    added, score = admit(
+    given = task.enqueued_at_ms is not None
+    task = task if given else replace(task, enqueued_at_ms=now_ms)
+    kwargs = task.to_kwargs()
+    request_bytes, request_batches = request or (len(task.payload), 1)
+    added, score = admit(  # outstanding, charged and its copy kept, in one step
         client,
         task.batch_id,
-        enqueued_ms=first_ms,
-        size=size,
+        enqueued_ms=int(task.enqueued_at_ms or now_ms),
+        size=len(task.payload),
         budget=budget,
         request_bytes=request_bytes,
         request_batches=request_batches,
+        copy=orjson.dumps(kwargs),
+        copy_ttl_s=ttl_s,
     )
-    if task.enqueued_at_ms is None:
-        task = replace(task, enqueued_at_ms=score)
-    kwargs = task.to_kwargs()
-    retain(client, task.batch_id, kwargs, ttl_s)
+    if not added:  # already outstanding: its first enqueue time wins; the copy is refreshed
+        if not given:
+            task = replace(task, enqueued_at_ms=score)
+            kwargs = task.to_kwargs()
+        retain(client, task.batch_id, kwargs, ttl_s)
     try:
         publish(kwargs)
     except BaseException:

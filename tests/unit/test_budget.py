@@ -237,7 +237,7 @@ def test_accounting_costs_the_same_redis_commands_per_batch_whatever_the_backlog
     many = commands_for_one_batch("x2")
 
     # Then the same commands run, none of them a scan: two round trips for the bookkeeping (a
-    # script to admit, one to release; the commands they run are counted too) and the copy's SET
+    # script to admit and keep the copy, one to release; the commands they run count too)
     assert few == many
     assert few["evalsha"] == 2 and few["set"] == 1, few
     assert not {"zrange", "hgetall", "hvals", "zrangebyscore", "scan", "keys"} & set(few), few
