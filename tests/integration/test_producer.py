@@ -29,7 +29,7 @@ from common.ingest.producer import KombuPublisher, Producer, split_lines
 from common.settings import load_settings
 from common.wire import INGEST_QUEUE, WRITE_TASK, check_batch_id, part_ids, task_message
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 
 def event(n: int, size: int = 0) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from common.ingest.producer import Producer, enqueue_write_task
 from common.settings import load_settings
 from common.wire import WriteTask
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 
 class Recorder:
