@@ -28,7 +28,7 @@ from common.coord.budget import (
 from common.errors import OverloadedError, RetryableError
 from common.ingest.producer import Producer, enqueue_write_task
 from common.settings import load_settings
-from common.wire import WriteTask
+from common.wire import WriteTask, part_ids
 
 pytestmark = pytest.mark.integration
 
@@ -123,7 +123,7 @@ def test_an_idle_fleet_admits_a_request_larger_than_the_budget_whole(
 
     # When nothing is outstanding, it goes whole (it could never pass otherwise)
     big.enqueue([event(n) for n in range(6)], batch_id="big")
-    assert [k["batch_id"] for k in recorder.sent] == ["big:0", "big:1", "big:2"]
+    assert [k["batch_id"] for k in recorder.sent] == part_ids("big", 3)
 
     # and the next request is refused whole: none of its parts is sent
     with pytest.raises(OverloadedError):
@@ -217,10 +217,10 @@ def test_accounting_costs_the_same_redis_commands_per_batch_whatever_the_backlog
     # Given a producer, and a way to count the commands Redis ran (INFO commandstats)
     p = producer(redis_client, Recorder(), budget_max_batches=1_000_000)
 
-    def commands_for_one_batch(batch_id: str) -> dict[str, int]:
+    def commands_for_one_batch() -> dict[str, int]:
         redis_client.config_resetstat()
-        p.enqueue([event(1)], batch_id=batch_id)
-        Outstanding(redis_client).done(batch_id)
+        p.enqueue([event(1)])  # no key: nothing but the budget's bookkeeping and the message
+        Outstanding(redis_client).done(p.last_batch_ids[0])
         stats = redis_client.info("commandstats")
         return {
             name.removeprefix("cmdstat_"): int(v["calls"])
@@ -231,10 +231,10 @@ def test_accounting_costs_the_same_redis_commands_per_batch_whatever_the_backlog
     # When one batch goes through with 10 batches outstanding, then with 2,000
     for n in range(10):
         admit(redis_client, f"bg{n}", enqueued_ms=1, size=10, budget=None)
-    few = commands_for_one_batch("x1")
+    few = commands_for_one_batch()
     for n in range(10, 2_000):
         admit(redis_client, f"bg{n}", enqueued_ms=1, size=10, budget=None)
-    many = commands_for_one_batch("x2")
+    many = commands_for_one_batch()
 
     # Then the same commands run, none of them a scan: two round trips for the bookkeeping (a
     # script to admit and keep the copy, one to release; the commands they run count too)

@@ -34,6 +34,7 @@ COMMANDS: dict[str, list[str]] = {
     "remove-orphans": ["remove-orphans", "events.x"],
     "delete": ["delete", "events.x", "--where", "id = '1'"],
     "evolve": ["evolve", "events.x", "--rename", "a=b"],
+    "quarantine": ["quarantine", "--list"],
     "up": ["up", "--writers", "1"],
 }
 
