@@ -226,6 +226,34 @@ class LockLostError(LockError):
         super().__init__(f"lock {name} was lost (expired or taken over) before it was released")
 
 
+class OverloadedError(RetryableError):
+    """Raised when the fleet's budget of work not yet written is used up: nothing was enqueued.
+
+    ``retry_after_s`` is the suggested delay before trying again (the gateway's ``Retry-After``);
+    the figures say how full the budget is (``common/coord/budget.py``).
+    """
+
+    def __init__(
+        self,
+        retry_after_s: int,
+        *,
+        in_use_bytes: int,
+        in_use_batches: int,
+        max_bytes: int,
+        max_batches: int,
+    ) -> None:
+        self.retry_after_s = retry_after_s
+        self.in_use_bytes = in_use_bytes
+        self.in_use_batches = in_use_batches
+        self.max_bytes = max_bytes
+        self.max_batches = max_batches
+        super().__init__(
+            f"the fleet is over its budget of work not yet written ({in_use_batches} of "
+            f"{max_batches} batches, {in_use_bytes} of {max_bytes} bytes): nothing was enqueued; "
+            f"try again in {retry_after_s}s"
+        )
+
+
 class PayloadEncodingError(IcefleetError):
     """A write task's payload is not in the encoding it says (:mod:`common.ingest.payloads`)."""
 

@@ -1,4 +1,9 @@
-"""Keep credentials out of reprs, logs and error messages."""
+"""Keep credentials out of reprs, logs and error messages.
+
+:func:`redact_url` is the one path every URL icefleet prints takes: the password of its user
+part (``redis://:pw@host``) and the value of every query parameter whose name says it is a
+secret (``?password=``, ``?token=``, ``?sslkey=``...) become ``***``. :func:`redact_text` finds
+the URLs in free text (an exception's message) and sends each through it."""
 
 from __future__ import annotations
 
@@ -16,6 +21,9 @@ _SECRET_NAME = re.compile(
 _URL_PASSWORD = re.compile(
     r"(?P<scheme>[a-z][a-z0-9+.-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@", re.I
 )
+# A URL in free text: up to whitespace, a quote or a closing bracket (how messages delimit them)
+_URL = re.compile(r"[a-z][a-z0-9+.-]*://[^\s'\"<>()\[\]]+", re.I)
+_QUERY_SECRET = re.compile(r"(?P<key>[^&=?#\s]+)=(?P<value>[^&#\s]*)")
 
 
 def is_secret_name(name: str) -> bool:
@@ -24,25 +32,40 @@ def is_secret_name(name: str) -> bool:
 
 
 def redact_url(url: str) -> str:
-    """Replace the password of a URL (``redis://:pw@host``) with ``***``; other parts stay."""
+    """``url`` with its password and the values of its secret query parameters as ``***``."""
     try:
         parts = urlsplit(url)
-        port = parts.port  # raises on a port that is not a number (a malformed URL)
-    except ValueError:
-        return _URL_PASSWORD.sub(rf"\g<scheme>\g<user>:{REDACTED}@", url)
-    if parts.password is None:
+        password = parts.password
+    except ValueError:  # not parseable as a URL (a bad port...): mask what looks like secrets
+        return _redact_query(_URL_PASSWORD.sub(rf"\g<scheme>\g<user>:{REDACTED}@", url))
+    netloc = parts.netloc
+    if password is not None:
+        user = parts.username or ""
+        host = netloc.rpartition("@")[2]
+        netloc = f"{user}:{REDACTED}@{host}"
+    query = _redact_query(parts.query) if parts.query else parts.query
+    if netloc == parts.netloc and query == parts.query:
         return url
-    user = parts.username or ""
-    host = parts.hostname or ""
-    if port is not None:
-        host = f"{host}:{port}"
-    netloc = f"{user}:{REDACTED}@{host}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _redact_query(text: str) -> str:
+    def mask(match: re.Match[str]) -> str:
+        if is_secret_name(match.group("key")) or _is_password_param(match.group("key")):
+            return f"{match.group('key')}={REDACTED}"
+        return match.group(0)
+
+    return _QUERY_SECRET.sub(mask, text)
+
+
+def _is_password_param(name: str) -> bool:
+    # short forms drivers accept besides the names _SECRET_NAME knows (psycopg's "pass" aside)
+    return name.lower() in ("pass", "pwd", "sslpassword", "auth")
 
 
 def redact_text(text: str) -> str:
-    """Redact every URL password that appears anywhere in free text (an exception message)."""
-    return _URL_PASSWORD.sub(rf"\g<scheme>\g<user>:{REDACTED}@", text)
+    """Redact every URL that appears anywhere in free text (an exception message)."""
+    return _URL.sub(lambda match: redact_url(match.group(0)), text)
 
 
 def redact_mapping(values: Mapping[str, Any]) -> dict[str, Any]:

@@ -20,11 +20,14 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
+from common.coord.budget import Budget
 from common.errors import ConfigError, InvalidIdentifierError
 from common.redaction import REDACTED, redact_url
 
 ENV_PREFIX = "ICEFLEET_"
 SchemaMode = Literal["evolve", "strict", "raw"]
+AckDurability = Literal["redis", "fsync"]
+ACK_DURABILITIES: tuple[AckDurability, ...] = ("redis", "fsync")
 SCHEMA_MODES: tuple[SchemaMode, ...] = ("evolve", "strict", "raw")
 COMPRESSIONS = ("zstd", "snappy", "gzip", "lz4", "none")
 HotPath = Literal["compiled", "reference"]
@@ -60,6 +63,13 @@ class Settings:
     routes: tuple[Route, ...] = ()
     """Routing rules tried before the default, first match wins: ``com.github.*=github.events``
     sends every event whose type matches the fnmatch pattern to that table."""
+    unrouted: str = "by-type"
+    """Where events whose type matches no ``ICEFLEET_ROUTES`` rule go: ``by-type``, a table
+    named after the type (any client can then create tables); ``dead-letter``, the dead-letter
+    store with the reason; or one ``namespace.table`` for them all."""
+    max_tables: int = 1_000
+    """Writers create no table past this many in the catalog: the events of a new table beyond
+    it are dead-lettered, the reason naming this variable and ``ICEFLEET_UNROUTED``."""
     max_event_bytes: int = 1_048_576
     """Events larger than this many bytes, as received, are dead-lettered with the reason."""
     batch_max_events: int = 10_000
@@ -129,9 +139,26 @@ class Settings:
     plus 60 s."""
     log_level: str = "INFO"
     """Level of icefleet's logs."""
+    # backpressure and durability (common/coord/budget.py, common/coord/redis_memory.py)
+    budget_max_bytes: int = 0  # 0: 1/16 of the machine's memory, at least 64 MiB
+    """Fleet-wide budget of work not yet written, in bytes of packed (zstd) payload: past it
+    producers are refused (the gateway answers 429 with ``Retry-After``). Redis holds about 2.7
+    bytes per budget byte (message and copy). ``0``: 1/16 of this machine's memory, at least 64
+    MiB; set the same value on every host."""
+    budget_max_batches: int = 0  # 0: one per 64 KiB of the byte budget, at least 1,000
+    """... and in batches not yet written (each costs Redis 3 to 6 KiB besides its payload).
+    ``0``: one per 64 KiB of ``ICEFLEET_BUDGET_MAX_BYTES``, at least 1,000."""
+    ack_durability: AckDurability = "redis"
+    """What an acknowledgement (the producer's return, the gateway's 202) promises: ``redis``,
+    the batch is in Redis (with AOF ``everysec`` a host crash can lose up to a second of
+    acknowledged batches); ``fsync``, it is in Redis' AOF on disk (needs ``appendfsync
+    always``, which ``icefleet up`` then sets on its Redis; checked at start)."""
     # HTTP ingest, metrics, canary, log format (workers/gateway.py, canary.py, common/observe/logs.py)
     http_max_body_bytes: int = 10_485_760
     """The gateway refuses larger request bodies (413), while reading them."""
+    flower_basic_auth: str | None = field(default=None, repr=False)
+    """``user:password`` that ``icefleet up --flower`` requires of Flower's visitors (its task
+    pages show batch ids and tracebacks); unset: a random password, printed once at start."""
     http_token: str | None = None  # a secret: never shown by __repr__
     """Bearer token the gateway requires on ``POST /events`` and ``GET /metrics``; unset: anyone
     may post (and the gateway logs a warning)."""
@@ -178,12 +205,17 @@ class Settings:
     """How many live files each sampled deep verify reads, rotating through the tables."""
 
     def __repr__(self) -> str:
-        hidden = ("redis_url", "http_token")
+        hidden = ("redis_url", "http_token", "flower_basic_auth")
         shown = ", ".join(
             f"{f.name}={getattr(self, f.name)!r}" for f in fields(self) if f.name not in hidden
         )
         token = None if self.http_token is None else REDACTED
         return f"Settings(redis_url={redact_url(self.redis_url)!r}, http_token={token!r}, {shown})"
+
+    @property
+    def budget(self) -> Budget:
+        """The budget of work not yet written, ``0`` settings sized from this machine's memory."""
+        return Budget.sized(self.budget_max_bytes, self.budget_max_batches)
 
     @property
     def warehouse_dir(self) -> Path:
@@ -216,6 +248,16 @@ def _positive_int(raw: str) -> int:
         raise ValueError("a positive whole number, e.g. 1000") from None
     if value <= 0:
         raise ValueError("a positive whole number, e.g. 1000")
+    return value
+
+
+def _size_or_auto(raw: str) -> int:
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        raise ValueError("a whole number, e.g. 536870912, or 0 for the automatic size") from None
+    if value < 0:
+        raise ValueError("a whole number, e.g. 536870912, or 0 for the automatic size")
     return value
 
 
@@ -266,6 +308,18 @@ def _routes(raw: str) -> tuple[Route, ...]:
     return tuple(routes)
 
 
+def _unrouted(raw: str) -> str:
+    value = raw.strip()
+    if value in ("by-type", "dead-letter"):
+        return value
+    try:
+        return _table_name(value)
+    except ValueError:
+        raise ValueError(
+            "by-type, dead-letter, or one namespace.table (lowercase [a-z0-9_])"
+        ) from None
+
+
 def _schema_modes(raw: str) -> tuple[tuple[str, SchemaMode], ...]:
     out: list[tuple[str, SchemaMode]] = []
     for item in filter(None, (part.strip() for part in raw.split(","))):
@@ -292,6 +346,12 @@ def _redis_url(raw: str) -> str:
     accepts = "a Redis URL such as redis://127.0.0.1:6379/0 (or rediss://, unix://)"
     if not re.match(r"^(redis|rediss|unix)://", raw):
         raise ValueError(accepts)
+    if re.search(r"[?&]password=", raw):
+        # kombu, the broker's client, fails on it with a bare TypeError
+        raise ValueError(
+            "a Redis URL with the password in its user part, redis://:PASSWORD@host:port/db, "
+            "not as ?password= (which the Celery broker cannot read)"
+        )
     if raw.startswith("unix://"):
         return raw
     # Checked here, not when the first command connects: redis-py would raise a bare ValueError
@@ -309,6 +369,13 @@ def _nonempty(raw: str) -> str:
     if not raw.strip():
         raise ValueError("a non-empty value")
     return raw.strip()
+
+
+def _basic_auth(raw: str) -> str:
+    user, sep, password = raw.partition(":")
+    if not sep or not user or not password or "," in raw:
+        raise ValueError("user:password, both non-empty (one pair)")
+    return raw
 
 
 def _log_level(raw: str) -> str:
@@ -378,6 +445,8 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], bool]] = {
     "CATALOG": ("catalog_name", _nonempty, False),
     "NAMESPACE": ("namespace", _identifier_part, False),
     "ROUTES": ("routes", _routes, False),
+    "UNROUTED": ("unrouted", _unrouted, False),
+    "MAX_TABLES": ("max_tables", _positive_int, False),
     "MAX_EVENT_BYTES": ("max_event_bytes", _positive_int, False),
     "BATCH_MAX_EVENTS": ("batch_max_events", _positive_int, False),
     "BATCH_MAX_BYTES": ("batch_max_bytes", _positive_int, False),
@@ -402,8 +471,12 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], bool]] = {
     "WRITE_TIMEOUT_S": ("write_timeout_s", _positive_int, False),
     "RESEND_AFTER": ("resend_after_s", _duration_s, False),
     "LOG_LEVEL": ("log_level", _log_level, False),
+    "BUDGET_MAX_BYTES": ("budget_max_bytes", _size_or_auto, False),
+    "BUDGET_MAX_BATCHES": ("budget_max_batches", _size_or_auto, False),
+    "ACK_DURABILITY": ("ack_durability", _choice(ACK_DURABILITIES), False),
     "HTTP_MAX_BODY_BYTES": ("http_max_body_bytes", _positive_int, False),
     "HTTP_TOKEN": ("http_token", _nonempty, True),
+    "FLOWER_BASIC_AUTH": ("flower_basic_auth", _basic_auth, True),
     "METRICS_PORT": ("metrics_port", _port, False),
     "CANARY_INTERVAL_S": ("canary_interval_s", _seconds_or_off, False),
     "LOG_FORMAT": ("log_format", _choice(("json", "text")), False),
@@ -422,6 +495,11 @@ _VARIABLES: dict[str, tuple[str, Callable[[str], Any], bool]] = {
     "VERIFY_INTERVAL": ("verify_interval_s", _positive_duration_s, False),
     "VERIFY_SAMPLE_FILES": ("verify_sample_files", _positive_int, False),
 }
+
+
+def _shown(secret: str) -> str:
+    """A secret variable's value for an error: a URL without its credentials, else nothing."""
+    return redact_url(secret) if "://" in secret else REDACTED
 
 
 def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -445,7 +523,7 @@ def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Set
         try:
             values[attr] = parse(raw)
         except (ValueError, InvalidIdentifierError) as exc:
-            raise ConfigError(name, redact_url(raw) if secret else raw, str(exc)) from None
+            raise ConfigError(name, _shown(raw) if secret else raw, str(exc)) from None
     values.update(overrides)
     settings = Settings(**values)
     if settings.commit_max_bytes < settings.batch_max_bytes:

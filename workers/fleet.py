@@ -16,6 +16,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -27,6 +28,7 @@ from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from common.coord.redis_memory import required_maxmemory, warn_about_eviction
 from common.errors import MissingDependencyError
 from common.settings import Settings
 
@@ -157,13 +159,18 @@ class ManagedProcess:
         return "\n".join(text.splitlines()[-lines:])
 
 
-def redis_process(home: Path, port: int) -> ManagedProcess:
-    """``redis-server`` on a loopback port with its AOF and log under ``home/redis``."""
+def redis_process(
+    home: Path, port: int, maxmemory: int = 0, appendfsync: str = "everysec"
+) -> ManagedProcess:
+    """``redis-server`` on a loopback port with its AOF and log under ``home/redis``; with a
+    ``maxmemory`` (bytes) and ``noeviction``, so overload makes it refuse writes, never be
+    killed or drop keys (common/coord/redis_memory.py)."""
     workdir = home / "redis"
     workdir.mkdir(parents=True, exist_ok=True)
     argv = [
         redis_server_binary(), "--port", str(port), "--bind", LOOPBACK, "--dir", str(workdir),
-        "--appendonly", "yes", "--appendfsync", "everysec", "--save", "",
+        "--appendonly", "yes", "--appendfsync", appendfsync, "--save", "",
+        "--maxmemory", str(maxmemory), "--maxmemory-policy", "noeviction",
         "--protected-mode", "yes", "--daemonize", "no",
     ]  # fmt: skip
     return ManagedProcess("redis", argv, dict(os.environ), workdir / "redis.log")
@@ -190,6 +197,23 @@ def wait_for_redis(url: str, proc: ManagedProcess | None, timeout_s: float = 20.
         client.close()
 
 
+def generated_basic_auth() -> str:
+    """``flower:<random>`` for Flower when no ICEFLEET_FLOWER_BASIC_AUTH is set: its task
+    pages show batch ids and tracebacks, so it is never open, not even on 127.0.0.1."""
+    return "flower:" + secrets.token_urlsafe(18)
+
+
+def check_external_redis(settings: Settings) -> None:
+    """Warn when a Redis icefleet did not start could evict its keys or grow unbounded."""
+    import redis
+
+    client = redis.Redis.from_url(settings.redis_url, socket_timeout=5)
+    try:
+        warn_about_eviction(client, settings.budget)
+    finally:
+        client.close()
+
+
 @dataclass
 class Fleet:
     """Redis (unless one is configured), ``writers`` writer processes, a committer, Flower."""
@@ -203,6 +227,8 @@ class Fleet:
     loglevel: str = "INFO"
     processes: list[ManagedProcess] = field(default_factory=list)
     redis: ManagedProcess | None = None
+    # user:password Flower requires (ICEFLEET_FLOWER_BASIC_AUTH, else generated at start)
+    flower_auth: str | None = field(default=None, repr=False)
     _stopping: bool = False
     _backoff_until: dict[str, float] = field(default_factory=dict)
 
@@ -231,24 +257,33 @@ class Fleet:
         try:
             if self.spawn_redis:
                 port = free_port()
-                self.redis = redis_process(self.home, port)
+                self.redis = redis_process(
+                    self.home,
+                    port,
+                    maxmemory=required_maxmemory(self.settings.budget),
+                    # a 202 that waits for the disk (ICEFLEET_ACK_DURABILITY=fsync)
+                    appendfsync="always" if self.settings.ack_durability == "fsync" else "everysec",
+                )
                 self.settings = replace(self.settings, redis_url=f"redis://{LOOPBACK}:{port}/0")
                 self.redis.start()
                 wait_for_redis(self.settings.redis_url, self.redis)
             else:
                 wait_for_redis(self.settings.redis_url, None)
+                check_external_redis(self.settings)
             if self.flower:
                 self._check_flower()
+                self.flower_auth = self.settings.flower_basic_auth or generated_basic_auth()
             for name in self.worker_names():
                 self._add(name, self._worker_argv(name))
             if self.flower:
-                self._add("flower", self._flower_argv())
+                self._add("flower", self._flower_argv(), self.flower_env())
         except BaseException:
             self.stop()
             raise
 
-    def _add(self, name: str, argv: list[str]) -> None:
-        proc = ManagedProcess(name, argv, self.child_env(), self.log_dir / f"{name}.log")
+    def _add(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        env = env or self.child_env()
+        proc = ManagedProcess(name, argv, env, self.log_dir / f"{name}.log")
         self.processes.append(proc)
         proc.start()
 
@@ -264,6 +299,12 @@ class Fleet:
             sys.executable, "-m", "celery", "-A", "workers.app", "flower",
             f"--address={LOOPBACK}", f"--port={self.flower_port}",
         ]  # fmt: skip
+
+    def flower_env(self) -> dict[str, str]:
+        """Flower's environment: its basic auth travels here, not in argv (which ``ps`` shows
+        to every local user); Flower reads ``FLOWER_*`` variables as its options."""
+        assert self.flower_auth is not None
+        return {**self.child_env(), "FLOWER_BASIC_AUTH": self.flower_auth}
 
     def _check_flower(self) -> None:
         import importlib.util

@@ -7,8 +7,14 @@ id is the ``Idempotency-Key`` header when there is one (a retried request then l
 the answer is ``202 {"batch_id", "accepted"}``; invalid ones are listed in a ``400`` with their
 position and reason, while the valid events of the same request are still enqueued. Other
 answers: ``409`` (the ``Idempotency-Key`` named other events before: common/coord/bindings.py),
-``401`` (bearer token missing or wrong, when ``ICEFLEET_HTTP_TOKEN`` is set), ``413``
-(body over ``ICEFLEET_HTTP_MAX_BODY_BYTES``), ``415`` (content type), ``503`` (Redis unreachable).
+``401`` (bearer token missing or wrong, when ``ICEFLEET_HTTP_TOKEN`` is set), ``413`` (body over
+``ICEFLEET_HTTP_MAX_BODY_BYTES``, decoded: ``Content-Encoding: gzip`` is honoured, any other is
+a ``415``), ``415`` (content type), ``431`` (headers over 16 KiB), ``400`` for a JSON object
+with a key twice or a ``ce-*`` header that is not percent-encoded UTF-8
+(:mod:`workers.http_input`), ``429`` with
+``Retry-After`` (the fleet's budget of work not yet written is used up:
+:mod:`common.coord.budget`), ``503`` with ``Retry-After`` (Redis unreachable, loading its AOF, or
+full).
 
 ``GET /healthz`` pings Redis (no token needed: load balancers call it). ``GET /metrics`` is the
 Prometheus text format, behind the token like ``/events``, unless ``icefleet serve
@@ -40,7 +46,13 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from common.errors import BatchConflictError, InvalidBatchIdError, InvalidIdentifierError
+from common.coord.redis_memory import warn_about_eviction
+from common.errors import (
+    BatchConflictError,
+    InvalidBatchIdError,
+    InvalidIdentifierError,
+    OverloadedError,
+)
 from common.ingest.producer import Producer
 from common.ingest.routing import Router, TableName
 from common.observe.logs import log_context
@@ -48,17 +60,29 @@ from common.observe.metrics import CONTENT_TYPE_LATEST, Metrics, create_metrics
 from common.redaction import redact_text
 from common.settings import Settings
 from common.wire import check_batch_id
-from workers.gateway_modes import Rejection, RequestError, parse_request, request_mode
+from workers.gateway_modes import (
+    Rejection,
+    RequestError,
+    _is_json,
+    media_type,
+    parse_request,
+    request_mode,
+)
+from workers.http_input import UVICORN_HEADER_LIMIT, HeaderLimit, decode_body, duplicate_key
 
 __all__ = [
+    "UVICORN_HEADER_LIMIT",
     "Gateway",
     "Outcome",
     "ProducerPool",
     "create_gateway",
     "redis_client",
+    "redis_state",
 ]
 
 logger = logging.getLogger(__name__)
+
+UNAVAILABLE_RETRY_S = 5  # Retry-After while Redis is unreachable, loading its AOF, or full
 
 
 @dataclass
@@ -147,6 +171,13 @@ class Gateway:
         batch_id: str | None,
     ) -> Outcome:
         """Parse, validate and enqueue (blocking: runs in the thread pool)."""
+        body = decode_body(body, headers.get("content-encoding"), self.settings.http_max_body_bytes)
+        if mode != "binary" or _is_json(media_type(headers.get("content-type"))):
+            duplicate = duplicate_key(body, mode)
+            if duplicate is not None:
+                raise RequestError(
+                    400, f"{duplicate}: keys must be unique (parsers would keep only one value)"
+                )
         events, rejected = parse_request(
             mode, headers, body, max_event_bytes=self.settings.max_event_bytes
         )
@@ -186,9 +217,24 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _error(status: int, reason: str) -> JSONResponse:
-    headers = {"WWW-Authenticate": 'Bearer realm="icefleet"'} if status == 401 else None
-    return JSONResponse({"error": reason}, status_code=status, headers=headers)
+def _error(status: int, reason: str, retry_after_s: int | None = None) -> JSONResponse:
+    headers = {"WWW-Authenticate": 'Bearer realm="icefleet"'} if status == 401 else {}
+    body: dict[str, Any] = {"error": reason}
+    if retry_after_s is not None:
+        headers["Retry-After"] = str(retry_after_s)
+        body["retry_after_s"] = retry_after_s
+    return JSONResponse(body, status_code=status, headers=headers or None)
+
+
+def redis_state(exc: BaseException) -> str:
+    """What a Redis failure says of Redis, never where it is: ``loading`` (it restarts and reads
+    its AOF), ``full`` (maxmemory reached under noeviction) or ``unreachable``."""
+    text = str(exc)
+    if isinstance(exc, redis.BusyLoadingError) or text.startswith("LOADING"):
+        return "loading"
+    if isinstance(exc, redis.OutOfMemoryError) or "maxmemory" in text:
+        return "full"
+    return "unreachable"
 
 
 def _options(request: Request) -> tuple[str | None, str | None]:
@@ -223,9 +269,16 @@ async def post_events(request: Request) -> Response:
         return _error(exc.status, exc.reason)
     except BatchConflictError as exc:  # the key names other events: nothing was enqueued
         return _error(409, f"Idempotency-Key: {exc}")
+    except OverloadedError as exc:
+        gateway.metrics.http_refused.labels("overloaded").inc()
+        return _error(429, str(exc), retry_after_s=exc.retry_after_s)
     except (redis.RedisError, KombuOperationalError) as exc:
-        logger.error("enqueue failed: Redis unavailable: %s", exc)
-        return _error(503, f"the queue is unavailable: {redact_text(str(exc))}")
+        state = redis_state(exc)
+        logger.error("enqueue failed: Redis %s: %s", state, redact_text(str(exc)))
+        gateway.metrics.http_refused.labels(f"redis_{state}").inc()
+        return _error(
+            503, f"the queue is {state}: nothing was enqueued", retry_after_s=UNAVAILABLE_RETRY_S
+        )
     gateway.record(outcome)
     if outcome.rejected:
         logger.info(
@@ -243,10 +296,13 @@ async def healthz(request: Request) -> Response:
     try:
         await run_in_threadpool(gateway.client.ping)
     except redis.RedisError as exc:
+        # states only: a health endpoint anyone may call must not name hosts, ports or users
         return JSONResponse(
-            {"status": "unavailable", "redis": redact_text(str(exc))}, status_code=503
+            {"status": "unavailable", "redis": redis_state(exc)},
+            status_code=503,
+            headers={"Retry-After": str(UNAVAILABLE_RETRY_S)},
         )
-    return JSONResponse({"status": "ok"})
+    return JSONResponse({"status": "ok", "redis": "ok"})
 
 
 async def metrics_endpoint(request: Request) -> Response:
@@ -300,14 +356,21 @@ def create_gateway(
 ) -> ASGIApp:
     """The ASGI app. ``serve_metrics=False`` leaves ``/metrics`` to a port of its own."""
     client = redis_client(settings)
-    metrics = metrics or create_metrics(client)
+    metrics = metrics or create_metrics(client, budget=settings.budget)
     pool = ProducerPool(producer_factory or (lambda: Producer(settings)))
-    gateway = Gateway(settings, pool, metrics, client, Router(settings.routes, settings.namespace))
+    gateway = Gateway(
+        settings,
+        pool,
+        metrics,
+        client,
+        Router(settings.routes, settings.namespace, settings.unrouted),
+    )
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         if settings.http_token is None:
             logger.warning("ICEFLEET_HTTP_TOKEN is not set: POST /events accepts anyone")
+        await run_in_threadpool(warn_about_eviction, client, settings.budget)
         try:
             yield
         finally:
@@ -322,4 +385,4 @@ def create_gateway(
         routes.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.gateway = gateway
-    return _Instrumentation(app, metrics, frozenset(r.path for r in routes))
+    return _Instrumentation(HeaderLimit(app), metrics, frozenset(r.path for r in routes))

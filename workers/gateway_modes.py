@@ -21,11 +21,11 @@ import base64
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from urllib.parse import unquote
 
 import orjson
 
 from common.ingest.events import Event, parse_batch
+from workers.http_input import RequestError, decode_header_value
 
 STRUCTURED = "application/cloudevents+json"
 BATCH = "application/cloudevents-batch+json"
@@ -34,15 +34,6 @@ NDJSON = ("application/x-ndjson", "application/ndjson")
 _JSON_WS = b" \t\r\n"
 # Headers that cannot carry attributes in binary mode: the body is the data.
 _NOT_HEADERS = ("data", "data_base64", "datacontenttype")
-
-
-class RequestError(Exception):
-    """Raised when a request is refused as a whole; carries the status and the reason."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -93,7 +84,7 @@ def binary_event(headers: Mapping[str, str], body: bytes, content_type: str | No
                 f"{name}: not allowed in binary mode (the body is the data, "
                 "Content-Type its datacontenttype)",
             )
-        attributes[attribute] = unquote(value)
+        attributes[attribute] = decode_header_value(name, value)
     if content_type:
         attributes["datacontenttype"] = content_type
     head = orjson.dumps(attributes)

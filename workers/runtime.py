@@ -61,7 +61,7 @@ class Runtime:
             self._writer = BatchWriter(
                 settings,
                 TableStore(self.catalog, lock_factory(self.client, settings)),
-                Router(settings.routes, settings.namespace),
+                Router(settings.routes, settings.namespace, settings.unrouted),
                 # PendingRegistry has Registry's methods; Registry is a plain class, not a Protocol
                 PendingRegistry(self.client),
                 self._sink_dead_letters,

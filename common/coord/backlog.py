@@ -299,9 +299,8 @@ class Outstanding:
 
     def done(self, batch_id: str) -> None:
         """The batch is registered as pending (or dead-lettered): it no longer holds up a wait,
-        and the copy of its task kept in case its message is lost (common/coord/resend.py) goes."""
-        pipe = self._client.pipeline(transaction=True)
-        pipe.zrem(keys.outstanding(), batch_id)
-        pipe.hdel(keys.deliveries(), batch_id)
-        pipe.delete(keys.payload(batch_id))
-        pipe.execute()
+        its share of the budget is freed and the copy of its task kept in case its message is
+        lost (common/coord/resend.py) goes, in one step (common/coord/budget.py)."""
+        from common.coord.budget import release  # budget imports nothing of this module
+
+        release(self._client, batch_id)

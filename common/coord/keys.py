@@ -62,6 +62,18 @@ def outstanding() -> str:
     return f"{PREFIX}outstanding"
 
 
+def budget_bytes() -> str:
+    """Bytes of packed payload of the outstanding batches (string: a counter;
+    common/coord/budget.py)."""
+    return f"{PREFIX}budget:bytes"
+
+
+def budget_sizes() -> str:
+    """The size charged for each outstanding batch (hash: batch id -> bytes), so it is refunded
+    exactly once when the batch is written (common/coord/budget.py)."""
+    return f"{PREFIX}budget:sizes"
+
+
 def deliveries() -> str:
     """How often each outstanding batch's write task has started (hash: batch id → count)."""
     return f"{PREFIX}deliveries"

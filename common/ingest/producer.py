@@ -16,12 +16,15 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import replace
 from typing import Any, Protocol
 
+import orjson
 import redis
 
-from common.coord import keys
 from common.coord.backlog import Backlog, Waiter, WaitResult, read_backlog
 from common.coord.bindings import BatchBindings
+from common.coord.budget import Budget, admit, release
+from common.coord.redis_memory import require_fsync
 from common.coord.resend import retain
+from common.errors import OverloadedError
 from common.ingest.events import encode_ndjson, split_events
 from common.ingest.payloads import pack
 from common.ingest.routing import TableName
@@ -128,32 +131,48 @@ def enqueue_write_task(
     *,
     ttl_s: int,
     now_ms: int | None = None,
+    budget: Budget | None = None,
+    request: tuple[int, int] | None = None,
 ) -> WriteTask:
     """Send one write task the one way that loses nothing; return it as sent.
 
-    The batch is *outstanding* before its message exists (so a wait sees it), a copy of the
-    message is kept until the batch is written (:mod:`common.coord.resend` sends a lost one
-    again), and the message goes last. A batch sent again while still outstanding keeps its
+    The batch is *outstanding* before its message exists (so a wait sees it), with a copy of
+    the message kept until the batch is written (:mod:`common.coord.resend` sends a lost one
+    again), both in one step, and the message goes last. A batch sent again while still outstanding keeps its
     first enqueue time (``enqueued_at_ms`` when the task carries none): both deliveries then
     write byte-identical files (``_ingested_at`` is the enqueue time). If publishing fails, a
     batch this call made outstanding is forgotten again and the error raised.
+
+    With a ``budget`` the batch is admitted against it (:mod:`common.coord.budget`; ``request``:
+    the (bytes, batches) of the whole request it opens), else :class:`OverloadedError` and
+    nothing is sent; without one it is only charged (hand-backs, which replace counted work).
     """
     now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-    first_ms = task.enqueued_at_ms if task.enqueued_at_ms is not None else now_ms
-    pipe = client.pipeline(transaction=True)
-    pipe.zadd(keys.outstanding(), {task.batch_id: first_ms}, nx=True)
-    pipe.zscore(keys.outstanding(), task.batch_id)
-    added, score = pipe.execute()
-    if task.enqueued_at_ms is None:
-        task = replace(task, enqueued_at_ms=int(score) if score is not None else now_ms)
+    given = task.enqueued_at_ms is not None
+    task = task if given else replace(task, enqueued_at_ms=now_ms)
     kwargs = task.to_kwargs()
-    retain(client, task.batch_id, kwargs, ttl_s)
+    request_bytes, request_batches = request or (len(task.payload), 1)
+    added, score = admit(  # outstanding, charged and its copy kept, in one step
+        client,
+        task.batch_id,
+        enqueued_ms=int(task.enqueued_at_ms or now_ms),
+        size=len(task.payload),
+        budget=budget,
+        request_bytes=request_bytes,
+        request_batches=request_batches,
+        copy=orjson.dumps(kwargs),
+        copy_ttl_s=ttl_s,
+    )
+    if not added:  # already outstanding: its first enqueue time wins; the copy is refreshed
+        if not given:
+            task = replace(task, enqueued_at_ms=score)
+            kwargs = task.to_kwargs()
+        retain(client, task.batch_id, kwargs, ttl_s)
     try:
         publish(kwargs)
     except BaseException:
         if added:
-            client.zrem(keys.outstanding(), task.batch_id)
-            client.delete(keys.payload(task.batch_id))
+            release(client, task.batch_id)
         raise
     return task
 
@@ -163,7 +182,10 @@ class Producer:
 
     ``target`` is a :class:`Settings` or a Redis URL (the other settings then come from the
     environment). ``client`` and ``publish`` replace the Redis client and the message sender
-    (tests). One producer per thread; :meth:`close` it, or use it as a context manager.
+    (tests). Past the fleet's budget (``ICEFLEET_BUDGET_*``) :meth:`enqueue` raises
+    :class:`~common.errors.OverloadedError` with the suggested delay, having sent nothing;
+    ``overload_wait_s`` makes it wait and try again for up to that long first (telling
+    ``on_overload`` each time). One producer per thread; :meth:`close` it, or use it as a context manager.
     """
 
     def __init__(
@@ -173,6 +195,8 @@ class Producer:
         client: redis.Redis | None = None,
         publish: Publisher | None = None,
         clock: Callable[[], float] = time.time,
+        overload_wait_s: float = 0.0,
+        on_overload: Callable[[OverloadedError], None] | None = None,
     ) -> None:
         if isinstance(target, str):
             target = load_settings(redis_url=target)
@@ -183,6 +207,11 @@ class Producer:
         self._clock = clock
         self._bindings = BatchBindings(self.client, self.settings.dedup_window_s)
         self.last_batch_ids: list[str] = []
+        self.budget = self.settings.budget
+        self.overload_wait_s = overload_wait_s
+        self.on_overload = on_overload
+        if self.settings.ack_durability == "fsync":
+            require_fsync(self.client)  # then Redis answers a write only once it is on disk
 
     def enqueue(
         self,
@@ -241,8 +270,12 @@ class Producer:
             batches = self._bind(parent, lines, batches, table)
         ids = part_ids(parent, len(batches))
         self.last_batch_ids = ids
-        for child, batch in zip(ids, batches, strict=True):
-            self._send(child, "".join(f"{line}\n" for line in batch), table)
+        # packed first: the first part is admitted for the whole request, refused whole or taken
+        packed = [pack("".join(f"{line}\n" for line in batch)) for batch in batches]
+        request = (sum(len(payload) for payload, _ in packed), len(packed))
+        for n, (child, (payload, encoding)) in enumerate(zip(ids, packed, strict=True)):
+            task = WriteTask(child, payload, table, None, encoding)
+            self._send(task, request if n == 0 else None)
         return parent, ids
 
     def _bind(
@@ -261,16 +294,29 @@ class Producer:
             start += size
         return cut
 
-    def _send(self, batch_id: str, payload: str, table: str | None) -> None:
-        packed, encoding = pack(payload)  # an eighth of the message: common/ingest/payloads.py
-        task = WriteTask(batch_id, packed, table, None, encoding)
-        enqueue_write_task(
-            self.client,
-            lambda kwargs: self._publish(WRITE_TASK, kwargs, INGEST_QUEUE),
-            task,
-            ttl_s=self.settings.dedup_window_s,
-            now_ms=int(self._clock() * 1000),
-        )
+    def _send(self, task: WriteTask, request: tuple[int, int] | None) -> None:
+        """Send one part; the first (``request`` given) is checked against the budget, waiting
+        as :attr:`overload_wait_s` allows, the others go (their request was admitted)."""
+        deadline = time.monotonic() + self.overload_wait_s
+        while True:
+            try:
+                enqueue_write_task(
+                    self.client,
+                    lambda kwargs: self._publish(WRITE_TASK, kwargs, INGEST_QUEUE),
+                    task,
+                    ttl_s=self.settings.dedup_window_s,
+                    now_ms=int(self._clock() * 1000),
+                    budget=self.budget if request is not None else None,
+                    request=request,
+                )
+                break
+            except OverloadedError as exc:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise
+                if self.on_overload is not None:
+                    self.on_overload(exc)
+                time.sleep(min(exc.retry_after_s, left))
 
     def backlog(self) -> Backlog:
         """The global picture: queues, outstanding and pending batches, prepared commits."""

@@ -75,18 +75,40 @@ def normalise_segment(segment: str) -> str:
     return text.rstrip("_")
 
 
-class Router:
-    """Maps event types to tables; results are cached per type (a stream has few types)."""
+#: Where ``ICEFLEET_UNROUTED=dead-letter`` routes a type no rule matches: not a table, the
+#: writer dead-letters its events (a namespace icefleet never creates tables in).
+DEAD_LETTER_ROUTE = TableName("icefleet_unrouted", "dead_letter")
+BY_TYPE = "by-type"
+DEAD_LETTER = "dead-letter"
 
-    def __init__(self, routes: tuple[Route, ...] = (), namespace: str = "events") -> None:
+
+class Router:
+    """Maps event types to tables; results are cached per type (a stream has few types).
+
+    ``unrouted`` says where a type no rule matches goes: ``by-type`` (a table named after it,
+    the default), ``dead-letter`` (:data:`DEAD_LETTER_ROUTE`), or one ``namespace.table``: with
+    either of the last two, clients cannot create tables by inventing types."""
+
+    def __init__(
+        self, routes: tuple[Route, ...] = (), namespace: str = "events", unrouted: str = BY_TYPE
+    ) -> None:
         self._routes = tuple((route.pattern, TableName.parse(route.table)) for route in routes)
         self._namespace = validate_identifier(namespace)
+        self._unrouted = (
+            None
+            if unrouted == BY_TYPE
+            else DEAD_LETTER_ROUTE
+            if unrouted == DEAD_LETTER
+            else TableName.parse(unrouted)
+        )
         self.table_for = lru_cache(maxsize=4096)(self._table_for)
 
     def _table_for(self, event_type: str) -> TableName:
         for pattern, table in self._routes:
             if fnmatch.fnmatchcase(event_type, pattern):
                 return table
+        if self._unrouted is not None:
+            return self._unrouted
         segments = [s for s in _SEGMENT_SPLIT.split(event_type) if normalise_segment(s)]
         name = normalise_segment(segments[-1]) if segments else ""
         return TableName(self._namespace, name or FALLBACK_TABLE)

@@ -36,6 +36,7 @@ from prometheus_client.registry import Collector
 
 from common.coord import keys
 from common.coord.backlog import read_backlog
+from common.coord.budget import Budget, read_use
 from common.coord.pending import PendingRegistry
 from common.coord.replies import as_text
 
@@ -73,6 +74,7 @@ class Metrics:
     canary_seconds: Histogram
     http_requests: Counter
     http_request_seconds: Histogram
+    http_refused: Counter
 
     def render(self) -> bytes:
         """The registry in the Prometheus text format (``CONTENT_TYPE_LATEST``)."""
@@ -80,9 +82,13 @@ class Metrics:
 
 
 def create_metrics(
-    client: redis.Redis | None = None, *, clock: Callable[[], float] = time.time
+    client: redis.Redis | None = None,
+    *,
+    clock: Callable[[], float] = time.time,
+    budget: Budget | None = None,
 ) -> Metrics:
-    """A fresh registry with every metric; with a Redis ``client``, also the shared state."""
+    """A fresh registry with every metric; with a Redis ``client``, also the shared state (and
+    the ``budget``'s limits beside its use)."""
     registry = CollectorRegistry(auto_describe=True)
 
     def counter(name: str, doc: str, labels: tuple[str, ...] = ()) -> Counter:
@@ -151,9 +157,15 @@ def create_metrics(
         http_request_seconds=histogram(
             "icefleet_http_request_seconds", "Time to answer an HTTP request, by route.", ("route",)
         ),
+        http_refused=counter(
+            "icefleet_http_refused",
+            "Requests the gateway refused for want of room, by reason (overloaded: 429, the "
+            "budget is used up; redis_unreachable, redis_loading, redis_full: 503).",
+            ("reason",),
+        ),
     )
     if client is not None:
-        registry.register(RedisStateCollector(client, clock=clock))
+        registry.register(RedisStateCollector(client, clock=clock, budget=budget))
     return metrics
 
 
@@ -163,9 +175,16 @@ class RedisStateCollector(Collector):
     An unreachable Redis yields ``icefleet_redis_up 0`` and nothing else, never a failed scrape.
     """
 
-    def __init__(self, client: redis.Redis, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        client: redis.Redis,
+        *,
+        clock: Callable[[], float] = time.time,
+        budget: Budget | None = None,
+    ) -> None:
         self._client = client
         self._clock = clock
+        self._budget = budget
 
     def describe(self) -> list[Metric]:
         return []  # values only exist at collect time; nothing to check for name clashes
@@ -217,10 +236,37 @@ class RedisStateCollector(Collector):
         )
         dead.add_metric([], int(self._client.xlen(keys.dead_letters())))
         yield dead
+        yield from self._budget_use()
         yield from self._freshness(now_s)
         yield from self._duplicates()
         yield from self._canary()
         yield from self._validation()
+
+    def _budget_use(self) -> Iterator[Metric]:
+        use = read_use(self._client)
+        figures = {
+            "bytes": ("bytes of packed payload", use.bytes),
+            "batches": ("batches", use.batches),
+        }
+        for unit, (what, value) in figures.items():
+            family = GaugeMetricFamily(
+                f"icefleet_budget_{unit}_in_use",
+                f"Work not yet written, in {what}: the fleet's budget in use (past the limit "
+                "producers are refused; the gateway answers 429).",
+            )
+            family.add_metric([], value)
+            yield family
+        if self._budget is not None:
+            for unit, limit in (
+                ("bytes", self._budget.max_bytes),
+                ("batches", self._budget.max_batches),
+            ):
+                family = GaugeMetricFamily(
+                    f"icefleet_budget_{unit}_limit",
+                    f"The budget of work not yet written, in {unit} (ICEFLEET_BUDGET_MAX_*).",
+                )
+                family.add_metric([], limit)
+                yield family
 
     def _freshness(self, now_s: float) -> Iterator[Metric]:
         lag = GaugeMetricFamily(

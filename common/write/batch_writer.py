@@ -37,7 +37,7 @@ from pyiceberg.typedef import Record
 from common.coord.claims import EventClaims, Verdicts
 from common.coord.pending import PendingEntry
 from common.ingest.events import DeadLetter, Event, parse_batch, paused_gc
-from common.ingest.routing import Router, TableName
+from common.ingest.routing import DEAD_LETTER_ROUTE, Router, TableName
 from common.lake.catalog import TableStore
 from common.lake.retry import is_transient_unless_locked, policies_for
 from common.lake.uploads import ObjectWriter
@@ -63,6 +63,7 @@ from common.write.sources import (
     Source,
     compile_batch,
 )
+from common.write.table_limits import refusal, refused
 
 logger = logging.getLogger(__name__)
 
@@ -414,6 +415,21 @@ class BatchWriter:
             if files:
                 result.files[name] = files
 
+    def _open(
+        self, name: TableName, events: list[Event], mode: SchemaMode, batch_id: str
+    ) -> tuple[Table | None, list[DeadLetter]]:
+        """The table of ``events``, created from what the whole batch carries if new (strict
+        tables too); or none and the events as dead letters: no route for their type, or a new
+        table past the cap (common/write/table_limits.py)."""
+        table = None
+        if name != DEAD_LETTER_ROUTE:
+            table = self.catalog_retry.call(f"load table {name}", self.store.load, name)
+        if reason := refusal(name, events, table is not None, self.store.catalog, self.settings):
+            return None, refused(batch_id, events, reason)
+        if table is None:
+            table = self._ensure(name, self._desired(mode, events))
+        return table, []
+
     def _write_table(
         self,
         name: TableName,
@@ -424,9 +440,9 @@ class BatchWriter:
         chunk: tuple[int, int] | None = None,
     ) -> tuple[list[DataFile], list[DeadLetter]]:
         mode = self.settings.mode_for(str(name))
-        table = self.catalog_retry.call(f"load table {name}", self.store.load, name)
-        if table is None:  # created from what the whole batch carries (strict tables too)
-            table = self._ensure(name, self._desired(mode, events))
+        table, refusals = self._open(name, events, mode, batch_id)
+        if table is None:
+            return [], refusals
         by_day: dict[int | None, list[Event]] = defaultdict(list)
         for event in events:
             by_day[partition_day(event)].append(event)

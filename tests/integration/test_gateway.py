@@ -364,7 +364,7 @@ def test_token_is_required(
 def test_health_and_metrics(gateway: Server, redis_client: redis.Redis) -> None:
     # Health needs no token
     health = request(f"{gateway.url}/healthz", method="GET")
-    assert (health.status, health.body) == (200, {"status": "ok"})
+    assert (health.status, health.body) == (200, {"status": "ok", "redis": "ok"})
 
     # Metrics need it, and count what was accepted, per table, plus the backlog from Redis
     assert post(gateway.url, [event("m-1"), event("m-2")], BATCH).status == 202
@@ -422,12 +422,12 @@ def test_metrics_on_a_port_of_their_own(redis_url: str, tmp_path: Path) -> None:
 
 
 @contextmanager
-def _gateway(redis_url: str, home: Path) -> Iterator[str]:
+def _gateway(redis_url: str, home: Path, **overrides: Any) -> Iterator[str]:
     import uvicorn
 
     from workers.gateway import create_gateway
 
-    settings = load_settings({}, redis_url=redis_url, home=home)
+    settings = load_settings({}, redis_url=redis_url, home=home, **overrides)
     port = free_port()
     config = uvicorn.Config(
         create_gateway(settings), host="127.0.0.1", port=port, log_config=None, ws="none"
@@ -458,12 +458,24 @@ def test_without_a_token_anyone_may_post(
     assert list(queued_batches(redis_client).values()) == [[event("o-1")]]
 
 
-def test_redis_down_is_503(tmp_path: Path) -> None:
-    with _gateway(f"redis://127.0.0.1:{free_port()}/0", tmp_path) as url:
+def test_redis_down_is_503_with_retry_after_and_states_not_addresses(tmp_path: Path) -> None:
+    # Given a gateway whose Redis (with a password in its URL) is not there
+    port = free_port()
+    with _gateway(f"redis://:s3cret-pw@127.0.0.1:{port}/0", tmp_path) as url:
+        # When a load balancer asks for health and a client posts
         health = request(f"{url}/healthz", method="GET")
-        assert health.status == 503 and health.body["status"] == "unavailable"
         reply = post(url, event("d-1"), STRUCTURED)
-        assert reply.status == 503 and "unavailable" in reply.body["error"]
+
+        # Then both are 503 with Retry-After, saying the state, never the host, port or password
+        assert (health.status, health.body) == (
+            503,
+            {"status": "unavailable", "redis": "unreachable"},
+        )
+        assert health.headers["retry-after"] == "5"
+        assert reply.status == 503 and "unreachable" in reply.body["error"]
+        assert reply.headers["retry-after"] == "5"
+        for text in (health.text, reply.text):
+            assert str(port) not in text and "s3cret" not in text and "127.0.0.1" not in text
         metrics = request(f"{url}/metrics", method="GET")
         assert "icefleet_redis_up 0.0" in metrics.text
 

@@ -87,8 +87,10 @@ class RedisProcess:
         port: int | None = None,
         appendonly: bool = True,
         password: str | None = None,
+        appendfsync: str = "everysec",
     ) -> None:
         self.workdir = workdir
+        self.appendfsync = appendfsync  # "always": every write on disk before it is answered
         self.port = port if port is not None else free_port()
         self.appendonly = appendonly
         self.password = password  # requirepass: clients must AUTH
@@ -114,7 +116,7 @@ class RedisProcess:
         args = [
             binary, "--port", str(self.port), "--bind", LOOPBACK, "--dir", str(self.workdir),
             "--save", "", "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "everysec", "--protected-mode", "yes",
+            "--appendfsync", self.appendfsync, "--protected-mode", "yes",
             "--logfile", str(self.workdir / "redis.log"),
         ]  # fmt: skip
         if self.password:

@@ -79,6 +79,33 @@ def test_redis_keeps_an_append_only_file_on_a_volume(
     assert redis["healthcheck"]["test"] == ["CMD", "redis-cli", "ping"]
 
 
+def _default(value: str) -> str:
+    """The default of a ``${VAR:-default}`` compose value (the value itself otherwise)."""
+    found = re.fullmatch(r"\$\{[A-Z_]+:-(.*)\}", value)
+    return found.group(1) if found else value
+
+
+def test_redis_memory_is_bounded_without_eviction_above_the_budget(
+    compose: dict[str, Any], services: dict[str, dict[str, Any]]
+) -> None:
+    from common.coord.budget import Budget
+    from common.coord.redis_memory import required_maxmemory
+
+    # Given the Redis command and the budget every role gets
+    command = [_default(str(part)) for part in services["redis"]["command"]]
+    env = compose["x-icefleet-env"]
+    budget = Budget(
+        int(_default(env["ICEFLEET_BUDGET_MAX_BYTES"])),
+        int(_default(env["ICEFLEET_BUDGET_MAX_BATCHES"])),
+    )
+
+    # Then Redis never evicts, and its limit is above what the budget can make it hold
+    assert command[command.index("--maxmemory-policy") + 1] == "noeviction"
+    limit = command[command.index("--maxmemory") + 1]
+    assert limit.endswith("gb")
+    assert int(limit[:-2]) * 1024**3 >= required_maxmemory(budget)
+
+
 def test_postgres_and_minio_health_and_the_bucket(services: dict[str, dict[str, Any]]) -> None:
     # over TCP: the official image's first-start server listens on the Unix socket only
     test = services["postgres"]["healthcheck"]["test"]

@@ -8,8 +8,9 @@ from typing import Any
 
 import orjson
 import pytest
+import redis
 
-from workers.gateway import Outcome, ProducerPool
+from workers.gateway import Outcome, ProducerPool, redis_state
 from workers.gateway_modes import (
     BATCH,
     STRUCTURED,
@@ -127,3 +128,15 @@ def test_producer_pool_reuses_and_closes() -> None:
     with pool.borrow() as late:  # after close, a borrowed one is closed on return
         pass
     assert late.closed
+
+
+@pytest.mark.parametrize(
+    ("error", "state"),
+    [
+        (redis.BusyLoadingError("Redis is loading the dataset in memory"), "loading"),
+        (redis.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."), "full"),
+        (redis.ConnectionError("Error 111 connecting to 127.0.0.1:6379. Refused."), "unreachable"),
+    ],
+)
+def test_redis_failures_are_told_as_states_never_addresses(error: Exception, state: str) -> None:
+    assert redis_state(error) == state

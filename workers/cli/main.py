@@ -208,7 +208,12 @@ def _print_report(report: Any, settings: Settings) -> None:
 
 @main.command()
 @click.option("--writers", "-k", default=2, show_default=True, type=click.IntRange(1, 64))
-@click.option("--flower", is_flag=True, help="Also serve Flower on 127.0.0.1:5555.")
+@click.option(
+    "--flower",
+    is_flag=True,
+    help="Also serve Flower on 127.0.0.1:5555, with basic auth (ICEFLEET_FLOWER_BASIC_AUTH, "
+    "else a random password printed here).",
+)
 @click.option("--flower-port", default=5555, show_default=True, type=click.IntRange(1, 65535))
 @click.option("--pool", type=click.Choice(POOLS), default="prefork", show_default=True)
 def up(writers: int, flower: bool, flower_port: int, pool: str) -> None:
@@ -240,8 +245,15 @@ def up(writers: int, flower: bool, flower_port: int, pool: str) -> None:
                 soft_wrap=True,
             )
             console.print(f"  logs: {fleet.log_dir}", highlight=False)
-            if flower:
-                console.print(f"  Flower: http://127.0.0.1:{flower_port}")
+            if flower and fleet.flower_auth is not None:
+                user, _, password = fleet.flower_auth.partition(":")
+                given = fleet.settings.flower_basic_auth is not None
+                login = f"user {user}, " + (
+                    "password from ICEFLEET_FLOWER_BASIC_AUTH" if given else f"password {password}"
+                )
+                console.print(
+                    f"  Flower: http://127.0.0.1:{flower_port} ({login})", highlight=False
+                )
             console.print("Ctrl-C stops everything")
             while True:
                 for name in fleet.supervise_once():

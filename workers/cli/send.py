@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from common.coord.deadletters import DeadLetterStore
-from common.errors import IcefleetError
+from common.errors import IcefleetError, OverloadedError
 from common.ingest.events import DeadLetter, parse_batch
 from common.ingest.producer import Producer
 from common.ingest.routing import TableName
@@ -85,17 +85,34 @@ def send_payload(
     return SendReport(ids, len(parsed.events), parsed.dead_letters, is_array(payload))
 
 
+def _waiting(exc: OverloadedError) -> None:
+    console.print(
+        f"the fleet is over its budget ({exc.in_use_batches}/{exc.max_batches} batches, "
+        f"{exc.in_use_bytes:,}/{exc.max_bytes:,} bytes not written yet): "
+        f"waiting {exc.retry_after_s}s"
+    )
+
+
 @click.command()
 @click.argument("file", type=click.Path(allow_dash=True))
 @click.option("--table", "-t", help="Send every event to this namespace.table.")
 @click.option("--batch-id", help="Idempotency key: the same events under the same id land once.")
-def send(file: str, table: str | None, batch_id: str | None) -> None:
+@click.option(
+    "--max-wait",
+    "max_wait_s",
+    default=300.0,
+    show_default=True,
+    type=click.FloatRange(0),
+    help="Seconds to wait while the fleet is over its budget of work not yet written.",
+)
+def send(file: str, table: str | None, batch_id: str | None, max_wait_s: float) -> None:
     """Enqueue CloudEvents from FILE (- for stdin): NDJSON, a JSON array or a CloudEvents batch.
 
     Valid events are sent; items that are not UTF-8, not JSON or not valid CloudEvents are stored
     as dead letters with their position and reason (`icefleet dead-letters list`). Prints the ids
     of the batches sent, one per line, and on stderr what was sent and refused. Exits 1 when
-    something was refused.
+    something was refused. While the fleet is over its budget of work not yet written it waits
+    (saying so on stderr) up to --max-wait seconds, then fails having sent nothing more.
     """
     checks = ((table, TableName.parse, "--table"), (batch_id, check_batch_id, "--batch-id"))
     for value, check, hint in checks:
@@ -111,7 +128,12 @@ def send(file: str, table: str | None, batch_id: str | None) -> None:
         context = load_context()
         client = connect(context)
     settings = context.settings
-    with errors(), Producer(settings, client=client) as producer:
+    with (
+        errors(),
+        Producer(
+            settings, client=client, overload_wait_s=max_wait_s, on_overload=_waiting
+        ) as producer,
+    ):
         report = send_payload(
             producer,
             DeadLetterStore(client),

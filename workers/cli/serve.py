@@ -38,7 +38,7 @@ def serve(host: str, port: int, metrics_port: int | None) -> None:
 
     from common.observe.logs import configure_logging
     from workers.cli.context import connect, load_context
-    from workers.gateway import create_gateway
+    from workers.gateway import UVICORN_HEADER_LIMIT, create_gateway
 
     with errors():  # one line now, not a gateway answering 503 to every request
         context = load_context()
@@ -54,7 +54,7 @@ def serve(host: str, port: int, metrics_port: int | None) -> None:
         from common.observe.metrics import create_metrics
         from workers.gateway import redis_client
 
-        metrics = create_metrics(redis_client(settings))
+        metrics = create_metrics(redis_client(settings), budget=settings.budget)
         start_http_server(metrics_port, addr=host, registry=metrics.registry)
         logger.info("metrics on http://%s:%d/metrics", host, metrics_port)
         app = create_gateway(settings, metrics=metrics, serve_metrics=False)
@@ -72,4 +72,6 @@ def serve(host: str, port: int, metrics_port: int | None) -> None:
         log_config=None,  # our root handler (JSON or text, redacted) formats uvicorn's records
         server_header=False,
         timeout_graceful_shutdown=10,
+        # the parser's own limit above the gateway's, which answers 431 (not h11's bare 400)
+        h11_max_incomplete_event_size=UVICORN_HEADER_LIMIT,
     )

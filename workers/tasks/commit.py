@@ -34,6 +34,8 @@ from celery.signals import worker_ready
 
 from common.commit.committer import CommitResult
 from common.coord import keys
+from common.coord.budget import reconcile
+from common.coord.redis_memory import warn_about_eviction
 from common.coord.resend import resend_lost
 from common.errors import (
     CommitStateUnknownError,
@@ -156,6 +158,7 @@ def commit_all(self: Task) -> list[dict[str, Any]]:
     """Commit every table with pending batches or a prepared record (the safety sweep)."""
     rt = runtime(self.app)
     _resend_lost(self, rt)
+    _reconcile_budget(rt)
     summaries: list[dict[str, Any]] = []
     for table in sorted(rt.committer.pending_tables()):
         try:
@@ -184,10 +187,23 @@ def _resend_lost(task: Task, rt: Runtime) -> None:
         )
 
 
+def _reconcile_budget(rt: Runtime) -> None:
+    """Free budget held by batches that left *outstanding* another way (common/coord/budget.py)."""
+    try:
+        freed = reconcile(rt.client)
+    except redis.RedisError:
+        logger.exception("sweep: could not reconcile the budget; next sweep retries")
+        return
+    if freed:
+        logger.warning("sweep: freed the budget of %d batch(es) no longer outstanding", freed)
+
+
 @worker_ready.connect
 def _sweep_at_start(sender: Any = None, **_: Any) -> None:
     """A committer that starts recovers what a crashed one left (prepared records, pending)."""
     consumer = getattr(sender, "task_consumer", None)
     queues = {q.name for q in getattr(consumer, "queues", ())}
     if COMMIT_QUEUE in queues:
+        rt = runtime(sender.app)
+        warn_about_eviction(rt.client, rt.settings.budget)  # once per fleet: its committer
         sender.app.send_task(SWEEP_TASK, queue=COMMIT_QUEUE)

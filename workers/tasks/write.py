@@ -152,7 +152,9 @@ def _table_of(rt: Runtime, event: Event, table: str | None) -> str:
     if table is not None:
         return table
     return str(
-        Router(rt.settings.routes, rt.settings.namespace).table_for(event.attributes["type"])
+        Router(rt.settings.routes, rt.settings.namespace, rt.settings.unrouted).table_for(
+            event.attributes["type"]
+        )
     )
 
 

@@ -1,6 +1,7 @@
 """The producer: batch splitting, ids, the outstanding bookkeeping, the message, the backlog.
 
-Redis is fakeredis (the producer runs no Lua: its batch-id binding is one MULTI/EXEC); messages go to a recording publisher, or through
+Redis is the session's real redis-server (the budget's bookkeeping is a Lua script, which
+fakeredis runs only with its ``lupa`` extra); messages go to a recording publisher, or through
 kombu's in-memory transport to check that a Celery worker would accept them.
 """
 
@@ -9,9 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import fakeredis
 import orjson
 import pytest
+import redis
 
 import common.coord.backlog
 from common.coord import keys
@@ -28,7 +29,7 @@ from common.ingest.producer import KombuPublisher, Producer, split_lines
 from common.settings import load_settings
 from common.wire import INGEST_QUEUE, WRITE_TASK, check_batch_id, part_ids, task_message
 
-pytestmark = pytest.mark.unit
+pytestmark = pytest.mark.integration
 
 
 def event(n: int, size: int = 0) -> dict[str, Any]:
@@ -62,8 +63,8 @@ class Recorder:
 
 
 @pytest.fixture
-def client() -> fakeredis.FakeRedis:
-    return fakeredis.FakeRedis()
+def client(redis_client: redis.Redis) -> redis.Redis:
+    return redis_client
 
 
 def make_producer(client: Any, publish: Any, now_s: float = 1000.0, **limits: int) -> Producer:
@@ -107,7 +108,7 @@ def test_child_ids_keep_the_id_when_not_split() -> None:
 # --- enqueue ---------------------------------------------------------------------------------------
 
 
-def test_enqueue_splits_into_children_with_derived_ids(client: fakeredis.FakeRedis) -> None:
+def test_enqueue_splits_into_children_with_derived_ids(client: redis.Redis) -> None:
     # Given a producer whose batches hold at most 4 events
     recorder = Recorder()
     producer = make_producer(client, recorder, batch_max_events=4)
@@ -129,7 +130,7 @@ def test_enqueue_splits_into_children_with_derived_ids(client: fakeredis.FakeRed
     assert [len(kwargs["payload"].splitlines()) for _, kwargs, _ in recorder.sent] == [4, 4, 2]
 
 
-def test_enqueue_splits_by_bytes(client: fakeredis.FakeRedis) -> None:
+def test_enqueue_splits_by_bytes(client: redis.Redis) -> None:
     recorder = Recorder()
     producer = make_producer(client, recorder, batch_max_bytes=3_000, commit_max_bytes=10**9)
     producer.enqueue_many([event(n, size=1_000) for n in range(5)])
@@ -137,7 +138,7 @@ def test_enqueue_splits_by_bytes(client: fakeredis.FakeRedis) -> None:
     assert all(len(k["payload"].encode()) <= 3_000 for _, k, _ in recorder.sent)
 
 
-def test_enqueue_without_key_uses_a_fresh_uuid(client: fakeredis.FakeRedis) -> None:
+def test_enqueue_without_key_uses_a_fresh_uuid(client: redis.Redis) -> None:
     recorder = Recorder()
     producer = make_producer(client, recorder)
     first = producer.enqueue([event(1)])
@@ -146,7 +147,7 @@ def test_enqueue_without_key_uses_a_fresh_uuid(client: fakeredis.FakeRedis) -> N
     assert producer.last_batch_ids == [second]
 
 
-def test_enqueue_keeps_json_text_verbatim(client: fakeredis.FakeRedis) -> None:
+def test_enqueue_keeps_json_text_verbatim(client: redis.Redis) -> None:
     recorder = Recorder()
     producer = make_producer(client, recorder)
     raw = '{"specversion":"1.0", "id":"x1","source":"/s","type":"t",  "big":123456789012345678901}'
@@ -163,14 +164,14 @@ def test_enqueue_keeps_json_text_verbatim(client: fakeredis.FakeRedis) -> None:
         b'[{"id":"a"},{"id":"b"}]',
     ],
 )
-def test_enqueue_takes_a_whole_payload(client: fakeredis.FakeRedis, payload: str | bytes) -> None:
+def test_enqueue_takes_a_whole_payload(client: redis.Redis, payload: str | bytes) -> None:
     recorder = Recorder()
     make_producer(client, recorder).enqueue(payload)
     lines = recorder.sent[0][1]["payload"].splitlines()
     assert [json.loads(line)["id"] for line in lines] == ["a", "b"]
 
 
-def test_enqueue_refuses_a_bad_table_before_sending(client: fakeredis.FakeRedis) -> None:
+def test_enqueue_refuses_a_bad_table_before_sending(client: redis.Redis) -> None:
     recorder = Recorder()
     producer = make_producer(client, recorder)
     with pytest.raises(InvalidIdentifierError, match="Events"):
@@ -181,7 +182,7 @@ def test_enqueue_refuses_a_bad_table_before_sending(client: fakeredis.FakeRedis)
     assert client.zcard(keys.outstanding()) == 0
 
 
-def test_enqueue_refuses_nothing_and_unencodable_events(client: fakeredis.FakeRedis) -> None:
+def test_enqueue_refuses_nothing_and_unencodable_events(client: redis.Redis) -> None:
     producer = make_producer(client, Recorder())
     with pytest.raises(ValueError, match="no events"):
         producer.enqueue([])
@@ -192,9 +193,7 @@ def test_enqueue_refuses_nothing_and_unencodable_events(client: fakeredis.FakeRe
 
 
 @pytest.mark.parametrize("batch_id", ["orders~12", "a~0", "x~1~2", "~7", "orders~p0", "a~b", "~"])
-def test_enqueue_refuses_an_id_in_the_derived_namespace(
-    client: fakeredis.FakeRedis, batch_id: str
-) -> None:
+def test_enqueue_refuses_an_id_in_the_derived_namespace(client: redis.Redis, batch_id: str) -> None:
     # Given a batch id holding '~', the mark of the ids icefleet derives (parts, splits, replays)
     recorder = Recorder()
     producer = make_producer(client, recorder)
@@ -211,7 +210,7 @@ def test_enqueue_refuses_an_id_in_the_derived_namespace(
 
 @pytest.mark.parametrize("batch_id", ["orders:0", "orders:1", "a-12", "o:12:3", "x" * 200])
 def test_ids_shaped_like_the_old_parts_are_a_callers_own(
-    client: fakeredis.FakeRedis, batch_id: str
+    client: redis.Redis, batch_id: str
 ) -> None:
     # Given ids without '~' (':<n>' was the parts' separator before), When enqueued,
     # Then they are accepted: no derived id can have that shape any more
@@ -220,7 +219,7 @@ def test_ids_shaped_like_the_old_parts_are_a_callers_own(
 
 
 def test_the_same_id_with_other_events_is_refused_before_anything_is_sent(
-    client: fakeredis.FakeRedis,
+    client: redis.Redis,
 ) -> None:
     # Given a batch enqueued under an idempotency key
     recorder = Recorder()
@@ -245,7 +244,7 @@ def test_the_same_id_with_other_events_is_refused_before_anything_is_sent(
 
 
 def test_a_resend_is_cut_into_the_same_parts_whatever_the_limits_are_now(
-    client: fakeredis.FakeRedis,
+    client: redis.Redis,
 ) -> None:
     # Given 10 events enqueued in parts of at most 4 under an id
     first = Recorder()
@@ -264,7 +263,7 @@ def test_a_resend_is_cut_into_the_same_parts_whatever_the_limits_are_now(
         assert [k["payload"] for _, k, _ in again.sent] == [k["payload"] for _, k, _ in first.sent]
 
 
-def test_replays_enqueue_under_derived_ids_only(client: fakeredis.FakeRedis) -> None:
+def test_replays_enqueue_under_derived_ids_only(client: redis.Redis) -> None:
     # Given the replay path of the producer, When it is given a derived id, Then it is sent
     recorder = Recorder()
     producer = make_producer(client, recorder)
@@ -276,7 +275,7 @@ def test_replays_enqueue_under_derived_ids_only(client: fakeredis.FakeRedis) -> 
 
 
 def test_enqueue_records_outstanding_batches_with_their_first_enqueue_time(
-    client: fakeredis.FakeRedis,
+    client: redis.Redis,
 ) -> None:
     # Given a batch enqueued at t=1000s
     recorder = Recorder()
@@ -290,7 +289,7 @@ def test_enqueue_records_outstanding_batches_with_their_first_enqueue_time(
     assert client.zscore(keys.outstanding(), "b") == 1_000_000
 
 
-def test_a_failed_send_forgets_only_what_it_added(client: fakeredis.FakeRedis) -> None:
+def test_a_failed_send_forgets_only_what_it_added(client: redis.Redis) -> None:
     make_producer(client, Recorder()).enqueue([event(1)], batch_id="old")
     failing = make_producer(client, Recorder(fail=True))
     with pytest.raises(ConnectionError):
@@ -348,7 +347,7 @@ def test_kombu_publisher_puts_the_message_on_the_queue() -> None:
 
 
 def test_backlog_is_idle_only_when_nothing_is_outstanding_pending_or_prepared(
-    client: fakeredis.FakeRedis,
+    client: redis.Redis,
 ) -> None:
     assert read_backlog(client).idle
     client.zadd(keys.outstanding(), {"b1": 5})
@@ -378,7 +377,7 @@ def test_backlog_with_only_a_queued_message_is_not_idle() -> None:
 
 
 def test_outstanding_counts_deliveries_and_forgets_done_batches(
-    client: fakeredis.FakeRedis,
+    client: redis.Redis,
 ) -> None:
     make_producer(client, Recorder()).enqueue([event(1)], batch_id="b")
     outstanding = Outstanding(client)
@@ -389,14 +388,14 @@ def test_outstanding_counts_deliveries_and_forgets_done_batches(
     assert outstanding.started("b") == 1
 
 
-def register(client: fakeredis.FakeRedis, table: str, batch_id: str) -> None:
+def register(client: redis.Redis, table: str, batch_id: str) -> None:
     """What a writer does: pending first, then out of outstanding."""
     client.hset(keys.pending(table), batch_id, "{}")
     client.sadd(keys.pending_tables(), table)
     Outstanding(client).done(batch_id)
 
 
-def commit(client: fakeredis.FakeRedis, table: str, *batch_ids: str) -> None:
+def commit(client: redis.Redis, table: str, *batch_ids: str) -> None:
     client.hdel(keys.pending(table), *batch_ids)
     if not client.hlen(keys.pending(table)):
         client.srem(keys.pending_tables(), table)
@@ -404,7 +403,7 @@ def commit(client: fakeredis.FakeRedis, table: str, *batch_ids: str) -> None:
 
 @pytest.mark.parametrize("chunk", [10_000, 2])
 def test_waiter_waits_for_what_was_there_when_it_began(
-    client: fakeredis.FakeRedis, monkeypatch: pytest.MonkeyPatch, chunk: int
+    client: redis.Redis, monkeypatch: pytest.MonkeyPatch, chunk: int
 ) -> None:
     monkeypatch.setattr(common.coord.backlog, "_CHUNK", chunk)
     # Given a batch not written yet and two written to events.a but not committed
@@ -438,7 +437,7 @@ def test_waiter_waits_for_what_was_there_when_it_began(
     assert read_backlog(client).outstanding == 1  # "later" was not waited for
 
 
-def test_wait_returns_when_done_or_timed_out(client: fakeredis.FakeRedis) -> None:
+def test_wait_returns_when_done_or_timed_out(client: redis.Redis) -> None:
     with make_producer(client, Recorder()) as producer:
         seen: list[Any] = []
         assert producer.wait(timeout_s=1, on_poll=seen.append).done
