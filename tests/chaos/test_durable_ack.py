@@ -101,7 +101,9 @@ def test_kill_9_of_redis_under_load_loses_no_acknowledged_event(tmp_path: Path) 
                 acked_before = len(sender.acked)
                 killed_at = time.time()
                 server.stop(kill=True)
-                time.sleep(1.0)
+                # Redis stays down until a send has failed (not for a fixed time: the producer's
+                # own reconnect retries may outlast a short outage on a slow machine)
+                wait_until(lambda: bool(sender.failed), timeout_s=120, what="a failed send")
                 server.start()
                 wait_until(
                     lambda: len(sender.acked) >= acked_before + 20,
