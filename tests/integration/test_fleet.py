@@ -14,6 +14,7 @@ started may be left.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import signal
@@ -216,7 +217,7 @@ def test_up_restarts_a_dead_worker_and_serves_flower(
     with stderr.open("w") as err:
         proc = subprocess.Popen(
             [*CLI, "up", "--writers", "1", "--flower", "--flower-port", str(port)],
-            env=cli_env(home, ICEFLEET_REDIS_URL=redis_url),
+            env=cli_env(home, ICEFLEET_REDIS_URL=redis_url, ICEFLEET_FLOWER_BASIC_AUTH=FLOWER_AUTH),
             stdout=subprocess.DEVNULL,
             stderr=err,
         )
@@ -253,9 +254,17 @@ def writer_pid(app: Any) -> int | None:
     return None
 
 
+FLOWER_AUTH = "tester:flower-test-password"
+
+
 def flower_lists(port: int, names: tuple[str, ...]) -> bool:
+    """Whether Flower (basic auth: it is never open) lists every one of ``names``."""
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}/workers",
+        headers={"Authorization": "Basic " + base64.b64encode(FLOWER_AUTH.encode()).decode()},
+    )
     try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/workers", timeout=2) as reply:
+        with urllib.request.urlopen(request, timeout=2) as reply:
             page = reply.read().decode()
     except OSError:
         return False
