@@ -51,7 +51,9 @@ serial = itertools.count()
 
 @pytest.fixture(scope="module")
 def pipe(tmp_path_factory: pytest.TempPathFactory, redis_url: str) -> Iterator[Stack]:
-    pipeline = make_stack(redis_url, tmp_path_factory.mktemp("prop") / "home")
+    # dedupe off: examples reuse (source, id) with other content on purpose; this is about the
+    # round trip of any event, not about identity (tests/integration/test_event_dedupe.py is)
+    pipeline = make_stack(redis_url, tmp_path_factory.mktemp("prop") / "home", dedupe=False)
     redis.Redis.from_url(redis_url).flushall()
     yield pipeline
     pipeline.close()
