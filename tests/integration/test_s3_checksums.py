@@ -66,7 +66,10 @@ def test_data_files_and_compacted_files_carry_a_crc32c_the_store_recorded(
     # Given an S3 warehouse on moto
     backend = s3_backend(s3_endpoint, s3_bucket, icefleet_home / "catalog.db")
     backend.apply(monkeypatch)
-    settings = load_settings({"ICEFLEET_CATALOG": backend.catalog_name or ""})
+    # dedupe off: the six batches repeat the same 30 event ids on purpose (files are the point)
+    settings = load_settings(
+        {"ICEFLEET_CATALOG": backend.catalog_name or "", "ICEFLEET_DEDUPE": "off"}
+    )
     catalog = open_catalog(settings)
     batches = writer(settings, catalog, redis_client)
     # When six batches (three days each) are written and committed
