@@ -162,26 +162,24 @@ return released
 
 
 # ARGV: prefix, width s, buckets back, window s, identities (16 bytes each), bytes digests (8
-# bytes each) → claims dropped: those of these identities holding these bytes, whatever place
-_FORGET_LUA = """
-local now = tonumber(redis.call('TIME')[1])
-local width = tonumber(ARGV[2])
-local current = math.floor(now / width)
-local ids, digests = ARGV[5], ARGV[6]
+# bytes each, the last 8 of a claim value) → claims dropped: those of these identities holding
+# these bytes, whatever place
+_FORGET_LUA = (
+    _BUCKETS_LUA
+    + """
 local forgotten = 0
-for i = 1, #ids / ID do
-  local identity = string.sub(ids, (i - 1) * ID + 1, i * ID)
-  local digest = string.sub(digests, (i - 1) * 8 + 1, i * 8)
-  for b = current, current - tonumber(ARGV[3]), -1 do
-    local key = ARGV[1] .. b
-    local held = redis.call('hget', key, identity)
+for i = 1, n do
+  local digest = string.sub(values, (i - 1) * 8 + 1, i * 8)
+  for _, key in ipairs(live) do
+    local held = redis.call('hget', key, id(i))
     if held and string.sub(held, VALUE - 7) == digest then
-      forgotten = forgotten + redis.call('hdel', key, identity)
+      forgotten = forgotten + redis.call('hdel', key, id(i))
     end
   end
 end
 return forgotten
 """
+)
 
 
 def _script(text: str) -> str:

@@ -138,9 +138,9 @@ def enqueue_write_task(
 
     The batch is *outstanding* before its message exists (so a wait sees it), with a copy of
     the message kept until the batch is written (:mod:`common.coord.resend` sends a lost one
-    again), both in one step, and the message goes last. A batch sent again while still outstanding keeps its
-    first enqueue time (``enqueued_at_ms`` when the task carries none): both deliveries then
-    write byte-identical files (``_ingested_at`` is the enqueue time). If publishing fails, a
+    again), both in one step, and the message goes last. A batch sent again while still
+    outstanding keeps its first enqueue time (``enqueued_at_ms`` when the task carries none):
+    both deliveries then write byte-identical files (``_ingested_at`` is the enqueue time). If publishing fails, a
     batch this call made outstanding is forgotten again and the error raised.
 
     With a ``budget`` the batch is admitted against it (:mod:`common.coord.budget`; ``request``:
