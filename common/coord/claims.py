@@ -253,7 +253,8 @@ class Verdicts:
         return out
 
 
-def _place(batch_id: str) -> tuple[bytes, int]:
+def place(batch_id: str) -> tuple[bytes, int]:
+    """The owner digest and offset of a batch's events (its lineage root, its start in it)."""
     root, offset = lineage(batch_id)
     return owner_digest(root), offset
 
@@ -264,36 +265,52 @@ def claim_batch(claims: EventClaims, batch_id: str, rows: Rows, window_s: int) -
     Only the first occurrence of an identity in the batch is claimed; a later one is a
     duplicate of it (same bytes) or a conflict (other bytes).
     """
-    owner, offset = _place(batch_id)
+    owner, offset = place(batch_id)
     verdicts = Verdicts()
     for table, events in rows.items():
         identities, values = claim_keys(owner, offset, events)
         indexes = [event[0] for event in events]
-        if len(set(identities)) != len(identities):  # repeats inside the batch: the slow way
-            indexes, identities, values = _first_occurrences(
-                table, indexes, identities, values, verdicts
-            )
-        codes = claims.claim(table, b"".join(identities), b"".join(values), window_s)
-        if codes.count(NEW) + codes.count(MINE) == len(codes):
-            continue  # the common case: nothing seen before
-        for index, code in zip(indexes, codes, strict=True):
-            if code not in WRITE:
-                verdicts.skip.add(index)
-                verdicts.repeats.append((index, table, code))
+        claim_keyed(claims, table, indexes, identities, b"".join(values), window_s, verdicts)
     return verdicts
+
+
+def claim_keyed(
+    claims: EventClaims,
+    table: str,
+    indexes: Sequence[int],
+    identities: list[bytes],
+    values: bytes,
+    window_s: int,
+    verdicts: Verdicts,
+) -> None:
+    """Claim events of one table whose keys are made (:func:`common.wire.claim_keys`; the
+    ``values`` joined), adding the repeats to ``verdicts``."""
+    if len(set(identities)) != len(identities):  # repeats inside the batch: the slow way
+        indexes, identities, values = _first_occurrences(
+            table, indexes, identities, values, verdicts
+        )
+    codes = claims.claim(table, b"".join(identities), values, window_s)
+    if codes.count(NEW) + codes.count(MINE) == len(codes):
+        return  # the common case: nothing seen before
+    for index, code in zip(indexes, codes, strict=True):
+        if code not in WRITE:
+            verdicts.skip.add(index)
+            verdicts.repeats.append((index, table, code))
 
 
 def _first_occurrences(
     table: str,
-    indexes: list[int],
+    indexes: Sequence[int],
     identities: list[bytes],
-    values: list[bytes],
+    values: bytes,
     verdicts: Verdicts,
-) -> tuple[list[int], list[bytes], list[bytes]]:
+) -> tuple[list[int], list[bytes], bytes]:
     """Keep the first occurrence of each identity; judge the others against it."""
+    size = CLAIM_VALUE_BYTES
     seen: dict[bytes, bytes] = {}
     kept: list[int] = []
-    for index, identity, value in zip(indexes, identities, values, strict=True):
+    for n, (index, identity) in enumerate(zip(indexes, identities, strict=True)):
+        value = values[n * size : (n + 1) * size]
         earlier = seen.get(identity)
         if earlier is None:
             seen[identity] = value
@@ -302,13 +319,13 @@ def _first_occurrences(
             code = DUPLICATE if earlier[12:] == value[12:] else CONFLICT
             verdicts.repeats.append((index, table, code))
             verdicts.skip.add(index)
-    return kept, list(seen), list(seen.values())
+    return kept, list(seen), b"".join(seen.values())
 
 
 def release_events(claims: EventClaims, batch_id: str, rows: Rows, window_s: int) -> int:
     """Release the claims a batch holds on these events (a claim held for another place, or
     already gone, is left alone)."""
-    owner, offset = _place(batch_id)
+    owner, offset = place(batch_id)
     released = 0
     for table, events in rows.items():
         identities, values = claim_keys(owner, offset, events)
@@ -348,6 +365,8 @@ __all__ = [
     "Rows",
     "Verdicts",
     "claim_batch",
+    "claim_keyed",
     "forget_raw_events",
+    "place",
     "release_events",
 ]

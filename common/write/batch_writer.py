@@ -41,6 +41,7 @@ from common.ingest.routing import DEAD_LETTER_ROUTE, Router, TableName
 from common.lake.catalog import TableStore
 from common.lake.retry import is_transient_unless_locked, policies_for
 from common.lake.uploads import ObjectWriter
+from common.maintenance.orphans import delete_files
 from common.schema.layout import Projection, aliases, desired_schema, project
 from common.settings import SchemaMode, Settings
 from common.wire import split_child_id
@@ -102,6 +103,17 @@ class BatchResult:
         return sum(f.record_count for files in self.files.values() for f in files)
 
 
+@dataclass(frozen=True)
+class ChunkPlan:
+    """How a batch is written: its chunks' bounds, and when to stop early (a split)."""
+
+    bounds: list[tuple[int, int]]
+    can_split: bool
+    deadline: float | None
+    stop: Callable[[], bool] | None
+    interrupt: tuple[type[BaseException], ...]
+
+
 def _log_written(batch_id: str, files: list[DataFile], name: TableName) -> None:
     rows = sum(f.record_count for f in files)
     logger.info("batch %s: wrote %d file(s), %d rows to %s", batch_id, len(files), rows, name)
@@ -137,6 +149,7 @@ class BatchWriter:
         self.plans = FilePlans()
         self.objects = ObjectWriter(settings.s3_checksum)
         self._pool: ThreadPoolExecutor | None = None
+        self._claimer: ThreadPoolExecutor | None = None
 
     @paused_gc()  # a fresh pause per call (contextlib's context managers work as decorators)
     def write(
@@ -183,32 +196,38 @@ class BatchWriter:
             batch_id, payload, fixed, ingested_at, known=known, attempt=attempt, skip=skip
         )
         limit = source.count if split_at is None else max(0, min(split_at, source.count))
-        verdicts = self._claim(batch_id, source, limit, fixed, known)
-        skip.update(verdicts.skip)
-        if skip and isinstance(source, CompiledSource):
-            # the compiled path writes every row: repeats to leave out take the reference path
-            # (all events valid there too, so the indexes are the same)
-            source = reference()
+        claimed = self._claim(batch_id, source, limit, fixed, known)
+        verdicts: Verdicts | None = None
+        if isinstance(source, ReferenceSource):  # it leaves the repeats out as it writes
+            verdicts = claimed()
+            skip.update(verdicts.skip)
         result = BatchResult(batch_id, events=source.count, path=source.path)
         result.dead_letters.extend(source.dead_letters)
         size = max(1, chunk_events or limit or 1)
-        bounds = [(start, min(start + size, limit)) for start in range(0, limit, size)]
-        whole = len(bounds) == 1 and limit == source.count  # the classic one-file-per-day paths
-        can_split = on_split is not None and split_at is None
-        chunks: list[Chunk] = []  # appended whole: the truth about what is written
-        last_s = 0.0
-        for start, end in bounds:
-            if start and can_split and self._must_stop(deadline, stop, last_s):
-                break
-            began = self.clock()
-            try:
-                chunks.append(source.write_chunk(start, end, whole))
-            except interrupt:
-                if not (chunks and can_split):
-                    raise
-                logger.warning("batch %s: interrupted in events [%d, %d)", batch_id, start, end)
-                break
-            last_s = self.clock() - began
+        plan = ChunkPlan(
+            bounds=[(start, min(start + size, limit)) for start in range(0, limit, size)],
+            can_split=on_split is not None and split_at is None,
+            deadline=deadline,
+            stop=stop,
+            interrupt=interrupt,
+        )
+        whole = len(plan.bounds) == 1 and limit == source.count  # one file per day, classic paths
+
+        def go_on() -> bool:  # after the first chunk: the claims were made while it was written
+            nonlocal verdicts
+            verdicts = claimed()
+            return not (verdicts.skip and isinstance(source, CompiledSource))
+
+        chunks = self._write_chunks(batch_id, source, plan, whole, go_on)
+        verdicts = verdicts or claimed()
+        skip.update(verdicts.skip)
+        if skip and isinstance(source, CompiledSource):
+            # the compiled path writes every row: with repeats to leave out (rare), its files go
+            # and the reference path writes the batch (all events valid there too: same indexes)
+            source.discard(chunks)
+            source = reference()
+            chunks = self._write_chunks(batch_id, source, plan, whole, lambda: True)
+            result.path = source.path
         done = chunks[-1].end if chunks else 0
         if done < limit:
             assert on_split is not None
@@ -240,6 +259,34 @@ class BatchWriter:
             result,
         )
         return result
+
+    def _write_chunks(
+        self,
+        batch_id: str,
+        source: Source,
+        plan: ChunkPlan,
+        whole: bool,
+        go_on: Callable[[], bool],
+    ) -> list[Chunk]:
+        """Write the chunks of ``plan`` in order until done, or until it must stop (see
+        :meth:`write`); after the first chunk, stop at once if ``go_on()`` says so."""
+        chunks: list[Chunk] = []  # appended whole: the truth about what is written
+        last_s = 0.0
+        for start, end in plan.bounds:
+            if start and plan.can_split and self._must_stop(plan.deadline, plan.stop, last_s):
+                break
+            began = self.clock()
+            try:
+                chunks.append(source.write_chunk(start, end, whole))
+            except plan.interrupt:
+                if not (chunks and plan.can_split):
+                    raise
+                logger.warning("batch %s: interrupted in events [%d, %d)", batch_id, start, end)
+                break
+            last_s = self.clock() - began
+            if len(chunks) == 1 and not go_on():
+                break
+        return chunks
 
     def _sources(
         self,
@@ -287,7 +334,10 @@ class BatchWriter:
             ) -> list[DataFile]:
                 return self.write_rows(name, table_, by_day, batch_id, attempt, bounds)
 
-            source = CompiledSource(name, rows, write_rows)
+            def delete(files: list[DataFile]) -> int:
+                return delete_files(table_.io, [file.file_path for file in files])
+
+            source = CompiledSource(name, rows, write_rows, delete)
         else:
             source = reference()
         return source, reference
@@ -323,16 +373,29 @@ class BatchWriter:
         limit: int,
         fixed: TableName | None,
         known: dict[TableName, bool],
-    ) -> Verdicts:
-        """Claim the identities of the events ``[0, limit)`` of tables with dedupe on."""
+    ) -> Callable[[], Verdicts]:
+        """Claim the identities of the events ``[0, limit)`` of tables with dedupe on; the
+        verdicts come from the function returned.
+
+        The reference path claims before it writes (it leaves repeats out as it projects). The
+        compiled path claims in a thread while it writes its first chunk: the claim is Redis's
+        work, mostly (a Lua script over every identity), and Parquet writing releases the GIL,
+        so the two overlap; a batch with repeats (rare) is written again the reference way.
+        """
         if isinstance(source, CompiledSource):
-            return claim_compiled(self.claims, self.settings, batch_id, source.name, source, limit)
+            if self.claims is None or not self.settings.dedupe_for(str(source.name)) or not limit:
+                return Verdicts
+            claiming = self._claim_pool().submit(
+                claim_compiled, self.claims, self.settings, batch_id, source.name, source, limit
+            )
+            return claiming.result
         assert isinstance(source, ReferenceSource)
         events = source.parsed.events[:limit]
         tables = [fixed or self.router.table_for(e.attributes["type"]) for e in events]
         for name in set(tables) - set(known):
             known[name] = self.registry is not None and self.registry.is_known(str(name), batch_id)
-        return claim_events(self.claims, self.settings, batch_id, events, tables, known)
+        verdicts = claim_events(self.claims, self.settings, batch_id, events, tables, known)
+        return lambda: verdicts
 
     def _lake(self, batch_id: str) -> Lake:
         registry = self.registry
@@ -546,6 +609,11 @@ class BatchWriter:
         if self._pool is None:  # made on first use: in the worker process, after Celery forks
             self._pool = ThreadPoolExecutor(FILE_WRITE_THREADS, thread_name_prefix="icefleet-file")
         return self._pool
+
+    def _claim_pool(self) -> ThreadPoolExecutor:
+        if self._claimer is None:  # its own thread: a claim must not wait behind file writes
+            self._claimer = ThreadPoolExecutor(1, thread_name_prefix="icefleet-claim")
+        return self._claimer
 
     def _ensure(self, name: TableName, desired: Callable[[Table | None, Schema], Schema]) -> Table:
         """Create or evolve the table, retrying catalog hiccups (not a lock held elsewhere)."""

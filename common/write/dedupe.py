@@ -8,7 +8,12 @@ events it handles, and give back the claims of events a table rejected.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import xxhash
 
 from common.coord.claims import (
     CONFLICT,
@@ -16,6 +21,8 @@ from common.coord.claims import (
     EventRow,
     Verdicts,
     claim_batch,
+    claim_keyed,
+    place,
     release_events,
 )
 from common.ingest.events import DeadLetter, Event
@@ -57,17 +64,70 @@ def claim_compiled(
 ) -> Verdicts:
     """Claim the rows ``[0, limit)`` of a batch the compiled path read (one table, every event
     valid, so a row's index is its event's)."""
+    verdicts = Verdicts()
     if claims is None or not settings.dedupe_for(str(name)) or not limit:
-        return Verdicts()
+        return verdicts
     rows = source.rows.rows.slice(0, limit)
-    columns = zip(
-        rows.column("source").to_pylist(),
-        rows.column("id").to_pylist(),
-        rows.column("raw_event").to_pylist(),
-        strict=True,
+    owner, offset = place(batch_id)
+    identities, values = arrow_claim_keys(
+        owner, offset, rows.column("source"), rows.column("id"), rows.column("raw_event")
     )
-    table_rows = [(index, src, event_id, raw) for index, (src, event_id, raw) in enumerate(columns)]
-    return claim_batch(claims, batch_id, {str(name): table_rows}, settings.dedup_window_s)
+    claim_keyed(
+        claims, str(name), range(limit), identities, values, settings.dedup_window_s, verdicts
+    )
+    return verdicts
+
+
+# a claim value as numpy lays it out: the bytes of common.wire.claim_keys, 20 a row
+_CLAIM_VALUE = np.dtype([("owner", "S8"), ("position", ">u4"), ("digest", ">u8")])
+
+
+def arrow_claim_keys(
+    owner: bytes,
+    offset: int,
+    source: pa.ChunkedArray,
+    event_id: pa.ChunkedArray,
+    raw: pa.ChunkedArray,
+) -> tuple[list[bytes], bytes]:
+    """:func:`common.wire.claim_keys` of rows held in Arrow columns (no nulls): the same
+    identities, and the same values joined, proven by ``tests/unit/test_claim_keys.py``.
+
+    What it saves is Python objects: the identity's text ``<len>:<source><id>`` is joined by
+    Arrow, each identity and bytes digest is hashed straight from Arrow's buffers (no ``str``
+    made and encoded again), and the values are laid out by numpy. Half the client's time of
+    the loop in ``claim_keys`` (10,000 demo events: 4-6 ms against 7-14 ms).
+    """
+    text = pa.large_string()
+    source, event_id = source.cast(text), event_id.cast(text)
+    lengths = pc.cast(pc.utf8_length(source), text)
+    keyed = pc.binary_join_element_wise(
+        pc.binary_join_element_wise(lengths, source, pa.scalar(":", text)),
+        event_id,
+        pa.scalar("", text),
+    )
+    h128, h64 = xxhash.xxh3_128_digest, xxhash.xxh3_64_intdigest
+    identities = list(map(h128, _items(keyed)))
+    count = len(identities)
+    values = np.empty(count, dtype=_CLAIM_VALUE)
+    values["owner"] = owner
+    values["position"] = np.arange(offset, offset + count, dtype=np.uint32)
+    values["digest"] = np.fromiter(map(h64, _items(raw)), np.uint64, count)
+    return identities, values.tobytes()
+
+
+def _items(column: pa.ChunkedArray | pa.Array) -> Iterator[memoryview]:
+    """The values of a string column (no nulls) as views of Arrow's buffers, in order; built
+    with ``map`` over C functions only (no Python frame per value: half the time of a loop)."""
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    for chunk in chunks:
+        if not len(chunk):
+            continue
+        _, offsets_buffer, data_buffer = chunk.buffers()
+        width = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+        offsets = np.frombuffer(offsets_buffer, dtype=width)
+        bounds = offsets[chunk.offset : chunk.offset + len(chunk) + 1].tolist()
+        data = memoryview(data_buffer if data_buffer is not None else b"")
+        yield from map(data.__getitem__, map(slice, bounds, bounds[1:]))
 
 
 def conflicts(

@@ -90,6 +90,7 @@ class CompiledSource:
     name: TableName
     rows: CompiledRows
     write_rows: WriteRows  # rows by day, the chunk's bounds (None: the whole batch)
+    delete_files: Callable[[list[DataFile]], object]  # files written but not to be registered
     path: str = "compiled"
     dead_letters: list[DeadLetter] = field(default_factory=list)  # none, or no answer
 
@@ -105,6 +106,15 @@ class CompiledSource:
 
     def rest(self, start: int) -> str:
         return self.rows.raw_lines(start)
+
+    def discard(self, chunks: list[Chunk]) -> None:
+        """Delete the files of chunks that will not be registered (best effort: a file left
+        behind is an orphan, which maintenance removes)."""
+        files = [file for chunk in chunks for parts in chunk.files.values() for file in parts]
+        try:
+            self.delete_files(files)
+        except Exception:  # the write goes on; orphans are swept later
+            logger.warning("could not delete %d unregistered file(s)", len(files), exc_info=True)
 
 
 @dataclass(frozen=True)

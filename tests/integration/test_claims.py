@@ -130,6 +130,33 @@ def test_repeats_are_counted_once_per_batch_and_table_however_often_it_is_writte
     assert_exactly_once(pipe.table(), ids_of(events) + ids_of(events2[3:]))
 
 
+def test_a_compiled_batch_with_repeats_is_written_again_without_them_and_leaves_no_file(
+    pipe: Stack,
+) -> None:
+    # Given a table that exists (so the compiled path reads the next batches) and holds 4 events
+    events = make_events("e", 4)
+    assert pipe.write("b1", events).records == 4
+    data = Path(pipe.table().location().removeprefix("file://")) / "data"
+    files_before = set(data.rglob("*.parquet"))
+    # When a batch of new events is written in chunks, Then the compiled path keeps it (its
+    # claims were made while its first chunk was written)
+    fresh = make_events("f", 6)
+    result = pipe.writer.write("b2", ndjson(fresh), enqueued_at_ms=0, chunk_events=2)
+    assert result.path == "compiled" and result.records == 6 and result.duplicates == {}
+    written = set(data.rglob("*.parquet")) - files_before
+    # When a batch in chunks repeats two landed events among new ones
+    mixed = [*events[:2], *make_events("g", 3)]
+    result = pipe.writer.write("b3", ndjson(mixed), enqueued_at_ms=0, chunk_events=2)
+    # Then the reference path wrote it without the repeats, counted them, and the files the
+    # compiled path had written for its first chunk are gone: every file is registered
+    assert result.path == "reference" and result.records == 3
+    assert result.duplicates == {TABLE: (2, 0)}
+    registered = {Path(f.file_path.removeprefix("file://")) for f in result.files[TABLE]}
+    assert set(data.rglob("*.parquet")) - files_before - written == registered
+    pipe.commit()
+    assert_exactly_once(pipe.table(), ids_of(events) + ids_of(fresh) + ids_of(mixed[2:]))
+
+
 def test_a_table_with_dedupe_off_lands_every_copy(
     redis_client: redis.Redis, redis_url: str, icefleet_home: Path
 ) -> None:
