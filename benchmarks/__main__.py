@@ -2,8 +2,9 @@
 ``python -m benchmarks compare REV [--bench NAME ...]`` (benchmarks/compare.py).
 
 With no name, every ``bench_*.py`` module of this package runs, in name order; a NAME is a module
-name with or without its ``bench_`` prefix. Each module's ``main()`` is called with no arguments
-(a module takes its own options when run directly: ``python -m benchmarks.bench_<name> --help``).
+name with or without its ``bench_`` prefix. Options after one NAME are that benchmark's own
+(``python -m benchmarks overload --duration 600``; ``python -m benchmarks.bench_<name> --help``
+lists them); with several names, each runs with its defaults.
 Exits non-zero if a benchmark failed or a name is unknown; one failure does not stop the others.
 """
 
@@ -45,12 +46,17 @@ def main(argv: list[str] | None = None) -> int:
         from benchmarks.compare import main as compare
 
         return compare(args[1:])
-    if any(a in ("-h", "--help") for a in args):
+    cut = next((i for i, a in enumerate(args) if a.startswith("-")), len(args))
+    names, options = args[:cut], args[cut:]
+    if options and len(names) != 1:
+        print("options go after exactly one benchmark name", file=sys.stderr)
+        return 2
+    if not names and any(a in ("-h", "--help") for a in args):
         print(__doc__.strip())
         print("\navailable:", ", ".join(m.removeprefix(PREFIX) for m in available()))
         return 0
     try:
-        modules = select(args)
+        modules = select(names)
     except KeyError as unknown:
         shown = ", ".join(m.removeprefix(PREFIX) for m in available()) or "none"
         print(f"unknown benchmark {unknown}; available: {shown}", file=sys.stderr)
@@ -60,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"=== {name.removeprefix(PREFIX)} ===", flush=True)
         started = time.perf_counter()
         try:
-            code = importlib.import_module(f"{__package__}.{name}").main() or 0
+            code = importlib.import_module(f"{__package__}.{name}").main(options) or 0
         except Exception:
             traceback.print_exc()
             code = 1
