@@ -280,7 +280,8 @@ class Waiter:
             if found:
                 pending[table] = found
         offsets = [v for reply in replies[1 + n + len(order) * n :] for v in reply]
-        splits = {b: int(v) for b, v in zip(ids, offsets, strict=True) if v is not None}
+        # a record of 0 is a batch written whole (common/write/partial.py: WHOLE): no child
+        splits = {b: int(v) for b, v in zip(ids, offsets, strict=True) if v and int(v) > 0}
         return outstanding, pending, splits
 
 

@@ -89,47 +89,56 @@ local function value(i) return string.sub(values, (i - 1) * VALUE + 1, i * VALUE
 """
 
 # ARGV: prefix, width s, buckets back, window s, identities (16 bytes each, unique), values (20
-# bytes each) → one code per identity: n new, m mine, d duplicate, c conflicting
+# bytes each) → one code per identity: n new, m mine, d duplicate, c conflicting. Each identity
+# becomes a Lua string once (the script's main cost is per identity: about a microsecond of the
+# server's time); a batch of new identities, the common case, skips the per-identity judging.
 _CLAIM_LUA = (
     _BUCKETS_LUA
     + """
+local sub = string.sub
+local idt = {}
+for i = 1, n do idt[i] = sub(ids, (i - 1) * ID + 1, i * ID) end
 local found = {}
-local missing = {}
-for i = 1, n do missing[i] = i end
+local seen = false
 for _, key in ipairs(live) do
-  if #missing == 0 then break end
-  local rest = {}
-  for s = 1, #missing, CHUNK do
-    local fields = {}
-    for j = s, math.min(s + CHUNK - 1, #missing) do
-      fields[#fields + 1] = id(missing[j])
-    end
-    local held = redis.call('hmget', key, unpack(fields))
-    for j = 1, #fields do
-      local i = missing[s + j - 1]
-      if held[j] then found[i] = held[j] else rest[#rest + 1] = i end
+  for s = 1, n, CHUNK do
+    local e = math.min(s + CHUNK - 1, n)
+    local held = redis.call('hmget', key, unpack(idt, s, e))
+    for j = 1, e - s + 1 do
+      local i = s + j - 1
+      if held[j] and not found[i] then
+        found[i] = held[j]
+        seen = true
+      end
     end
   end
-  missing = rest
 end
-local codes = {}
 local new = {}
-for i = 1, n do
-  local held = found[i]
-  if not held then
-    codes[i] = 'n'
-    new[#new + 1] = id(i)
-    new[#new + 1] = value(i)
-  else
-    local mine = value(i)
-    if held == mine then
-      codes[i] = 'm'
-    elseif string.sub(held, 13) == string.sub(mine, 13) then
-      codes[i] = 'd'
+local codes
+if not seen then
+  for i = 1, n do
+    new[2 * i - 1] = idt[i]
+    new[2 * i] = sub(values, (i - 1) * VALUE + 1, i * VALUE)
+  end
+  codes = string.rep('n', n)
+else
+  local c = {}
+  for i = 1, n do
+    local held = found[i]
+    local mine = sub(values, (i - 1) * VALUE + 1, i * VALUE)
+    if not held then
+      c[i] = 'n'
+      new[#new + 1] = idt[i]
+      new[#new + 1] = mine
+    elseif held == mine then
+      c[i] = 'm'
+    elseif sub(held, 13) == sub(mine, 13) then
+      c[i] = 'd'
     else
-      codes[i] = 'c'
+      c[i] = 'c'
     end
   end
+  codes = table.concat(c)
 end
 if #new > 0 then
   local key = ARGV[1] .. current
@@ -138,7 +147,7 @@ if #new > 0 then
   end
   redis.call('expireat', key, (current + 1) * width + tonumber(ARGV[4]))
 end
-return table.concat(codes)
+return codes
 """
 )
 
@@ -162,17 +171,18 @@ return released
 
 
 # ARGV: prefix, width s, buckets back, window s, identities (16 bytes each), bytes digests (8
-# bytes each, the last 8 of a claim value) → claims dropped: those of these identities holding
-# these bytes, whatever place
+# bytes each, the last 8 of a claim value; none: any bytes) → claims dropped: those of these
+# identities holding these bytes, whatever place
 _FORGET_LUA = (
     _BUCKETS_LUA
     + """
 local forgotten = 0
+local any = #values == 0
 for i = 1, n do
   local digest = string.sub(values, (i - 1) * 8 + 1, i * 8)
   for _, key in ipairs(live) do
     local held = redis.call('hget', key, id(i))
-    if held and string.sub(held, VALUE - 7) == digest then
+    if held and (any or string.sub(held, VALUE - 7) == digest) then
       forgotten = forgotten + redis.call('hdel', key, id(i))
     end
   end
@@ -227,8 +237,9 @@ class EventClaims:
         return int(self._release(args=self._args(table, window_s, ids, values)))
 
     def forget(self, table: str, ids: bytes, digests: bytes, window_s: int) -> int:
-        """Drop the claims of identities whose bytes are these digests, whoever placed them: the
-        rows are no longer in the table (a quarantined file), so they may land again."""
+        """Drop the claims of identities whose bytes are these digests (``b""``: whatever their
+        bytes), whoever placed them: the rows are no longer in the table (a quarantined file),
+        so they may land again."""
         if not ids:
             return 0
         return int(self._forget(args=self._args(table, window_s, ids, digests)))
@@ -354,6 +365,16 @@ def forget_raw_events(claims: EventClaims, table: str, raws: Sequence[str], wind
     return claims.forget(table, b"".join(ids), b"".join(digests), window_s)
 
 
+def forget_identities(
+    claims: EventClaims, table: str, identities: Sequence[tuple[str, str]], window_s: int
+) -> int:
+    """Forget the claims on these (source, id) in ``table``, whatever bytes they held: rows that
+    left the table whose ``raw_event`` cannot be read (a quarantined file), so their producer can
+    send them again."""
+    ids = b"".join(event_identity(source, event_id) for source, event_id in identities)
+    return claims.forget(table, ids, b"", window_s)
+
+
 __all__ = [
     "BUCKETS",
     "CONFLICT",
@@ -366,6 +387,7 @@ __all__ = [
     "Verdicts",
     "claim_batch",
     "claim_keyed",
+    "forget_identities",
     "forget_raw_events",
     "place",
     "release_events",

@@ -100,6 +100,21 @@ def quarantine_location(table: Table, path: str) -> str:
     return f"{location}/{QUARANTINE_DIR}/{relative}"
 
 
+def lost_identities(data: Any, path: str) -> list[tuple[str, str]]:
+    """(source, id) of the rows whose ``raw_event`` cannot be read (their own columns can)."""
+    found: list[tuple[str, str]] = []
+    columns = None
+    for read in read_column_by_row_group(data, path, "raw_event"):
+        if read.values is not None:
+            continue
+        if columns is None:
+            columns = [read_column_by_row_group(data, path, name) for name in ("source", "id")]
+        sources, ids = (column[read.row_group].values for column in columns)
+        if sources is not None and ids is not None:
+            found += zip(sources.to_pylist(), ids.to_pylist(), strict=True)
+    return found
+
+
 def assess(data: Any, path: str) -> Assessment:
     """Which rows of the file in ``data`` can be restored from their ``raw_event``."""
     restorable: list[str] = []
@@ -171,11 +186,16 @@ def quarantine_file(
     lock: AbstractContextManager[object] | None = None,
     reasons: list[str] | None = None,
     now_ms: int | None = None,
+    forget: Callable[[list[tuple[str, str]], str], object] | None = None,
 ) -> QuarantineRecord:
     """Copy ``path`` aside, record it, and remove it from ``table`` in one snapshot.
 
     Run again on a file already quarantined, it returns the record (finishing the removal if a
-    crash came between the record and the snapshot).
+    crash came between the record and the snapshot). Once the file is out, ``forget(identities,
+    table)`` drops the per-event dedupe claims of its *lost* rows, by (source, id)
+    (:func:`common.coord.claims.forget_identities`): their producer is asked to send them again,
+    which the claims would otherwise drop as repeats. Restorable rows keep theirs until
+    :func:`restore` (which forgets them by their exact bytes).
     """
     name = ".".join(table.name())
     table = table.refresh()
@@ -211,6 +231,10 @@ def quarantine_file(
         "icefleet.base-commit-seq": str(committed_seq(table)),
     }
     after = remove_data_files(table, [path], lock=lock, snapshot_properties=properties)
+    if forget is not None:
+        identities = lost_identities(read_object(table.io, record.quarantine_path), path)
+        if identities:
+            forget(identities, name)
     snapshot = after.current_snapshot()
     record.status = "removed"
     record.snapshot_id = snapshot.snapshot_id if snapshot else None

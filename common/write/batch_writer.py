@@ -55,7 +55,7 @@ from common.write.datafile_writer import (
     write_data_file,
 )
 from common.write.dedupe import claim_compiled, claim_events, conflicts, release_rejected
-from common.write.partial import Remainder, SplitConflictError
+from common.write.partial import WHOLE, Remainder, SplitConflictError
 from common.write.sources import (
     Chunk,
     CompiledSource,
@@ -235,6 +235,12 @@ class BatchWriter:
             if recorded != done:
                 raise SplitConflictError(batch_id, done, recorded)
             split_at = done
+        elif on_split is not None and split_at is None and source.count:
+            # a whole attempt fixes the cut too, before it registers: an attempt racing it must
+            # not split the batch afterwards (its child would land the rest a second time)
+            recorded = on_split(WHOLE)
+            if recorded != WHOLE:
+                raise SplitConflictError(batch_id, source.count, recorded)
         if split_at is not None and split_at < source.count:
             result.remainder = Remainder(
                 split_child_id(batch_id, split_at),

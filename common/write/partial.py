@@ -24,9 +24,15 @@ batch like any other, deduplicated by its own id (and by its own split record if
 Without the record a redelivery would write the whole batch again under the parent's id, and the
 tables that got nothing before ``k`` would receive the child's events a second time.
 
-Two attempts of one batch running at once (a producer resending while the first still runs) may
-both want to split: the record is taken atomically, and the one that finds a different split
-point raises :class:`SplitConflictError` (retryable) and follows the record on its next delivery.
+Two attempts of one batch running at once (a producer resending while the first still runs, a
+redelivery racing a slow first attempt) may disagree on the cut: the record is taken atomically,
+and the one that finds a different split point raises :class:`SplitConflictError` (retryable) and
+follows the record on its next delivery. An attempt that wrote the whole batch records its cut
+too, :data:`WHOLE` (no child), before it registers: without that, an attempt splitting at ``k`` after
+the whole one registered would find its own part refused (already registered) and still hand
+back a child carrying events ``[k, n)``, which the whole registration already holds. (Per-event
+claims do not catch that child: its events have the same place, lineage root and offset, as
+the whole attempt's, which is how a legitimate child of a split finds its parent's claims.)
 
 Ids: producer splits are ``<id>:<n>`` (common/ingest/producer.py), writer splits ``<id>~<k>``, so the two
 never collide with each other; a producer's batch id ending in ``~<digits>`` could collide with a
@@ -55,6 +61,9 @@ CHUNKS_PER_BATCH = 2
 #: Each redelivery of a batch that did not finish halves the chunk, down to this.
 MIN_CHUNK_EVENTS = 10
 
+#: The cut an attempt that wrote a batch whole records (no split ever leaves nothing written).
+WHOLE = 0
+
 # KEYS: split record; ARGV: offset, ttl seconds → the offset in effect (an earlier one wins)
 _RECORD_LUA = """
 local existing = redis.call('get', KEYS[1])
@@ -76,9 +85,9 @@ class SplitConflictError(RetryableError):
         self.batch_id = batch_id
         self.wanted = wanted
         self.recorded = recorded
+        theirs = "wrote it whole" if recorded == WHOLE else f"split it at {recorded}"
         super().__init__(
-            f"batch {batch_id[:200]!r}: wanted to split at {wanted}, "
-            f"but another attempt split it at {recorded}"
+            f"batch {batch_id[:200]!r}: wanted to split at {wanted}, but another attempt {theirs}"
         )
 
 
@@ -123,13 +132,14 @@ class SplitRecords:
         self._record = client.register_script(_RECORD_LUA)
 
     def get(self, batch_id: str) -> int | None:
-        """Where an earlier attempt split the batch, or None."""
+        """Where an earlier attempt split the batch, or None (none did, or one wrote it whole)."""
         value = self._client.get(split_key(batch_id))
-        return None if value is None else int(value)
+        return None if value is None or int(value) == WHOLE else int(value)
 
     def record(self, batch_id: str, offset: int) -> int:
-        """Record a split at ``offset`` unless one is recorded; return the one in effect."""
-        if offset <= 0:
+        """Record a split at ``offset`` (:data:`WHOLE`: written whole) unless a cut is recorded;
+        return the one in effect."""
+        if offset < 0:
             raise ValueError(f"a split must leave something written, got offset {offset}")
         return int(self._record(keys=[split_key(batch_id)], args=[offset, self.ttl_s]))
 
@@ -138,6 +148,7 @@ __all__ = [
     "CHUNKS_PER_BATCH",
     "DEADLINE_FRACTION",
     "MIN_CHUNK_EVENTS",
+    "WHOLE",
     "Remainder",
     "SplitConflictError",
     "SplitRecords",

@@ -72,7 +72,7 @@ def damage_one_file(pipe: Stack) -> str:
 
 
 def test_a_flipped_byte_is_found_refused_quarantined_and_restored(
-    pipe: Stack, redis_client: redis.Redis
+    pipe: Stack, redis_client: redis.Redis, tmp_path: Path
 ) -> None:
     # Given six committed files, and one byte flipped in a raw_event page of one of them
     healthy = rows(pipe.table())
@@ -167,6 +167,19 @@ def test_a_flipped_byte_is_found_refused_quarantined_and_restored(
     assert sorted(back) == sorted(bad_ids - set(record.lost_ids))
     assert back == {r["id"]: r["raw_event"] for r in healthy if r["id"] in back}
     assert len(after) == len(rest) + 30
+
+    # When the producer sends the ten lost events again, as the record asks (a new batch id)
+    lost = tmp_path / "lost.ndjson"
+    lost.write_text(
+        "".join(r["raw_event"] + "\n" for r in healthy if r["id"] in bad_ids - set(back))
+    )
+    assert icefleet("send", str(lost), "--table", TABLE).exit_code == 0
+    for _, kwargs in take_messages(redis_client):
+        write_batch.apply(kwargs=kwargs).get()
+    commit_table.apply(args=[TABLE]).get()
+    # Then they land (quarantine gave back their per-event claims): the table is whole again
+    after = rows(pipe.table())
+    assert sorted(r["id"] for r in after) == sorted(r["id"] for r in healthy)
     # ... and compaction runs again, reading every page verified
     assert icefleet("compact", TABLE).exit_code == 0
     assert rows(pipe.table()) == after

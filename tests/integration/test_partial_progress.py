@@ -281,6 +281,40 @@ def test_two_attempts_splitting_differently_the_second_follows_the_first(stack: 
     assert_exactly_once(read_ids(stack.table("events.order")), [e["id"] for e in events])
 
 
+def test_an_attempt_splitting_after_a_whole_registration_hands_back_no_child(
+    stack: Stack,
+) -> None:
+    # Given a batch that one attempt wrote and registered whole (as a worker does: it may split)
+    events = make_events("b9", 300, types=TYPES, days=2)
+    payload = ndjson(events)
+    splits = SplitRecords(stack.client, 3600)
+    whole = stack.writer.write(
+        "b9", payload, enqueued_at_ms=0, on_split=lambda k: splits.record("b9", k)
+    )
+    assert whole.records == 300 and whole.remainder is None
+    # ... which recorded its cut: whole, no split
+    assert stack.client.get(split_key("b9")) == b"0" and splits.get("b9") is None
+
+    # When a second attempt of it, started before that registration, must stop after one chunk
+    with pytest.raises(SplitConflictError) as conflict:
+        stack.writer.write(
+            "b9",
+            payload,
+            enqueued_at_ms=0,
+            chunk_events=100,
+            stop=stop_after(1),
+            on_split=lambda k: splits.record("b9", k),
+        )
+
+    # Then it may not split: nothing registered, no child; its redelivery follows the record
+    assert (conflict.value.wanted, conflict.value.recorded) == (100, 0)
+    again = stack.writer.write(
+        "b9", payload, enqueued_at_ms=0, split_at=splits.get("b9"), chunk_events=100
+    )
+    assert again.remainder is None and again.files == {}
+    commit_and_check(stack, events)
+
+
 def test_a_child_may_split_again(stack: Stack) -> None:
     events = make_events("b7", 900)
     splits = SplitRecords(stack.client, 3600)
@@ -377,7 +411,8 @@ def test_real_workers_split_batches_that_exceed_the_time_limit(
             batch_ids = set(read_ids(stack.table("events.order"), "_batch_id"))
         assert batch_ids == {"big-a", "big-a~1000", "big-a~1000~1000", "big-b"}
         assert redis_client.get(split_key("big-a")) == b"1000"
-        assert redis_client.get(split_key("big-b")) is None
+        # (a batch written whole records that cut, 0: no child can come of it)
+        assert redis_client.get(split_key("big-b")) == b"0"
         assert redis_client.zcard(keys.outstanding()) == 0
         assert delay.stats.delayed >= 4
 

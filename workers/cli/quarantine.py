@@ -81,8 +81,19 @@ def quarantine(
         (name,) = m.table_names([table])
         iceberg_table = m.load(name)
         store = QuarantineStore(m.client)
+        window_s = m.settings.dedup_window_s
         if not restore:
-            record = quarantine_file(iceberg_table, file, store, lock=m.lock(name))
+            from common.coord.claims import EventClaims, forget_identities
+
+            record = quarantine_file(
+                iceberg_table,
+                file,
+                store,
+                lock=m.lock(name),
+                forget=lambda pairs, target: forget_identities(
+                    EventClaims(m.client), target, pairs, window_s
+                ),
+            )
         else:
             from common.coord.claims import EventClaims, forget_raw_events
             from common.ingest.producer import Producer
@@ -99,7 +110,7 @@ def quarantine(
                         lines, table=target, batch_id=batch_id
                     ),
                     forget=lambda lines, target: forget_raw_events(
-                        EventClaims(m.client), target, lines, m.settings.dedup_window_s
+                        EventClaims(m.client), target, lines, window_s
                     ),
                 )
     _print(record, as_json)
