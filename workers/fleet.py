@@ -9,6 +9,12 @@ prepared record lets the next one finish it), Flower, and Redis last. Whatever d
 :data:`STOP_TIMEOUT_S` gets SIGKILL, with its whole group, so no prefork child or embedded beat is
 left behind; a batch it held is delivered again (``acks_late``) and lands once. On Linux the children also get SIGTERM when the
 CLI itself dies (``PR_SET_PDEATHSIG``).
+
+Started from the CLI (``Fleet(fork_with=...)``), the workers are forked from the CLI process
+after it imported what they need once (:func:`preload_worker_modules`, :func:`fork_cli`),
+not started as fresh interpreters: three workers each importing pyiceberg, pyarrow and
+Celery for a second on a 2-core machine were most of ``icefleet demo``'s start. See
+docs/cli.md for the demo's phases and their timings.
 """
 
 from __future__ import annotations
