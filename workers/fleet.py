@@ -9,24 +9,35 @@ prepared record lets the next one finish it), Flower, and Redis last. Whatever d
 :data:`STOP_TIMEOUT_S` gets SIGKILL, with its whole group, so no prefork child or embedded beat is
 left behind; a batch it held is delivered again (``acks_late``) and lands once. On Linux the children also get SIGTERM when the
 CLI itself dies (``PR_SET_PDEATHSIG``).
+
+Started from the CLI (``Fleet(fork_with=...)``), the workers are forked from the CLI process
+after it imported what they need once (:func:`preload_worker_modules`, :func:`fork_cli`),
+not started as fresh interpreters: three workers each importing pyiceberg, pyarrow and
+Celery for a second on a 2-core machine were most of ``icefleet demo``'s start. See
+docs/cli.md for the demo's phases and their timings.
 """
 
 from __future__ import annotations
 
 import ctypes
+import importlib
 import logging
 import os
 import secrets
+import select
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import NoReturn, Protocol
 
 from common.coord.redis_memory import required_maxmemory, warn_about_eviction
 from common.errors import MissingDependencyError
@@ -36,6 +47,8 @@ logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
 STOP_TIMEOUT_S = 20.0
+#: How long one round of :meth:`Fleet.wait_ready` waits for the pings' answers.
+PING_ROUND_S = 0.2
 RESTART_BACKOFF_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 REDIS_INSTALL_HINT = (
     "install it with `apt-get install redis-server` (Debian/Ubuntu), `brew install redis` "
@@ -56,14 +69,43 @@ def port_in_use(port: int) -> bool:
 
 
 def group_exists(pgid: int) -> bool:
-    """Whether any process (a zombie included) is left in the process group."""
+    """Whether a live process is left in the process group (zombies do not count).
+
+    A zombie has exited and holds nothing but its exit status; one whose parent exited first
+    (a prefork pool process finishing its exit as its worker leaves) waits for init to reap
+    it, which in some containers happens only every second or two: waiting for that would
+    only slow down stopping. Without /proc, any process in the group counts.
+    """
     try:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    members = group_states(pgid)
+    return members is None or any(state not in ("Z", "X") for state in members)
+
+
+def group_states(pgid: int) -> list[str] | None:
+    """The states (``R``, ``S``, ``Z``...) of the processes in group ``pgid``; None without /proc."""
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return None
+    states = []
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                text = stat.read()
+        except OSError:
+            continue
+        # "pid (comm) state ppid pgrp ...": comm may hold spaces and parentheses
+        fields = text[text.rfind(")") + 2 :].split()
+        if len(fields) > 2 and int(fields[2]) == pgid:
+            states.append(fields[0])
+    return states
 
 
 def redis_server_binary() -> str:
@@ -80,32 +122,214 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
             ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
+#: What a worker process imports before it answers a ping, beyond the CLI: its tasks and their
+#: libraries, Celery's worker, prefork pool and beat, the Redis transport. A fleet that forks its
+#: workers imports these once, in its own process, instead of once per worker
+#: (:func:`preload_worker_modules`).
+WORKER_MODULES = (
+    "workers.app",
+    "workers.tasks",
+    "workers.observability",
+    "celery.apps.worker",
+    "celery.apps.beat",
+    "celery.beat",
+    "celery.worker.worker",
+    "celery.worker.consumer",
+    "celery.worker.components",
+    "celery.worker.autoscale",
+    "celery.worker.pidbox",
+    "celery.worker.heartbeat",
+    "celery.worker.control",
+    "celery.concurrency.prefork",
+    "celery.concurrency.asynpool",
+    "celery.concurrency.solo",
+    "celery.events.dispatcher",
+    "kombu.transport.redis",
+)
+
+#: ``run(args)`` runs the ``icefleet`` command line with ``args`` (``["worker", "writer", ...]``)
+#: in this process: what a forked worker calls (the CLI's click group).
+CliMain = Callable[[list[str]], object]
+
+
+class Child(Protocol):
+    """The part of :class:`subprocess.Popen` the fleet uses (also :class:`ForkedChild`)."""
+
+    @property
+    def pid(self) -> int: ...
+
+    def poll(self) -> int | None: ...
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def send_signal(self, sig: int) -> None: ...
+
+
+def preload_worker_modules() -> None:
+    """Import what a worker needs before it is ready (:data:`WORKER_MODULES`, the catalog's
+    lazily imported backends), so that workers forked from this process start without
+    importing anything: ~1 s of CPU per worker otherwise, 3 workers on 2 cores."""
+    from common.lake.catalog import preload_catalog_modules
+
+    for name in WORKER_MODULES:
+        importlib.import_module(name)
+    preload_catalog_modules()
+
+
+def can_fork() -> bool:
+    """Whether forking this process is safe: POSIX, and no other thread that could hold a lock
+    (of logging, of a stream's buffer, of the import system) the child would inherit held."""
+    return hasattr(os, "fork") and threading.active_count() == 1
+
+
+class ForkedChild:
+    """A child made with :func:`os.fork`, waited for like a :class:`subprocess.Popen`.
+
+    ``wait`` blocks on a pidfd (Linux >= 5.3) instead of polling, so a stopping fleet notices a
+    worker's exit at once."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:  # reaped elsewhere: gone, its status unknown
+                self.returncode = -1
+            else:
+                if pid:
+                    self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        pidfd = _pidfd(self.pid)
+        try:
+            while (code := self.poll()) is None:
+                left = None if deadline is None else deadline - time.monotonic()
+                if left is not None and left <= 0:
+                    raise subprocess.TimeoutExpired(str(self.pid), timeout or 0.0)
+                if pidfd is not None:
+                    select.select([pidfd], [], [], left)  # readable once the child has exited
+                else:
+                    time.sleep(0.01 if left is None else min(0.01, left))
+        finally:
+            if pidfd is not None:
+                os.close(pidfd)
+        return code
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            with suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+
+def _pidfd(pid: int) -> int | None:
+    try:
+        return os.pidfd_open(pid)  # type: ignore[attr-defined,unused-ignore]
+    except (AttributeError, OSError):
+        return None
+
+
+def fork_cli(run: CliMain, args: list[str], env: dict[str, str], log_path: Path) -> ForkedChild:
+    """Run ``icefleet ARGS`` in a forked copy of this process, as ``subprocess.Popen`` would run
+    it in a fresh one: a session of its own, stdin from /dev/null, stdout and stderr to
+    ``log_path``, the environment ``env``, default signal handlers. Never returns in the child."""
+    for stream in (sys.stdout, sys.stderr):
+        with suppress(Exception):
+            stream.flush()  # or the child writes this process's buffered output into its log
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    try:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child; covered by the fleet tests
+            _run_forked(run, args, env, log)
+    finally:
+        os.close(log)
+    return ForkedChild(pid)
+
+
+def _run_forked(run: CliMain, args: list[str], env: dict[str, str], log: int) -> NoReturn:
+    code: object = 1
+    try:
+        os.setsid()
+        _die_with_parent()
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
+            signal.signal(signum, signal.SIG_DFL)
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(null)
+        os.close(log)
+        # New stream objects on the redirected descriptors: line-buffered and writing through,
+        # as PYTHONUNBUFFERED gives a fresh process, and nothing inherited half-written.
+        for fd, name in ((1, "stdout"), (2, "stderr")):
+            stream = open(  # noqa: SIM115 - the process's own stream, never closed
+                fd, "w", buffering=1, closefd=False, errors="backslashreplace"
+            )
+            stream.reconfigure(write_through=True)
+            setattr(sys, name, stream)
+            setattr(sys, f"__{name}__", stream)
+        os.environ.clear()
+        os.environ.update(env)
+        sys.argv = ["icefleet", *args]
+        run(args)
+        code = 0
+    except SystemExit as exc:
+        code = exc.code
+    except BaseException:
+        with suppress(Exception):
+            traceback.print_exc()
+    finally:
+        for std in (sys.stdout, sys.stderr):
+            with suppress(Exception):
+                std.flush()
+        os._exit(code if isinstance(code, int) else 0 if code is None else 1)
+
+
 @dataclass
 class ManagedProcess:
-    """One child process in its own process group, restartable."""
+    """One child process in its own process group, restartable.
+
+    ``cli``: the process is ``icefleet CLI...`` (``argv`` runs it in a fresh interpreter); with
+    ``fork_with``, :meth:`start` forks it from this process instead (:func:`fork_cli`), once:
+    restarts always run ``argv``, since by then this process may hold threads or connections.
+    """
 
     name: str
     argv: list[str]
     env: dict[str, str]
     log_path: Path
-    popen: subprocess.Popen[bytes] | None = None
+    popen: Child | None = None
     started_at: float = 0.0
     restarts: int = 0
+    cli: list[str] | None = None
+    fork_with: CliMain | None = None
+    _terminated: bool = False
 
     def start(self) -> None:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("ab") as log:
-            self.popen = subprocess.Popen(
-                self.argv,
-                env=self.env,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                preexec_fn=_die_with_parent,
-            )
+        self._terminated = False
+        if self.cli is not None and self.fork_with is not None and can_fork():
+            run, self.fork_with = self.fork_with, None
+            self.popen = fork_cli(run, self.cli, self.env, self.log_path)
+            how = "forked"
+        else:
+            with self.log_path.open("ab") as log:
+                self.popen = subprocess.Popen(
+                    self.argv,
+                    env=self.env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                )
+            how = "started"
         self.started_at = time.monotonic()
-        logger.info("started %s (pid %d)", self.name, self.popen.pid)
+        logger.info("%s %s (pid %d)", how, self.name, self.popen.pid)
 
     @property
     def pid(self) -> int | None:
@@ -123,6 +347,13 @@ class ManagedProcess:
         if self.alive:
             assert self.popen is not None
             self.popen.send_signal(signum)
+
+    def terminate(self) -> None:
+        """SIGTERM, once: Celery's warm shutdown. (A second SIGTERM would only repeat the
+        request; the fleet may terminate a worker early and stop it later.)"""
+        if not self._terminated:
+            self._terminated = True
+            self.signal(signal.SIGTERM)
 
     def wait(self, timeout_s: float) -> bool:
         if self.popen is None:
@@ -146,7 +377,7 @@ class ManagedProcess:
             time.sleep(0.02)  # orphaned children are reaped by init
 
     def stop(self, timeout_s: float = STOP_TIMEOUT_S) -> None:
-        self.signal(signal.SIGTERM)
+        self.terminate()
         if not self.wait(timeout_s):
             logger.warning("%s did not stop within %.0fs; killing it", self.name, timeout_s)
         self.kill_group()
@@ -216,7 +447,13 @@ def check_external_redis(settings: Settings) -> None:
 
 @dataclass
 class Fleet:
-    """Redis (unless one is configured), ``writers`` writer processes, a committer, Flower."""
+    """Redis (unless one is configured), ``writers`` writer processes, a committer, Flower.
+
+    ``fork_with``: the CLI's entry point; the workers are then forked from this process once it
+    has imported what they need (:func:`preload_worker_modules`), instead of each importing it
+    all again in a fresh interpreter. Only for a process with no other thread (the CLI, not a
+    test runner), and only at :meth:`start`: restarts run a fresh interpreter.
+    """
 
     settings: Settings
     writers: int = 2
@@ -225,12 +462,16 @@ class Fleet:
     flower_port: int = 5555
     pool: str = "prefork"
     loglevel: str = "INFO"
+    fork_with: CliMain | None = None
     processes: list[ManagedProcess] = field(default_factory=list)
     redis: ManagedProcess | None = None
     # user:password Flower requires (ICEFLEET_FLOWER_BASIC_AUTH, else generated at start)
     flower_auth: str | None = field(default=None, repr=False)
+    #: seconds from :meth:`start` until each worker first answered a ping (:meth:`wait_ready`)
+    ready_after_s: dict[str, float] = field(default_factory=dict)
     _stopping: bool = False
     _backoff_until: dict[str, float] = field(default_factory=dict)
+    _started_at: float = 0.0
 
     @property
     def home(self) -> Path:
@@ -252,8 +493,15 @@ class Fleet:
         }
 
     def start(self) -> None:
-        """Start everything; raise if a piece cannot start (what was started is stopped)."""
+        """Start everything at once; raise if a piece cannot start (what was started is stopped).
+
+        Nothing waits for anything here: Redis and the workers start together (a worker waits
+        for Redis itself, ``icefleet worker`` allows :data:`workers.cli.main.STARTUP_WAIT_S`),
+        then Redis is waited for, so a Redis that cannot start is reported with its log. The
+        workers are waited for by :meth:`wait_ready`.
+        """
         self.home.mkdir(parents=True, exist_ok=True)
+        self._started_at = time.monotonic()
         try:
             if self.spawn_redis:
                 port = free_port()
@@ -266,33 +514,48 @@ class Fleet:
                 )
                 self.settings = replace(self.settings, redis_url=f"redis://{LOOPBACK}:{port}/0")
                 self.redis.start()
-                wait_for_redis(self.settings.redis_url, self.redis)
             else:
                 wait_for_redis(self.settings.redis_url, None)
                 check_external_redis(self.settings)
             if self.flower:
                 self._check_flower()
                 self.flower_auth = self.settings.flower_basic_auth or generated_basic_auth()
+            if self.fork_with is not None and can_fork():
+                preload_worker_modules()  # while redis-server starts
             for name in self.worker_names():
-                self._add(name, self._worker_argv(name))
+                self._add(name, self._worker_argv(name), cli=self._worker_cli(name))
             if self.flower:
                 self._add("flower", self._flower_argv(), self.flower_env())
+            if self.redis is not None:
+                wait_for_redis(self.settings.redis_url, self.redis)
         except BaseException:
             self.stop()
             raise
 
-    def _add(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def _add(
+        self,
+        name: str,
+        argv: list[str],
+        env: dict[str, str] | None = None,
+        cli: list[str] | None = None,
+    ) -> None:
         env = env or self.child_env()
-        proc = ManagedProcess(name, argv, env, self.log_dir / f"{name}.log")
+        proc = ManagedProcess(
+            name, argv, env, self.log_dir / f"{name}.log", cli=cli, fork_with=self.fork_with
+        )
         self.processes.append(proc)
         proc.start()
 
-    def _worker_argv(self, name: str) -> list[str]:
+    def _worker_cli(self, name: str) -> list[str]:
+        """The ``icefleet`` arguments of worker ``name``."""
         role = "committer" if name == "committer" else "writer"
         return [
-            sys.executable, "-m", "workers.cli.main", "worker", role, "--name", name,
-            "--pool", self.pool, "--loglevel", self.loglevel,
+            "worker", role, "--name", name, "--pool", self.pool, "--loglevel", self.loglevel,
         ]  # fmt: skip
+
+    def _worker_argv(self, name: str) -> list[str]:
+        """Worker ``name`` in a fresh interpreter."""
+        return [sys.executable, "-m", "workers.cli.main", *self._worker_cli(name)]
 
     def _flower_argv(self) -> list[str]:
         return [
@@ -317,11 +580,18 @@ class Fleet:
     def wait_ready(
         self, timeout_s: float = 60.0, on_tick: Callable[[], None] | None = None
     ) -> None:
-        """Block until every worker answers a ping (raise if one dies or the timeout passes)."""
+        """Block until every worker has answered a ping (raise if one dies or the timeout passes).
+
+        A ping is a broadcast on the control channel that a worker answers from its event loop,
+        so an answer means it consumes its queue. Rounds are short (:data:`PING_ROUND_S`): a
+        round returns as soon as every worker answered, and one that a worker still starting
+        misses costs that long, not a second. :attr:`ready_after_s` records when each answered.
+        """
         from workers.app import create_app
 
         app = create_app(self.settings)
         expected = set(self.worker_names())
+        seen: set[str] = set()
         deadline = time.monotonic() + timeout_s
         try:
             while True:
@@ -332,13 +602,17 @@ class Fleet:
                             f"its log {proc.log_path}:\n{proc.tail()}"
                         )
                 # limit: return as soon as every worker answered, not after the whole timeout
-                replies = app.control.ping(timeout=0.5, limit=len(expected)) or []
-                seen = {name.split("@", 1)[0] for reply in replies for name in reply}
+                replies = app.control.ping(timeout=PING_ROUND_S, limit=len(expected)) or []
+                now = time.monotonic()
+                for name in {name.split("@", 1)[0] for reply in replies for name in reply}:
+                    if name in expected and name not in seen:
+                        seen.add(name)
+                        self.ready_after_s[name] = now - (self._started_at or now)
                 if expected <= seen:
                     return
                 if on_tick is not None:
                     on_tick()
-                if time.monotonic() > deadline:
+                if now > deadline:
                     missing = ", ".join(sorted(expected - seen))
                     raise TimeoutError(f"workers not ready after {timeout_s:.0f}s: {missing}")
         finally:
@@ -390,11 +664,20 @@ class Fleet:
         if self.redis is not None:
             self.redis.stop()
 
+    def terminate_workers(self) -> None:
+        """Ask every worker to stop now, all at once, and return without waiting: for a caller
+        that knows nothing is in flight (``icefleet demo`` once all is committed), so that the
+        workers' shutdown (a prefork pool takes a second or two to wind down) overlaps what
+        the caller still does with Redis and the catalog. :meth:`stop` then waits for them."""
+        self._stopping = True
+        for proc in self.processes:
+            proc.terminate()
+
 
 def stop_gracefully(processes: list[ManagedProcess], timeout_s: float = STOP_TIMEOUT_S) -> None:
     """SIGTERM each process, wait for all up to ``timeout_s`` together, then SIGKILL each group."""
     for proc in processes:
-        proc.signal(signal.SIGTERM)
+        proc.terminate()
     deadline = time.monotonic() + timeout_s
     for proc in processes:
         if not proc.wait(max(0.1, deadline - time.monotonic())):

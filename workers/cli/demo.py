@@ -8,6 +8,7 @@ colliding with the ids of an earlier run.
 
 from __future__ import annotations
 
+import os
 import random
 import shlex
 import time
@@ -15,6 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 from pyiceberg.catalog import Catalog
@@ -40,6 +42,10 @@ _AGENTS = ("Mozilla/5.0 (X11; Linux x86_64)", "Mozilla/5.0 (iPhone; CPU iPhone O
 _COUNTRIES = ("DE", "FR", "US", "GB", "NL", "ES", "IT", "PL", "SE", "JP")
 _PLANS = ("free", "free", "free", "pro", "team")
 _UTM = (("google", "cpc", "spring_sale"), ("newsletter", "email", "june"), (None, None, None))
+#: How often the demo asks Redis whether everything it sent is committed (one small read), and
+#: how often it counts the committed rows for its progress bar (three tables from the catalog).
+POLL_S = 0.1
+PROGRESS_S = 0.5
 
 
 def _page_view(rng: random.Random, n: int) -> dict[str, Any]:
@@ -134,6 +140,67 @@ def next_commands(settings: Settings) -> list[str]:
     return ["icefleet tables", f"icefleet query {shlex.quote(sql)}"]
 
 
+def seconds_since_process_start() -> float | None:
+    """How long this process has existed (Linux; None elsewhere): the interpreter's start and
+    the CLI's imports, before any of the demo's own phases."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime_s = float(Path("/proc/uptime").read_text().split()[0])
+        return max(0.0, uptime_s - ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclass
+class Phases:
+    """When each phase of a demo ended (``icefleet demo --timings``)."""
+
+    started: float = field(default_factory=time.monotonic)
+    before_s: float | None = field(default_factory=seconds_since_process_start)
+    ends: list[tuple[str, float]] = field(default_factory=list)
+
+    def mark(self, phase: str) -> None:
+        """``phase`` ended now (it began where the one before ended)."""
+        self.ends.append((phase, time.monotonic()))
+
+    def durations(self) -> list[tuple[str, float]]:
+        """(phase, seconds), the process's start and imports first when known."""
+        rows = [] if self.before_s is None else [("python + imports", self.before_s)]
+        last = self.started
+        for phase, end in self.ends:
+            rows.append((phase, end - last))
+            last = end
+        return rows
+
+    def describe(self) -> str:
+        rows = self.durations()
+        total = sum(seconds for _, seconds in rows)
+        parts = ", ".join(f"{phase} {seconds:.2f}s" for phase, seconds in rows)
+        return f"timings: {parts}; total {total:.2f}s"
+
+
+@dataclass
+class ReadBack:
+    """The demo's events as read back from its tables: each must be there exactly once."""
+
+    rows: int = 0
+    missing: int = 0
+    duplicated: int = 0
+    unexpected: int = 0
+
+    @property
+    def exact(self) -> bool:
+        return not (self.missing or self.duplicated or self.unexpected)
+
+    def describe(self) -> str:
+        if self.exact:
+            return f"read back {self.rows:,} rows: every event exactly once"
+        return (
+            f"read back {self.rows:,} rows: {self.missing:,} event(s) missing, "
+            f"{self.duplicated:,} duplicated, {self.unexpected:,} not sent by this run"
+        )
+
+
 @dataclass
 class DemoReport:
     """What a demo run did, table by table."""
@@ -145,6 +212,10 @@ class DemoReport:
     after: dict[str, TableStats]
     dead_letters: int = 0
     batches: list[str] = field(default_factory=list)
+    run_id: str = ""
+    #: the event ids sent to each table
+    ids: dict[str, set[str]] = field(default_factory=dict)
+    read_back: ReadBack | None = None
 
     @property
     def events_per_s(self) -> float:
@@ -181,10 +252,12 @@ def run_demo(
     seed: int,
     timeout_s: float,
     on_progress: Callable[[int, int], None],
+    phases: Phases | None = None,
 ) -> DemoReport:
     """Send the events in batches and wait until every row is committed.
 
-    ``on_progress(enqueued, committed_rows)`` is called as both move.
+    ``on_progress(enqueued, committed_rows)`` is called as both move. The report holds the
+    ids sent to each table, for :func:`read_back`.
     """
     from common.coord.deadletters import DeadLetterStore
 
@@ -194,6 +267,7 @@ def run_demo(
     dead_before = DeadLetterStore(producer.client).count()
     run_id = uuid.uuid4().hex[:8]
     sent: dict[str, int] = dict.fromkeys(tables, 0)
+    sent_ids: dict[str, set[str]] = {table: set() for table in tables}
     started = time.monotonic()
     last_poll = 0.0
     committed = 0
@@ -208,30 +282,58 @@ def run_demo(
         batch.clear()
 
     for event in synthetic_events(events, seed, run_id):
-        sent[str(router.table_for(event["type"]))] += 1
+        table = str(router.table_for(event["type"]))
+        sent[table] += 1
+        sent_ids[table].add(event["id"])
         batch.append(event)
         if len(batch) >= batch_size:
             flush()
-            if time.monotonic() - last_poll > 0.5:
+            if time.monotonic() - last_poll > PROGRESS_S:
                 last_poll = time.monotonic()
                 committed = max(committed, committed_rows(catalog, tables, before))
                 on_progress(enqueued, committed)
     if batch:
         flush()
+    if phases is not None:
+        phases.mark("send")
     deadline = started + timeout_s
     waiter = Waiter(producer.client)
     while True:
         on_progress(enqueued, committed)
         result = waiter.poll()
-        committed = max(committed, committed_rows(catalog, tables, before))
         if result.done:
             break
+        if time.monotonic() - last_poll > PROGRESS_S:  # the catalog: costlier than Redis
+            last_poll = time.monotonic()
+            committed = max(committed, committed_rows(catalog, tables, before))
         if time.monotonic() > deadline:
             raise TimeoutError(f"not committed after {timeout_s:.0f}s: " + result.describe())
-        time.sleep(0.25)
+        time.sleep(POLL_S)
     seconds = time.monotonic() - started
+    if phases is not None:
+        phases.mark("write + commit")
     after = table_stats(catalog, tables)
-    report = DemoReport(events, seconds, sent, before, after, batches=ids)
+    report = DemoReport(
+        events, seconds, sent, before, after, batches=ids, run_id=run_id, ids=sent_ids
+    )
     report.dead_letters = DeadLetterStore(producer.client).count() - dead_before
     on_progress(enqueued, report.rows_added)
     return report
+
+
+def read_back(catalog: Catalog, report: DemoReport) -> ReadBack:
+    """Read this run's event ids back from each table and count what is missing, duplicated
+    or not sent by this run (ids carry the run id, so earlier demos' rows are left out, most of
+    their files unread: the filter prunes by the id column's bounds)."""
+    result = ReadBack()
+    for name, sent in report.ids.items():
+        table = catalog.load_table(tuple(name.split(".")))
+        # LIKE 'prefix%' is pyiceberg's StartsWith; a run id is hex, nothing to escape
+        scan = table.scan(row_filter=f"id LIKE '{report.run_id}-%'", selected_fields=("id",))
+        found = scan.to_arrow().column("id").to_pylist()
+        distinct = set(found)
+        result.rows += len(found)
+        result.duplicated += len(found) - len(distinct)
+        result.missing += len(sent - distinct)
+        result.unexpected += len(distinct - sent)
+    return result

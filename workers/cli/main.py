@@ -30,6 +30,8 @@ POOLS = ("prefork", "solo")  # one BatchWriter per process: no thread pools
 # How long a long-running command (up, demo, worker) waits for a configured Redis to answer:
 # services started together may come up in any order. A refused password fails at once.
 STARTUP_WAIT_S = 5.0
+#: ICEFLEET_COMMIT_INTERVAL_MS for the fleet of `icefleet demo` (see demo)
+DEMO_COMMIT_INTERVAL_MS = 200
 
 
 def _context(needs_redis: bool = True) -> Context:
@@ -57,32 +59,58 @@ def main() -> None:
 @click.option("--writers", "-k", default=2, show_default=True, type=click.IntRange(1, 64))
 @click.option("--batch-size", default=2_000, show_default=True, type=click.IntRange(1))
 @click.option("--seed", default=7, show_default=True, help="Seed of the synthetic events.")
-@click.option("--pool", type=click.Choice(POOLS), default="prefork", show_default=True)
+@click.option(
+    "--pool",
+    type=click.Choice(POOLS),
+    default="solo",
+    show_default=True,
+    help="solo: each worker runs its tasks in its own process and stops at once; prefork adds a "
+    "pool process per worker with per-task time limits (what `up` runs), and takes a second or "
+    "two more to stop.",
+)
 @click.option("--timeout", "timeout_s", default=900.0, show_default=True, help="Seconds.")
+@click.option("--timings", is_flag=True, help="Print how long each phase took (to stderr).")
 def demo(
-    events: int, writers: int, batch_size: int, seed: int, pool: str, timeout_s: float
+    events: int,
+    writers: int,
+    batch_size: int,
+    seed: int,
+    pool: str,
+    timeout_s: float,
+    timings: bool,
 ) -> None:
     """Start Redis, WRITERS writers and a committer, send EVENTS synthetic events, wait until all
-    are committed, print throughput and the tables, and stop everything again."""
+    are committed, read them back, print throughput and the tables, and stop everything again."""
+    from workers.cli.demo import Phases
     from workers.fleet import signals_raise_keyboard_interrupt
 
+    phases = Phases()
+    # The committer groups what the writers registered for this long before it commits: 1 s by
+    # default, a trade of freshness for fewer snapshots under steady load. A demo is about
+    # seeing rows land, so its fleet commits after 200 ms unless the variable says otherwise.
+    os.environ.setdefault("ICEFLEET_COMMIT_INTERVAL_MS", str(DEMO_COMMIT_INTERVAL_MS))
     context = _context(needs_redis=False)
-    fleet = _prepare_fleet(context, writers=writers, pool=pool)
+    # The workers are forked from this process once it has imported what they need: see Fleet.
+    fleet = _prepare_fleet(context, writers=writers, pool=pool, fork_with=main)
     record = ExitStack()  # closed after the fleet stopped: see _record
     report = None
     with record, _errors(), signals_raise_keyboard_interrupt():
         try:
-            with console.status("starting Redis, writers and the committer..."):
-                fleet.start()
-                _record(record, fleet, "demo")
+            console.print("starting Redis, writers and the committer...", highlight=False)
+            fleet.start()  # not under a spinner: its thread would stop the workers being forked
+            phases.mark("start")
+            _record(record, fleet, "demo")
+            with console.status("waiting for the workers to answer..."):
                 fleet.wait_ready()
+            phases.mark("ready")
             console.print(
                 f"fleet up: {writers} writer(s) and a committer ({pool} pool), "
                 f"Redis {redact_url(fleet.settings.redis_url)}\nlogs: {fleet.log_dir}",
                 highlight=False,
                 soft_wrap=True,
             )
-            report = _run_demo(fleet.settings, events, batch_size, seed, timeout_s)
+            report = _run_demo(fleet, events, batch_size, seed, timeout_s, phases)
+            phases.mark("verify")
         except KeyboardInterrupt:
             console.print("interrupted: stopping the fleet")
             raise SystemExit(130) from None
@@ -92,7 +120,13 @@ def demo(
             with console.status("stopping the fleet..."):
                 # every batch is committed once the report is made: nothing is in flight
                 fleet.stop(idle=report is not None)
+            phases.mark("stop")
     _print_report(report, context.settings)
+    if timings:
+        console.print(phases.describe(), highlight=False, soft_wrap=True)
+    # Everything is stopped, recorded and printed: skip the interpreter's teardown (freeing
+    # pyiceberg's, pyarrow's and Celery's modules one by one: half a second or more).
+    _exit_at_once(0)
 
 
 def _prepare_fleet(context: Context, **options: Any) -> Any:
@@ -128,13 +162,17 @@ def _record(stack: ExitStack, fleet: Any, command: str) -> Any:
     )
 
 
-def _run_demo(settings: Settings, events: int, batch_size: int, seed: int, timeout_s: float) -> Any:
+def _run_demo(
+    fleet: Any, events: int, batch_size: int, seed: int, timeout_s: float, phases: Any
+) -> Any:
+    """Send, wait until all is committed, then read it back while the idle workers stop."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from common.ingest.producer import Producer
     from common.lake.catalog import open_catalog
     from workers.cli import demo as demo_mod
 
+    settings = fleet.settings
     catalog = open_catalog(settings)
     columns = (
         TextColumn("{task.description:<20}"),
@@ -155,7 +193,7 @@ def _run_demo(settings: Settings, events: int, batch_size: int, seed: int, timeo
                 done, completed=max(committed, 0), rate=f"{max(committed, 0) / elapsed:,.0f}/s"
             )
 
-        return demo_mod.run_demo(
+        report = demo_mod.run_demo(
             settings,
             catalog,
             producer,
@@ -164,7 +202,13 @@ def _run_demo(settings: Settings, events: int, batch_size: int, seed: int, timeo
             seed=seed,
             timeout_s=timeout_s,
             on_progress=on_progress,
+            phases=phases,
         )
+    # Everything is committed: nothing is in flight, so the workers may wind down while the
+    # rows are read back (Redis stays up until they are gone).
+    fleet.terminate_workers()
+    report.read_back = demo_mod.read_back(catalog, report)
+    return report
 
 
 def _print_report(report: Any, settings: Settings) -> None:
@@ -193,6 +237,8 @@ def _print_report(report: Any, settings: Settings) -> None:
     out.print(table)
     if report.dead_letters:
         out.print(f"[yellow]{report.dead_letters} dead letter(s): see `icefleet status`[/]")
+    if report.read_back is not None:
+        out.print(report.read_back.describe(), highlight=False)
     where = settings.catalog_name or f"SQLite catalog and warehouse under {settings.home.resolve()}"
     out.print(f"tables: {where}", highlight=False)
     if report.rows_added == sum(report.sent.values()) - report.dead_letters:
@@ -201,6 +247,11 @@ def _print_report(report: Any, settings: Settings) -> None:
             out.print(f"  {command}", markup=False, highlight=False, soft_wrap=True)
     if report.rows_added != sum(report.sent.values()) - report.dead_letters:
         _fail(f"rows added ({report.rows_added}) do not match the events sent ({report.events})")
+    read_back = report.read_back
+    if read_back is not None and (
+        read_back.duplicated or read_back.unexpected or read_back.missing != report.dead_letters
+    ):
+        _fail(read_back.describe())
 
 
 # --- up --------------------------------------------------------------------------------------------
@@ -227,14 +278,15 @@ def up(writers: int, flower: bool, flower_port: int, pool: str) -> None:
 
     context = _context(needs_redis=False)
     fleet = _prepare_fleet(
-        context, writers=writers, flower=flower, flower_port=flower_port, pool=pool
+        context, writers=writers, flower=flower, flower_port=flower_port, pool=pool, fork_with=main
     )
     records = ExitStack()  # closed after the fleet stopped: see _record
     with records, _errors(), signals_raise_keyboard_interrupt():
         try:
-            with console.status("starting the fleet..."):
-                fleet.start()
-                record = _record(records, fleet, "up")
+            console.print("starting the fleet...")
+            fleet.start()  # not under a spinner: its thread would stop the workers being forked
+            record = _record(records, fleet, "up")
+            with console.status("waiting for the workers to answer..."):
                 fleet.wait_ready()
             console.print(f"[bold green]fleet up[/]: {', '.join(fleet.worker_names())}")
             console.print(
@@ -379,7 +431,7 @@ def worker(
     The same as `celery -A workers.app worker -Q ingest|commit`, with icefleet's defaults.
     """
     from common.wire import COMMIT_QUEUE, INGEST_QUEUE
-    from workers.app import create_app
+    from workers.app import create_app, run_worker
 
     context = _context()
     with _errors():  # fail with one line now, not in Celery's endless connection retries
@@ -389,24 +441,20 @@ def worker(
         concurrency = settings.commit_concurrency if role == "committer" else 1
     settings.home.mkdir(parents=True, exist_ok=True)  # beat keeps its schedule file there
     queue = COMMIT_QUEUE if role == "committer" else INGEST_QUEUE
-    argv = [
-        "worker",
-        "--queues", queue,
-        "--hostname", f"{name or role}@%h",
-        "--pool", pool,
-        "--concurrency", str(concurrency),
-        "--loglevel", loglevel,
-        "--without-mingle",
-        "--without-gossip",
-    ]  # fmt: skip
-    if role == "committer" and beat:
-        argv.append("--beat")
     with _errors():
         try:
-            create_app(settings).worker_main(argv)
+            code = run_worker(
+                create_app(settings),
+                queue=queue,
+                hostname=f"{name or role}@%h",
+                pool=pool,
+                concurrency=concurrency,
+                loglevel=loglevel,
+                beat=role == "committer" and beat,
+            )
         except SystemExit as exc:
             _exit_at_once(exc.code)
-        _exit_at_once(0)
+        _exit_at_once(code)
 
 
 def _exit_at_once(code: object) -> None:
