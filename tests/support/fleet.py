@@ -19,7 +19,8 @@ import redis
 from common.coord import keys
 from common.coord.backlog import read_backlog
 from common.settings import Settings, load_settings
-from workers.fleet import Fleet, ManagedProcess, group_exists
+from workers.fleet import Fleet, ManagedProcess
+from workers.forking import group_exists
 
 if TYPE_CHECKING:
     import pytest
