@@ -1,4 +1,4 @@
-"""The compiled hot path: an NDJSON batch to the rows of its table in Arrow's C++, or no answer.
+"""The compiled hot path: NDJSON events to the rows of their table in Arrow's C++, or no answer.
 
 The reference path (:func:`common.ingest.events.parse_batch`, then
 :func:`common.schema.layout.project`) builds a Python object per value, checks it and hands the
@@ -23,8 +23,9 @@ seconds, more than microseconds are left to :func:`~common.ingest.events.parse_r
 
 Anything else gets no answer (:class:`Unfit` with why) and the writer takes the reference path for
 the whole batch: events to rescue, dead letters, extension attributes, ``data_base64``, a table to
-create or evolve, renamed keys, column types the reader does not produce exactly, several tables
-in one payload, blank lines, CRLF, a byte order mark. So the compiled path never decides anything
+create or evolve, renamed keys, column types the reader does not produce exactly, blank lines,
+CRLF, a byte order mark. A payload for several tables is read one table at a time: its lines
+cut by their ``type`` (:func:`line_types`, :func:`select_lines`; :mod:`common.write.sources`). So the compiled path never decides anything
 the reference would decide differently; ``tests/unit/test_compiled_equivalence.py`` runs both on
 generated, real (GitHub webhooks) and hostile batches and compares the Parquet rows, dead letters
 and schema changes.

@@ -1,11 +1,14 @@
 """The two ways a writer reads a batch: the compiled path when it can answer, else the reference.
 
 :func:`compile_batch` tries :mod:`common.write.compiled` on the whole payload: plain NDJSON whose
-events all go to one existing table (evolve or strict mode, no renamed keys, not registered yet)
-and all fit it exactly. Anything else, and ``ICEFLEET_HOT_PATH=reference``, gives None and the
-writer parses with :func:`common.ingest.events.parse_batch` and projects event by event
+events all go to existing tables (evolve or strict mode, no renamed keys, not registered yet)
+and all fit them exactly. Events of several tables are cut into one payload per table by their
+``type`` (read exactly, :func:`~common.write.compiled.line_types`), and each is read with its
+table's schema; the table of every row is checked from its type after reading. Anything else in
+any of them, and ``ICEFLEET_HOT_PATH=reference``, gives None for the whole batch, and the writer
+parses with :func:`common.ingest.events.parse_batch` and projects event by event
 (:class:`ReferenceSource`). Both hand the writer the same things: how many valid events, the dead
-letters, the files of a chunk of events, and the rest of a split batch as NDJSON.
+letters, the files of a chunk of events (per table), and the rest of a split batch as NDJSON.
 """
 
 from __future__ import annotations
