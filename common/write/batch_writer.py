@@ -58,6 +58,7 @@ from common.write.dedupe import claim_compiled, claim_events, conflicts, release
 from common.write.partial import WHOLE, Remainder, SplitConflictError
 from common.write.sources import (
     Chunk,
+    CompiledPart,
     CompiledSource,
     Lake,
     ReferenceSource,
@@ -332,18 +333,20 @@ class BatchWriter:
         source: Source
         compiled = compile_batch(self._lake(batch_id), batch_id, payload, fixed, ingested_at)
         if compiled is not None:
-            name, table_, rows = compiled
-            known[name] = False
+            lines, parts = compiled
+            known.update((part.name, False) for part in parts)
 
             def write_rows(
-                by_day: dict[int | None, pa.Table], bounds: tuple[int, int] | None
+                part: CompiledPart,
+                by_day: dict[int | None, pa.Table],
+                bounds: tuple[int, int] | None,
             ) -> list[DataFile]:
-                return self.write_rows(name, table_, by_day, batch_id, attempt, bounds)
+                return self.write_rows(part.name, part.table, by_day, batch_id, attempt, bounds)
 
-            def delete(files: list[DataFile]) -> int:
-                return delete_files(table_.io, [file.file_path for file in files])
+            def delete(part: CompiledPart, files: list[DataFile]) -> int:
+                return delete_files(part.table.io, [file.file_path for file in files])
 
-            source = CompiledSource(name, rows, write_rows, delete)
+            source = CompiledSource(parts, lines, write_rows, delete)
         else:
             source = reference()
         return source, reference
@@ -389,10 +392,11 @@ class BatchWriter:
         so the two overlap; a batch with repeats (rare) is written again the reference way.
         """
         if isinstance(source, CompiledSource):
-            if self.claims is None or not self.settings.dedupe_for(str(source.name)) or not limit:
+            on = any(self.settings.dedupe_for(str(name)) for name in source.names)
+            if self.claims is None or not on or not limit:
                 return Verdicts
             claiming = self._claim_pool().submit(
-                claim_compiled, self.claims, self.settings, batch_id, source.name, source, limit
+                claim_compiled, self.claims, self.settings, batch_id, source, limit
             )
             return claiming.result
         assert isinstance(source, ReferenceSource)

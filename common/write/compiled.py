@@ -1,4 +1,4 @@
-"""The compiled hot path: an NDJSON batch to the rows of its table in Arrow's C++, or no answer.
+"""The compiled hot path: NDJSON events to the rows of their table in Arrow's C++, or no answer.
 
 The reference path (:func:`common.ingest.events.parse_batch`, then
 :func:`common.schema.layout.project`) builds a Python object per value, checks it and hands the
@@ -23,8 +23,9 @@ seconds, more than microseconds are left to :func:`~common.ingest.events.parse_r
 
 Anything else gets no answer (:class:`Unfit` with why) and the writer takes the reference path for
 the whole batch: events to rescue, dead letters, extension attributes, ``data_base64``, a table to
-create or evolve, renamed keys, column types the reader does not produce exactly, several tables
-in one payload, blank lines, CRLF, a byte order mark. So the compiled path never decides anything
+create or evolve, renamed keys, column types the reader does not produce exactly, blank lines,
+CRLF, a byte order mark. A payload for several tables is read one table at a time: its lines
+cut by their ``type`` (:func:`line_types`, :func:`select_lines`; :mod:`common.write.sources`). So the compiled path never decides anything
 the reference would decide differently; ``tests/unit/test_compiled_equivalence.py`` runs both on
 generated, real (GitHub webhooks) and hostile batches and compares the Parquet rows, dead letters
 and schema changes.
@@ -87,10 +88,6 @@ class CompiledRows:
             for day in ordered
         }
 
-    def raw_lines(self, start: int) -> str:
-        """Events from ``start`` on as NDJSON, each line as received (a split batch's rest)."""
-        return "".join(f"{raw}\n" for raw in self.rows.column("raw_event")[start:].to_pylist())
-
 
 @dataclass(frozen=True)
 class Ndjson:
@@ -101,6 +98,17 @@ class Ndjson:
 
     def first_line(self) -> bytes:
         return self.body[: self.breaks[0]] if len(self.breaks) else self.body
+
+    @property
+    def count(self) -> int:
+        """Lines (events): the last one may have no break."""
+        return len(self.breaks) + (self.body[-1:] != b"\n")
+
+    def rest(self, start: int) -> str:
+        """Lines from ``start`` on, each as received with a break after it."""
+        tail = self.body[self.breaks[start - 1] + 1 :] if start else self.body
+        text = tail.decode("utf-8", "surrogatepass")
+        return text if not text or text.endswith("\n") else text + "\n"
 
 
 def ndjson_lines(payload: bytes | str) -> Ndjson:
@@ -137,6 +145,55 @@ def first_type(lines: Ndjson) -> str:
     if type(event_type) is not str or not event_type:
         raise Unfit("first event has no type")
     return event_type
+
+
+_TYPE_ONLY = pa.schema([pa.field("type", pa.string())])
+
+
+def line_types(lines: Ndjson) -> pa.Array:
+    """The ``type`` of every event, in payload order (a payload for several tables is cut by it).
+
+    Read by Arrow's JSON reader told of ``type`` only (the other keys are parsed but not kept:
+    5 ms for 5,000 demo events, 2.2 MB, against 18 ms to read them all). Exact, not a guess: a
+    line the reader cannot read, or an event without a text ``type``, raises :class:`Unfit`.
+    """
+    body = lines.body
+    try:
+        read = pj.read_json(
+            pa.BufferReader(body),
+            read_options=pj.ReadOptions(
+                use_threads=len(body) > _BLOCK_BYTES, block_size=max(_BLOCK_BYTES, len(body))
+            ),
+            parse_options=pj.ParseOptions(
+                explicit_schema=_TYPE_ONLY, unexpected_field_behavior="ignore"
+            ),
+        )
+    except (pa.ArrowException, ValueError) as exc:
+        raise Unfit(f"JSON reader (types): {str(exc)[:200]}") from None
+    types = read.column("type").combine_chunks()
+    if len(types) != lines.count or types.null_count:
+        raise Unfit("a line without one event with a type")
+    return types
+
+
+def select_lines(lines: Ndjson, indexes: np.ndarray) -> Ndjson:
+    """The lines at ``indexes`` (ascending) as a payload of their own, each with its break:
+    gathered by Arrow's ``take`` over the body cut into lines (one copy of their bytes)."""
+    body, breaks, count = lines.body, lines.breaks, lines.count
+    if len(breaks) < count:  # a last line without a break gets one
+        body += b"\n"
+    ends = np.empty(count + 1, dtype=np.int64)
+    ends[0] = 0
+    ends[1 : len(breaks) + 1] = breaks + 1
+    ends[count] = len(body)
+    every = pa.Array.from_buffers(
+        pa.large_binary(), count, [None, pa.py_buffer(ends), pa.py_buffer(body)]
+    )
+    picked = every.take(pa.array(indexes, type=pa.int64()))
+    offsets = np.frombuffer(picked.buffers()[1], dtype=np.int64)
+    offsets = offsets[picked.offset : picked.offset + len(picked) + 1]
+    text = picked.buffers()[2][int(offsets[0]) : int(offsets[-1])].to_pybytes()
+    return Ndjson(text, offsets[1:] - offsets[0] - 1)
 
 
 def reader_schema(arrow_schema: pa.Schema) -> pa.Schema:

@@ -58,23 +58,40 @@ def claim_compiled(
     claims: EventClaims | None,
     settings: Settings,
     batch_id: str,
-    name: TableName,
     source: CompiledSource,
     limit: int,
 ) -> Verdicts:
-    """Claim the rows ``[0, limit)`` of a batch the compiled path read (one table, every event
-    valid, so a row's index is its event's)."""
+    """Claim the events ``[0, limit)`` of a batch the compiled path read, table by table (every
+    event is valid there, so an event's index is its line's: a table's rows carry theirs)."""
     verdicts = Verdicts()
-    if claims is None or not settings.dedupe_for(str(name)) or not limit:
+    if claims is None or not limit:
         return verdicts
-    rows = source.rows.rows.slice(0, limit)
     owner, offset = place(batch_id)
-    identities, values = arrow_claim_keys(
-        owner, offset, rows.column("source"), rows.column("id"), rows.column("raw_event")
-    )
-    claim_keyed(
-        claims, str(name), range(limit), identities, values, settings.dedup_window_s, verdicts
-    )
+    for part in source.parts:
+        if not settings.dedupe_for(str(part.name)):
+            continue
+        _, end = part.span(0, limit)
+        if not end:
+            continue
+        rows = part.rows.rows.slice(0, end)
+        indexes = np.arange(end) if part.indexes is None else part.indexes[:end]
+        identities, values = arrow_claim_keys(
+            owner,
+            offset,
+            rows.column("source"),
+            rows.column("id"),
+            rows.column("raw_event"),
+            indexes=indexes,
+        )
+        claim_keyed(
+            claims,
+            str(part.name),
+            indexes.tolist(),
+            identities,
+            values,
+            settings.dedup_window_s,
+            verdicts,
+        )
     return verdicts
 
 
@@ -88,9 +105,11 @@ def arrow_claim_keys(
     source: pa.ChunkedArray,
     event_id: pa.ChunkedArray,
     raw: pa.ChunkedArray,
+    indexes: np.ndarray | None = None,
 ) -> tuple[list[bytes], bytes]:
-    """:func:`common.wire.claim_keys` of rows held in Arrow columns (no nulls): the same
-    identities, and the same values joined, proven by ``tests/unit/test_claim_keys.py``.
+    """:func:`common.wire.claim_keys` of rows held in Arrow columns (no nulls), the events at
+    ``indexes`` of the batch (default: ``0, 1, ...``): the same identities, and the same values
+    joined, proven by ``tests/unit/test_claim_keys.py``.
 
     What it saves is Python objects: the identity's text ``<len>:<source><id>`` is joined by
     Arrow, each identity and bytes digest is hashed straight from Arrow's buffers (no ``str``
@@ -110,7 +129,7 @@ def arrow_claim_keys(
     count = len(identities)
     values = np.empty(count, dtype=_CLAIM_VALUE)
     values["owner"] = owner
-    values["position"] = np.arange(offset, offset + count, dtype=np.uint32)
+    values["position"] = offset + (np.arange(count) if indexes is None else indexes)
     values["digest"] = np.fromiter(map(h64, _items(raw)), np.uint64, count)
     return identities, values.tobytes()
 

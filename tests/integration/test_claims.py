@@ -157,6 +157,47 @@ def test_a_compiled_batch_with_repeats_is_written_again_without_them_and_leaves_
     assert_exactly_once(pipe.table(), ids_of(events) + ids_of(fresh) + ids_of(mixed[2:]))
 
 
+def test_a_compiled_batch_for_several_tables_claims_each_event_in_its_table_at_its_place(
+    pipe: Stack, claims: EventClaims
+) -> None:
+    # Given two tables that exist (a first batch creates both)
+    window_s = pipe.settings.dedup_window_s
+    tables = {"com.example.order": TABLE, "com.example.refund": "events.refund"}
+    first = make_events("e", 4, types=tuple(tables))
+    assert pipe.write("b1", first).records == 4
+    # When a batch of new events interleaving the two tables is written in chunks
+    fresh = make_events("f", 7, types=tuple(tables))
+    result = pipe.writer.write("b2", ndjson(fresh), enqueued_at_ms=0, chunk_events=3)
+    # Then the compiled path took it whole, and claimed each event in its table at its place
+    # in the batch: the reference path's claims of the same events there find them its own
+    assert result.path == "compiled" and result.records == 7 and result.duplicates == {}
+    placed = {
+        table: [(n, e["source"], e["id"], orjson.dumps(e).decode()) for n, e in enumerate(fresh)]
+        for table in tables.values()
+    }
+    placed = {
+        table: [row for row, e in zip(events, fresh, strict=True) if tables[e["type"]] == table]
+        for table, events in placed.items()
+    }
+    assert claim_batch(claims, "b2", placed, window_s).repeats == []
+    # ... at any other place they are repeats, and in the other table they are not claimed
+    shifted = {table: [(n + 1, *rest) for n, *rest in rows] for table, rows in placed.items()}
+    assert len(claim_batch(claims, "b2", shifted, window_s).repeats) == 7
+    swapped = {TABLE: placed["events.refund"]}
+    assert claim_batch(claims, "b2", swapped, window_s).repeats == []
+    release_events(claims, "b2", swapped, window_s)  # (that claim was this test's own)
+    # When a later batch repeats an event of each table among new ones
+    later = [fresh[0], *make_events("g", 4, types=tuple(tables)), fresh[1]]
+    result = pipe.write("b3", later)
+    # Then the reference path wrote the new ones only and counted the repeats per table
+    assert result.path == "reference" and result.records == 4
+    assert result.duplicates == {TABLE: (1, 0), "events.refund": (1, 0)}
+    pipe.commit_all()
+    for table in tables.values():
+        want = [e["id"] for e in [*first, *fresh, *later[1:-1]] if tables[e["type"]] == table]
+        assert_exactly_once(pipe.table(table), want)
+
+
 def test_a_table_with_dedupe_off_lands_every_copy(
     redis_client: redis.Redis, redis_url: str, icefleet_home: Path
 ) -> None:
