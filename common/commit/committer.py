@@ -101,6 +101,8 @@ class _SettledTransaction(Transaction):
 
     @property
     def table_metadata(self) -> TableMetadata:
+        if not self._updates:  # nothing staged: the base itself (frozen), not a deep copy of it
+            return self._table.metadata
         settled = self._settled
         if settled is None or settled[0] is not self._updates:
             settled = (self._updates, super().table_metadata)
@@ -143,17 +145,45 @@ class Committer:
     # --- public ------------------------------------------------------------------------------------
 
     def due(self, table: str, now_ms: int | None = None) -> bool:
-        """Whether the pending files of ``table`` pass a commit threshold (count, bytes or age)."""
+        """Whether ``table`` is due for a commit now (see :meth:`due_in_ms`)."""
+        return self.due_in_ms(table, now_ms) == 0
+
+    def due_in_ms(self, table: str, now_ms: int | None = None) -> int | None:
+        """How long until ``table`` is due for a commit: 0 now, None when nothing is pending.
+
+        Due at once with a prepared record to resolve, or when the pending files pass the count
+        or bytes threshold. Otherwise ``ICEFLEET_COMMIT_INTERVAL_MS`` paces the table's commits
+        from the leading edge: due when the oldest pending batch, *or the table's last commit*,
+        is that old. A batch for a table that has not committed for an interval commits at
+        once (a trickle, or a fan-out to many quiet tables, is not held back by the interval);
+        batches arriving after a commit wait for the interval to pass since it and go
+        together. Grouping under load is the same as with a pure age threshold, one snapshot
+        per table per interval, and no batch waits longer than the interval.
+        """
         stats = self.registry.stats(table)
         if stats.count == 0:
-            return self.registry.prepared(table) is not None
-        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        oldest = stats.oldest_registered_ms or now_ms
-        return (
+            return 0 if self.registry.prepared(table) is not None else None
+        if (
             stats.count >= self.settings.commit_max_files
             or stats.bytes >= self.settings.commit_max_bytes
-            or now_ms - oldest >= self.settings.commit_interval_ms
-        )
+        ):
+            return 0
+        last = self._last_commit_ms(table)
+        if last is None:
+            return 0
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        oldest = stats.oldest_registered_ms or now_ms
+        return max(0, min(oldest, last) + self.settings.commit_interval_ms - now_ms)
+
+    def _last_commit_ms(self, table: str) -> int | None:
+        """When the table's last commit finished: the newest score of its committed batches
+        (:meth:`PendingRegistry.finish_commit`), unless the dedup window dropped them all. A
+        part registered empty (all repeats) counts too: it can only postpone, by an interval at
+        most, as the age threshold alone would."""
+        from common.coord import keys
+
+        newest = self.client.zrange(keys.committed(table), -1, -1, withscores=True)
+        return int(newest[0][1]) if newest else None
 
     def commit_table(self, table: str, *, force: bool = True) -> list[CommitResult]:
         """Recover, then commit what was pending for ``table`` when the lock was taken (in
@@ -408,7 +438,6 @@ class Committer:
         }
         merge = table.metadata.properties.get(MANIFEST_MERGE, "true").strip().lower() != "false"
         tx = _SettledTransaction(without_library_retries(table, merge_manifests=merge))
-        tx.set_properties({SEQ_PROPERTY: seq, BATCHES_PROPERTY: prepared.digest})
         update = tx.update_snapshot(snapshot_properties=summary)
         # A merge append: one append snapshot like a fast append, but once a table has
         # `commit.manifest.min-count-to-merge` (100) small manifests it merges them, so commit
@@ -417,6 +446,9 @@ class Committer:
         with update.merge_append() if merge else update.fast_append() as append:
             for data_file in files:
                 append.append_data_file(data_file)
+        # Staged after the snapshot (same metadata in the end): the snapshot is built on the
+        # base metadata as it is, with no staged update to apply and copy first.
+        tx.set_properties({SEQ_PROPERTY: seq, BATCHES_PROPERTY: prepared.digest})
         self._fault("before_catalog_commit")
         try:
             committed = tx.commit_transaction()
