@@ -6,7 +6,9 @@ the clock starts, empty). One batch of ``--events`` events whose types spread ev
 over the N tables is enqueued with the producer; the clock stops when every batch is committed
 (``common.coord.backlog.Waiter``, polled every 20 ms), i.e. when all N tables show the new rows to
 a reader; the rows are then counted from the snapshots and checked. Every committed batch is one
-commit per table, each under its table's lock, so K processes commit K tables at a time.
+commit per table, each under its table's lock; the writer nudges the tables in groups (8 a commit
+task) and each of the K processes commits a task's tables in 8 threads
+(workers/tasks/commit.py), so K processes commit up to 8K tables at a time.
 
 Runs per catalog (embedded SQLite and/or PostgreSQL, ``ICEFLEET_TEST_POSTGRES_URL``, a fresh
 database made for the run) and per K, interleaved round by round; the baseline is K=1 in the same

@@ -86,8 +86,9 @@ class Settings:
     by Arrow's JSON reader (common/write/compiled.py), anything else by the reference path;
     ``reference``: every batch by the reference path (to rule the compiled one out)."""
     commit_interval_ms: int = 1_000
-    """A table is committed once its oldest pending batch is this old (so a trickle of events is
-    visible within about this long) ..."""
+    """A table is committed once its oldest pending batch, or its last commit, is this old (a
+    table quiet for this long commits a new batch at once; later batches wait for this long
+    since that commit and go together, so no batch waits longer) ..."""
     commit_max_files: int = 1_000
     """... or once this many files are pending (also the most files of one snapshot) ..."""
     commit_max_bytes: int = 1_073_741_824

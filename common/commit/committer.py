@@ -36,7 +36,9 @@ import redis
 from pyiceberg.catalog import Catalog
 from pyiceberg.exceptions import CommitFailedException, CommitStateUnknownException
 from pyiceberg.manifest import DataFile
-from pyiceberg.table import Table
+from pyiceberg.table import Table, Transaction
+from pyiceberg.table.metadata import TableMetadata
+from pyiceberg.table.update import TableUpdate
 
 from common.commit.watermark import (
     BATCHES_PROPERTY,
@@ -84,6 +86,30 @@ class CommitResult:
     quarantined: list[str] = field(default_factory=list)
 
 
+class _SettledTransaction(Transaction):
+    """A :class:`Transaction` that works out its staged metadata once per set of updates.
+
+    pyiceberg's ``Transaction.table_metadata`` applies every staged update to the base metadata
+    and deep-copies the result on *each* access, and building and committing one append reads
+    it a dozen times: measured, that was the largest part of a commit's CPU (a third of it for
+    a fresh table, more as snapshots accumulate). The metadata is a frozen model and nothing
+    mutates what the property returns, so the same result is handed out again until the
+    staged updates change (``_stage`` replaces the ``_updates`` tuple, never mutates it).
+    """
+
+    _settled: tuple[tuple[TableUpdate, ...], TableMetadata] | None = None
+
+    @property
+    def table_metadata(self) -> TableMetadata:
+        if not self._updates:  # nothing staged: the base itself (frozen), not a deep copy of it
+            return self._table.metadata
+        settled = self._settled
+        if settled is None or settled[0] is not self._updates:
+            settled = (self._updates, super().table_metadata)
+            self._settled = settled
+        return settled[1]
+
+
 def without_library_retries(table: Table, *, merge_manifests: bool = False) -> Table:
     """The same table whose transactions do not retry by themselves.
 
@@ -119,17 +145,45 @@ class Committer:
     # --- public ------------------------------------------------------------------------------------
 
     def due(self, table: str, now_ms: int | None = None) -> bool:
-        """Whether the pending files of ``table`` pass a commit threshold (count, bytes or age)."""
+        """Whether ``table`` is due for a commit now (see :meth:`due_in_ms`)."""
+        return self.due_in_ms(table, now_ms) == 0
+
+    def due_in_ms(self, table: str, now_ms: int | None = None) -> int | None:
+        """How long until ``table`` is due for a commit: 0 now, None when nothing is pending.
+
+        Due at once with a prepared record to resolve, or when the pending files pass the count
+        or bytes threshold. Otherwise ``ICEFLEET_COMMIT_INTERVAL_MS`` paces the table's commits
+        from the leading edge: due when the oldest pending batch, *or the table's last commit*,
+        is that old. A batch for a table that has not committed for an interval commits at
+        once (a trickle, or a fan-out to many quiet tables, is not held back by the interval);
+        batches arriving after a commit wait for the interval to pass since it and go
+        together. Grouping under load is the same as with a pure age threshold, one snapshot
+        per table per interval, and no batch waits longer than the interval.
+        """
         stats = self.registry.stats(table)
         if stats.count == 0:
-            return self.registry.prepared(table) is not None
-        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
-        oldest = stats.oldest_registered_ms or now_ms
-        return (
+            return 0 if self.registry.prepared(table) is not None else None
+        if (
             stats.count >= self.settings.commit_max_files
             or stats.bytes >= self.settings.commit_max_bytes
-            or now_ms - oldest >= self.settings.commit_interval_ms
-        )
+        ):
+            return 0
+        last = self._last_commit_ms(table)
+        if last is None:
+            return 0
+        now_ms = int(time.time() * 1000) if now_ms is None else now_ms
+        oldest = stats.oldest_registered_ms or now_ms
+        return max(0, min(oldest, last) + self.settings.commit_interval_ms - now_ms)
+
+    def _last_commit_ms(self, table: str) -> int | None:
+        """When the table's last commit finished: the newest score of its committed batches
+        (:meth:`PendingRegistry.finish_commit`), unless the dedup window dropped them all. A
+        part registered empty (all repeats) counts too: it can only postpone, by an interval at
+        most, as the age threshold alone would."""
+        from common.coord import keys
+
+        newest = self.client.zrange(keys.committed(table), -1, -1, withscores=True)
+        return int(newest[0][1]) if newest else None
 
     def commit_table(self, table: str, *, force: bool = True) -> list[CommitResult]:
         """Recover, then commit what was pending for ``table`` when the lock was taken (in
@@ -148,13 +202,21 @@ class Committer:
             recovered = self._recover(name, lock)
             if recovered is not None:
                 results.append(recovered)
-            eligible = set(self.registry.pending_entries(str(name)))
+            entries = self.registry.pending_entries(str(name))
+            eligible = set(entries)
             while eligible:
-                prepared = self._prepare(name, lock, eligible)
-                if prepared is None:
+                step = self._prepare(name, lock, eligible, entries)
+                if step is None:
                     break
+                prepared, base = step
                 eligible -= set(prepared.batch_ids)
-                results.append(self._commit_prepared(name, prepared, lock, recovered=False))
+                results.append(
+                    self._commit_prepared(
+                        name, prepared, lock, recovered=False, base=base, entries=entries
+                    )
+                )
+                # what the next snapshot's prepare sees (nothing else finishes them: the lock)
+                entries = {b: e for b, e in entries.items() if b not in set(prepared.batch_ids)}
         return results
 
     def pending_tables(self) -> set[str]:
@@ -186,11 +248,11 @@ class Committer:
         return self._commit_prepared(name, prepared, lock, recovered=True)
 
     def _prepare(
-        self, name: TableName, lock: TableLock, eligible: set[str]
-    ) -> PreparedCommit | None:
-        entries = {
-            b: e for b, e in self.registry.pending_entries(str(name)).items() if b in eligible
-        }
+        self, name: TableName, lock: TableLock, eligible: set[str], pending: dict[str, str]
+    ) -> tuple[PreparedCommit, Table] | None:
+        """Choose the batches of the next snapshot among ``pending`` (read under this lock
+        hold), store the prepared record, and return it with the table it was numbered from."""
+        entries = {b: e for b, e in pending.items() if b in eligible}
         if not entries:
             return None
         limit = self.settings.commit_max_files
@@ -207,12 +269,11 @@ class Committer:
         prepared = PreparedCommit(committed_seq(table) + 1, tuple(chosen), int(time.time() * 1000))
         self.registry.prepare(str(name), prepared.to_json(), lock_token=lock.token)
         self._fault("after_prepare")
-        return prepared
+        return prepared, table
 
     def _files_of(
-        self, name: TableName, prepared: PreparedCommit, table: Table
+        self, name: TableName, prepared: PreparedCommit, table: Table, entries: dict[str, str]
     ) -> tuple[list[DataFile], int, list[str]]:
-        entries = self.registry.pending_entries(str(name))
         files: list[DataFile] = []
         records = 0
         per_batch: dict[str, list[DataFile]] = {}
@@ -235,17 +296,36 @@ class Committer:
         return files, records, quarantined
 
     def _commit_prepared(
-        self, name: TableName, prepared: PreparedCommit, lock: TableLock, *, recovered: bool
+        self,
+        name: TableName,
+        prepared: PreparedCommit,
+        lock: TableLock,
+        *,
+        recovered: bool,
+        base: Table | None = None,
+        entries: dict[str, str] | None = None,
     ) -> CommitResult:
+        """Land ``prepared`` (or find it landed) and finish it.
+
+        ``base`` is the table ``prepared`` was just numbered from in this lock hold, and
+        ``entries`` the pending entries read in it: a fresh commit passes them, so its first
+        attempt costs no second catalog load and no second read of pending. That is safe: no
+        commit attempt of ours ran since that load (so no reply can have been lost), the lock
+        keeps other committers out, and an outside writer's commit makes the catalog refuse
+        ours (it asserts the base snapshot), after which every attempt reloads and re-reads the
+        watermark. Recovery passes neither and reads both fresh.
+        """
         started = time.perf_counter()
-        table = self.catalog.load_table(name.parts)
+        table = base if base is not None else self.catalog.load_table(name.parts)
         result = CommitResult(str(name), prepared.seq, len(prepared.batch_ids), 0, 0, None)
         result.recovered = recovered
         if committed_seq(table) >= prepared.seq:
             self._verify_landed(name, table, prepared)
             logger.warning("%s: commit seq %d had landed; finishing it", name, prepared.seq)
         else:
-            files, records, quarantined = self._files_of(name, prepared, table)
+            if entries is None:
+                entries = self.registry.pending_entries(str(name))
+            files, records, quarantined = self._files_of(name, prepared, table, entries)
             result.files, result.records, result.quarantined = len(files), records, quarantined
             if quarantined:
                 # Out of the prepared record first, so they are never marked committed.
@@ -255,7 +335,9 @@ class Committer:
                 self._quarantine(name, quarantined)
                 result.batches = len(kept)
             if files:
-                table = self._commit_with_retries(name, prepared, files, records, lock, result)
+                table = self._commit_with_retries(
+                    name, prepared, files, records, lock, result, base=base
+                )
         snapshot = table.current_snapshot()
         result.snapshot_id = snapshot.snapshot_id if snapshot else None
         self.registry.finish_commit(
@@ -285,6 +367,8 @@ class Committer:
         records: int,
         lock: TableLock,
         result: CommitResult,
+        *,
+        base: Table | None = None,
     ) -> Table:
         attempts = 0
         landed: Table | None = None
@@ -293,7 +377,10 @@ class Committer:
             nonlocal attempts, landed
             attempts += 1
             lock.check()
-            table = self.catalog.load_table(name.parts)
+            # the first attempt may use the table the seq was chosen from (_commit_prepared)
+            table = (
+                base if attempts == 1 and base is not None else self.catalog.load_table(name.parts)
+            )
             if committed_seq(table) >= prepared.seq:
                 self._verify_landed(name, table, prepared)
                 landed = table  # an earlier attempt landed although its reply was lost
@@ -350,8 +437,7 @@ class Committer:
             "icefleet.records": str(records),
         }
         merge = table.metadata.properties.get(MANIFEST_MERGE, "true").strip().lower() != "false"
-        tx = without_library_retries(table, merge_manifests=merge).transaction()
-        tx.set_properties({SEQ_PROPERTY: seq, BATCHES_PROPERTY: prepared.digest})
+        tx = _SettledTransaction(without_library_retries(table, merge_manifests=merge))
         update = tx.update_snapshot(snapshot_properties=summary)
         # A merge append: one append snapshot like a fast append, but once a table has
         # `commit.manifest.min-count-to-merge` (100) small manifests it merges them, so commit
@@ -360,6 +446,9 @@ class Committer:
         with update.merge_append() if merge else update.fast_append() as append:
             for data_file in files:
                 append.append_data_file(data_file)
+        # Staged after the snapshot (same metadata in the end): the snapshot is built on the
+        # base metadata as it is, with no staged update to apply and copy first.
+        tx.set_properties({SEQ_PROPERTY: seq, BATCHES_PROPERTY: prepared.digest})
         self._fault("before_catalog_commit")
         try:
             committed = tx.commit_transaction()

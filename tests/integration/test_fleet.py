@@ -407,9 +407,13 @@ def test_commit_task_reschedules_itself_until_the_batches_are_due(
     from common.coord.pending import PendingEntry, PendingRegistry
     from workers.tasks.commit import commit_all, commit_table
 
-    # Given a pending batch that is far from due (interval 60 s) and the nudge its writer sent
+    # Given a table that committed just now, a pending batch that is therefore far from due
+    # (interval 60 s: commits are paced from the last one), and the nudge its writer sent
     table = "events.t"
-    PendingRegistry(redis_client).register(table, "b1", PendingEntry.of("b1", []).to_json())
+    registry = PendingRegistry(redis_client)
+    registry.register(table, "b0", PendingEntry.of("b0", []).to_json())
+    registry.finish_commit(table, ["b0"], int(time.time() * 1000))
+    registry.register(table, "b1", PendingEntry.of("b1", []).to_json())
     eager._committer = Committer(eager.settings, open_catalog(eager.settings), redis_client)
     first = commit_table.apply_async([table], task_id="commit-first")  # what a writer sends
     redis_client.set(keys.nudge(table), "commit-first")

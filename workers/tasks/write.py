@@ -47,7 +47,7 @@ from common.write.batch_writer import BatchResult
 from common.write.partial import Remainder, SplitRecords, chunk_events, deadline_for
 from workers.limits import WRITE_RETRY_MAX_BACKOFF_S
 from workers.runtime import Runtime, runtime
-from workers.tasks.commit import nudge
+from workers.tasks.commit import nudge_tables
 
 logger = logging.getLogger(__name__)
 
@@ -302,6 +302,5 @@ def _write(
     if result.remainder is not None:
         hand_back(rt, result.remainder, table, enqueued_at_ms)
     rt.outstanding.done(batch_id)
-    for name in sorted(set(result.files) | set(result.skipped_tables)):
-        nudge(rt, name)
+    nudge_tables(rt, sorted(set(result.files) | set(result.skipped_tables)))
     return _summary(result)
