@@ -12,7 +12,7 @@ table (:mod:`common.coord.pending`), and a writer that splits a batch hands the 
 offset ``k`` on to the child ``<id>~<k>`` (:mod:`common.write.partial`). Claims add identities on
 top of positions:
 
-1. **Claim before writing.** A writer about to write events ``[0, limit)`` of a batch (``limit``:
+1. **Claim before registering.** A writer about to write events ``[0, limit)`` of a batch (``limit``:
    the recorded split point, else all) claims, per table, the identity of each of them in one
    Lua script, atomically: an identity nobody holds is claimed for the event's *place*, the root
    of the batch's lineage and the event's position in it (:func:`common.wire.lineage`:
@@ -22,7 +22,10 @@ top of positions:
    it), both written; ``d`` (claimed for another place, same bytes: a duplicate, dropped and
    counted) or ``c`` (other bytes: two events under one identity, a producer bug someone must
    see: dead-lettered with the reason, counted). A repeat inside one batch is judged against its
-   first occurrence the same way, before the script runs.
+   first occurrence the same way, before the script runs. "Before" means before registering:
+   the compiled path claims while it writes its first chunk and, when the verdicts hold a
+   repeat, deletes what it wrote and writes the batch again without it
+   (:meth:`common.write.batch_writer.BatchWriter.write`); nothing unclaimed is registered.
 2. **Claims follow the batch's fate.** They belong to a place, not to a process: a writer killed
    mid-batch leaves claims its redelivery finds as ``m``; a split child finds its parent's claims
    on its own events as ``m``. A batch dead-lettered whole releases the claims of the events it
