@@ -90,7 +90,8 @@ class Assessment:
     restorable: list[str]
     undecodable: int
     lost: int
-    lost_ids: list[str]
+    lost_ids: list[str]  # the first MAX_LISTED_IDS, for the record
+    lost_identities: list[tuple[str, str]]  # (source, id) of every lost row whose own are read
 
 
 def quarantine_location(table: Table, path: str) -> str:
@@ -100,36 +101,24 @@ def quarantine_location(table: Table, path: str) -> str:
     return f"{location}/{QUARANTINE_DIR}/{relative}"
 
 
-def lost_identities(data: Any, path: str) -> list[tuple[str, str]]:
-    """(source, id) of the rows whose ``raw_event`` cannot be read (their own columns can)."""
-    found: list[tuple[str, str]] = []
-    columns = None
-    for read in read_column_by_row_group(data, path, "raw_event"):
-        if read.values is not None:
-            continue
-        if columns is None:
-            columns = [read_column_by_row_group(data, path, name) for name in ("source", "id")]
-        sources, ids = (column[read.row_group].values for column in columns)
-        if sources is not None and ids is not None:
-            found += zip(sources.to_pylist(), ids.to_pylist(), strict=True)
-    return found
-
-
 def assess(data: Any, path: str) -> Assessment:
     """Which rows of the file in ``data`` can be restored from their ``raw_event``."""
     restorable: list[str] = []
     undecodable = lost = 0
     lost_ids: list[str] = []
-    ids = None
+    identities: list[tuple[str, str]] = []
+    columns = None
     for read in read_column_by_row_group(data, path, "raw_event"):
         if read.values is None:
             lost += read.rows
-            if ids is None:
-                ids = read_column_by_row_group(data, path, "id")
-            id_values = ids[read.row_group].values
-            if id_values is not None:
+            if columns is None:
+                columns = [read_column_by_row_group(data, path, name) for name in ("source", "id")]
+            sources, ids = (column[read.row_group].values for column in columns)
+            if ids is not None:
                 room = MAX_LISTED_IDS - len(lost_ids)
-                lost_ids += [str(v) for v in id_values.to_pylist()[:room]]
+                lost_ids += [str(v) for v in ids.to_pylist()[:room]]
+                if sources is not None:
+                    identities += zip(sources.to_pylist(), ids.to_pylist(), strict=True)
             continue
         for value in read.values.to_pylist():
             try:
@@ -139,7 +128,7 @@ def assess(data: Any, path: str) -> Assessment:
             except orjson.JSONDecodeError:
                 pass
             undecodable += 1
-    return Assessment(restorable, undecodable, lost, lost_ids)
+    return Assessment(restorable, undecodable, lost, lost_ids, identities)
 
 
 class QuarantineStore:
@@ -207,6 +196,7 @@ def quarantine_file(
         raise ValueError(f"{path} is not a live data file of {name}")
     data_file = live[path]
     record = existing
+    found: Assessment | None = None
     if record is None:
         data = read_object(table.io, path)
         copy = quarantine_location(table, path)
@@ -232,9 +222,10 @@ def quarantine_file(
     }
     after = remove_data_files(table, [path], lock=lock, snapshot_properties=properties)
     if forget is not None:
-        identities = lost_identities(read_object(table.io, record.quarantine_path), path)
-        if identities:
-            forget(identities, name)
+        # found is None when an earlier run copied the file: read the copy, as restore does
+        found = found or assess(read_object(table.io, record.quarantine_path), path)
+        if found.lost_identities:
+            forget(found.lost_identities, name)
     snapshot = after.current_snapshot()
     record.status = "removed"
     record.snapshot_id = snapshot.snapshot_id if snapshot else None

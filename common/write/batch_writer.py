@@ -220,7 +220,8 @@ class BatchWriter:
             return not (verdicts.skip and isinstance(source, CompiledSource))
 
         chunks = self._write_chunks(batch_id, source, plan, whole, go_on)
-        verdicts = verdicts or claimed()
+        if verdicts is None:  # no chunk was written
+            verdicts = claimed()
         skip.update(verdicts.skip)
         if skip and isinstance(source, CompiledSource):
             # the compiled path writes every row: with repeats to leave out (rare), its files go
