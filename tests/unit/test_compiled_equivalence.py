@@ -353,19 +353,25 @@ TYPE_SERIAL = itertools.count()
 
 
 @st.composite
-def scenarios(draw: st.DrawFn) -> list[tuple[bytes, bool]]:
-    """A table settled by a first batch, then batches of events for it (and sometimes another),
-    each with whether it is clean: plain NDJSON of events that all fit (the compiled path's)."""
-    serial = next(TYPE_SERIAL)
+def column_sets(draw: st.DrawFn, max_size: int) -> dict[str, str]:
+    """A table's ``data`` columns: up to ``max_size`` distinct names, each of a kind."""
     names = draw(
         st.lists(
             st.sampled_from(["k", "v", "amount", "flag", "meta", "tags", "rows"]),
             min_size=1,
-            max_size=5,
+            max_size=max_size,
             unique=True,
         )
     )
-    columns = {name: draw(st.sampled_from(KINDS)) for name in names}
+    return {name: draw(st.sampled_from(KINDS)) for name in names}
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> list[tuple[bytes, bool]]:
+    """A table settled by a first batch, then batches of events for it (and sometimes another),
+    each with whether it is clean: plain NDJSON of events that all fit (the compiled path's)."""
+    serial = next(TYPE_SERIAL)
+    columns = draw(column_sets(max_size=5))
     event_type = f"com.example.gen{serial}"
     other_type = f"com.example.other{serial}"
     first = {
@@ -424,15 +430,7 @@ def mixed_scenarios(draw: st.DrawFn) -> list[tuple[bytes, bool, dict[str, int | 
     serial = next(TYPE_SERIAL)
     tables = []
     for t in range(draw(st.integers(2, 3))):
-        names = draw(
-            st.lists(
-                st.sampled_from(["k", "v", "amount", "flag", "meta", "tags", "rows"]),
-                min_size=1,
-                max_size=4,
-                unique=True,
-            )
-        )
-        columns = {name: draw(st.sampled_from(KINDS)) for name in names}
+        columns = draw(column_sets(max_size=4))
         # two types may share a table (routing by the type's last segment)
         event_type = f"com.example{draw(st.sampled_from(['', '.alt']))}.mix{serial}t{t}"
         tables.append((event_type, columns))
